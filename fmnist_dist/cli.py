@@ -1,0 +1,202 @@
+"""The `fmnist-dist` command line: parses flags and hands over to the module that does the work.
+
+    fmnist-dist train [--epochs N] [--batch-size N] ...      (also under `accelerate launch -m fmnist_dist`)
+    fmnist-dist evaluate --checkpoint checkpoints/model.pth [--json]
+    fmnist-dist predict --checkpoint checkpoints/model.pth --index 0 1 2 | --image shirt.png
+    fmnist-dist synthetic-data --out data-synthetic
+    fmnist-dist plot checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from fmnist_dist import CLASSES
+from fmnist_dist.config import DEFAULT_LR, DEFAULT_MOMENTUM, TrainConfig, check_positive
+from fmnist_dist.errors import UsageError
+
+USAGE_ERROR = 2
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (with a pointer to --help) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        _report(f"{message} (see `{self.prog} --help`)")
+        raise SystemExit(USAGE_ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; a UsageError becomes one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        _report(str(error))
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        _report("interrupted; with saved states, `fmnist-dist train --resume` continues the run")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="fmnist-dist", description="FashionMNIST training with Hugging Face Accelerate.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    _add_train(commands.add_parser("train", help="train the model (one device, or many under accelerate launch)"))
+    _add_evaluate(commands.add_parser("evaluate", help="test accuracy and loss of a saved model"))
+    _add_predict(commands.add_parser("predict", help="predicted classes of test images or image files"))
+    _add_synthetic(commands.add_parser("synthetic-data", help="write a synthetic dataset in FashionMNIST's format"))
+    _add_plot(commands.add_parser("plot", help="redraw curves.png and confusion.png from a run's metrics.jsonl"))
+    return parser
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="dataset root (default: data)")
+    parser.add_argument("--no-download", dest="download", action="store_false",
+                        help="fail instead of downloading FashionMNIST when it is missing")
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    _add_data_flags(parser)
+    defaults = TrainConfig()
+    add = parser.add_argument
+    add("--epochs", type=int, default=defaults.epochs)
+    add("--batch-size", type=int, default=defaults.batch_size,
+        help="per process: N processes train on N batches per optimizer step")
+    add("--eval-batch-size", type=int, default=defaults.eval_batch_size, help="per process, for evaluation")
+    add("--lr", type=float, default=DEFAULT_LR, help=f"SGD learning rate (default {DEFAULT_LR}; the tutorial's is 1e-3)")
+    add("--momentum", type=float, default=DEFAULT_MOMENTUM, help=f"default {DEFAULT_MOMENTUM}; the tutorial's is 0")
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--scale-lr", action="store_true", help="multiply --lr by the number of processes")
+    add("--seed", type=int, default=defaults.seed, help="initial weights and the shuffling of every epoch")
+    add("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
+    add("--data-on-device", choices=("auto", "on", "off"), default=defaults.data_on_device,
+        help="keep the dataset on the accelerator (auto: on for GPUs, off for the CPU)")
+    add("--output-dir", type=Path, default=defaults.output_dir, help="model.pth, metrics.jsonl, plots, states")
+    add("--cpu", action="store_true", help="train on the CPU (gloo across processes) even with a GPU")
+    add("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+        help="default: what `accelerate config`/`accelerate launch` says")
+    add("--gradient-accumulation-steps", type=int, default=None,
+        help="default: what `accelerate launch` says, else 1")
+    add("--log-every", type=int, default=defaults.log_every, help="log the train loss every N optimizer steps")
+    add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+        help="also save a resumable state every N steps (0: only at the end of each epoch)")
+    add("--keep-states", type=int, default=defaults.keep_states, help="how many saved states to keep")
+    add("--resume", nargs="?", const="latest", default=None, metavar="STATE_DIR",
+        help="continue from the newest state in --output-dir, or from STATE_DIR")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar (one line per epoch stays)")
+    add("--tracker", choices=("wandb", "none"), default=defaults.tracker)
+    add("--wandb-project", default=defaults.wandb_project)
+    add("--run-name", default=None)
+    add("--run-group", default=None)
+    add("--tags", nargs="+", default=[])
+    add("--log-samples-every-epoch", action="store_true",
+        help="log sample predictions and the confusion matrix after every epoch, not only at the end")
+    add("--log-model", action="store_true", help="store the final model.pth as a W&B artifact")
+    parser.set_defaults(handler=_train)
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    _add_data_flags(parser)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_evaluate)
+
+
+def _add_predict(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    _add_data_flags(parser)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--index", type=int, nargs="+", help="test-set indices")
+    what.add_argument("--image", type=Path, nargs="+", help="image files (PNG, JPEG; any size)")
+    parser.set_defaults(handler=_predict)
+
+
+def _add_synthetic(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="dataset root to write (use it as --data-dir)")
+    parser.add_argument("--train-size", type=int, default=60000)
+    parser.add_argument("--test-size", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=_synthetic)
+
+
+def _add_plot(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", type=Path, help="a training run's --output-dir")
+    parser.set_defaults(handler=_plot)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fmnist_dist.job import run_training  # heavy imports only for the commands that need them
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    run_training(TrainConfig(**{**fields, "tags": tuple(args.tags)}))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from fmnist_dist.inference import evaluate_checkpoint
+
+    check_positive("--batch-size", args.batch_size)
+    result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.download, args.batch_size, args.cpu)
+    if not _is_main_process():
+        return 0
+    per_class = dict(zip(CLASSES, result.per_class_accuracy()))
+    if args.json:
+        print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "samples": result.samples,
+                          "per_class_accuracy": per_class}))
+        return 0
+    print(f"test accuracy {100 * result.accuracy:.2f}%, loss {result.loss:.4f} ({result.samples} images)")
+    for name, accuracy in per_class.items():
+        print(f"  {name:<12} {100 * accuracy:6.2f}%")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fmnist_dist.inference import predict_files, predict_test_images
+
+    if args.image:
+        predictions = predict_files(args.checkpoint, args.image)
+    else:
+        predictions = predict_test_images(args.checkpoint, args.data_dir, args.download, args.index)
+    for p in predictions:
+        actual = f', actual: "{p.actual}"' if p.actual else ""
+        print(f'{p.source}: predicted: "{p.predicted}" ({100 * p.probability:.1f}%){actual}')
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from fmnist_dist.synthetic import write_synthetic_dataset
+
+    check_positive("--train-size", args.train_size)
+    check_positive("--test-size", args.test_size)
+    raw_dir = write_synthetic_dataset(args.out, args.train_size, args.test_size, args.seed)
+    print(f"wrote {args.train_size} train and {args.test_size} test images to {raw_dir}; train with --data-dir {args.out}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from fmnist_dist.plots import plot_run, records_for_plot
+    from fmnist_dist.training import output_paths
+
+    paths = output_paths(args.output_dir)
+    plot_run(records_for_plot(paths["metrics"]), paths["curves"], paths["confusion"])
+    print(f"wrote {paths['curves']} and {paths['confusion']}")
+    return 0
+
+
+def _is_main_process() -> bool:
+    # Set by accelerate launch / torchrun; absent in a plain run.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _report(message: str) -> None:
+    if _is_main_process():
+        print(f"fmnist-dist: error: {message}", file=sys.stderr)

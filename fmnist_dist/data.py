@@ -1,0 +1,149 @@
+"""FashionMNIST datasets and DataLoaders.
+
+The default path keeps each split in memory as uint8 tensors (torchvision's `FashionMNIST.data`/`.targets`)
+and builds whole batches from index lists through `Dataset.__getitems__`, converting to float once per batch.
+It gives exactly the tensors `ToTensor()` gives per sample, an order of magnitude faster. A user's own
+`transform`/`target_transform` falls back to torchvision's per-sample dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from torchvision.transforms import ToTensor
+
+from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.idx import SPLIT_FILES, check_split_files
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class InMemoryFashionMNIST(Dataset):
+    """A FashionMNIST split held as uint8 images and int64 labels, served a batch at a time."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        self.images = images
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, target = self.__getitems__([index])
+        return image[0], int(target[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        index = torch.as_tensor(indices, device=self.images.device)
+        # The same arithmetic as ToTensor (add a channel dimension, to float, divide by 255), for a whole batch.
+        images = self.images[index].unsqueeze(1).to(torch.get_default_dtype()).div(255)
+        return images, self.targets[index]
+
+    def to(self, device: torch.device) -> InMemoryFashionMNIST:
+        """The same split with its tensors on `device`, so batches need no host-to-device copy."""
+        return InMemoryFashionMNIST(self.images.to(device), self.targets.to(device))
+
+
+def keep_batch(batch: Batch) -> Batch:
+    """collate_fn for `__getitems__` datasets: the batch is already stacked."""
+    return batch
+
+
+def load_split(
+    data_dir: Path,
+    train: bool,
+    download: bool,
+    transform: Callable | None = None,
+    target_transform: Callable | None = None,
+) -> Dataset:
+    """One FashionMNIST split: the fast in-memory dataset, or torchvision's own when transforms are given.
+
+    Args:
+        data_dir: the torchvision root (`<data_dir>/FashionMNIST/raw` holds the IDX files).
+        train: the training split, else the test split.
+        download: fetch the dataset with torchvision when its files are missing.
+        transform: a per-sample image transform; None keeps the fast path (equivalent to `ToTensor()`).
+        target_transform: a per-sample label transform; None keeps the fast path.
+    """
+    split = "train" if train else "test"
+    raw_dir = Path(data_dir) / "FashionMNIST" / "raw"
+    if not _split_files_present(raw_dir, split):
+        if not download:
+            raise UsageError(
+                f"FashionMNIST is not in {raw_dir} and --no-download was given; "
+                "drop --no-download to fetch it, or point --data-dir at a copy"
+            )
+        _download(data_dir)
+    check_split_files(raw_dir, split)
+    dataset = datasets.FashionMNIST(
+        root=str(data_dir),
+        train=train,
+        download=False,
+        transform=transform or ToTensor(),
+        target_transform=target_transform,
+    )
+    if transform is None and target_transform is None:
+        return InMemoryFashionMNIST(dataset.data, dataset.targets)
+    return dataset
+
+
+def _split_files_present(raw_dir: Path, split: str) -> bool:
+    return all((raw_dir / name).is_file() for name in SPLIT_FILES[split])
+
+
+def _download(data_dir: Path) -> None:
+    try:
+        datasets.FashionMNIST(root=str(data_dir), train=True, download=True)
+        datasets.FashionMNIST(root=str(data_dir), train=False, download=True)
+    except (OSError, RuntimeError) as error:
+        raise UsageError(
+            f"could not download FashionMNIST into {data_dir} ({first_line(error)}); check the network, "
+            "or copy the four IDX files into <data-dir>/FashionMNIST/raw and pass --no-download"
+        ) from error
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader for `dataset`; stacked batches come straight from `__getitems__` when it has one."""
+    batched = hasattr(dataset, "__getitems__")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        collate_fn=keep_batch if batched else None,
+    )
+
+
+def place_on_device(dataset: Dataset, accelerator: Accelerator, data_on_device: str) -> Dataset:
+    """Move an in-memory split onto the accelerator when asked ("on"), or by default ("auto") off the CPU."""
+    wanted = data_on_device == "on" or (data_on_device == "auto" and accelerator.device.type != "cpu")
+    if wanted and isinstance(dataset, InMemoryFashionMNIST):
+        return dataset.to(accelerator.device)
+    return dataset
+
+
+def is_on_device(dataset: Dataset) -> bool:
+    """Whether the split's tensors already live off the CPU (then workers and pinned memory would only hurt)."""
+    return isinstance(dataset, InMemoryFashionMNIST) and dataset.images.device.type != "cpu"
+
+
+def first_images(dataset: Dataset, count: int) -> torch.Tensor:
+    """The first `count` images of a split, as one CPU batch (for showing predictions)."""
+    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))]).cpu()
+
+
+def real_batch_size(step: int, batch_size: int, dataset_size: int, num_processes: int, process_index: int) -> int:
+    """How many samples of this process's batch number `step` are real rather than padding.
+
+    Accelerate deals batches round-robin (step k, process p gets the k*N+p-th batch of the epoch's order) and
+    fills the last round with samples from the start of the epoch so every process gets a full batch.
+    Samples past the dataset's end are those duplicates; training ignores them, so each sample counts once.
+    """
+    start = (step * num_processes + process_index) * batch_size
+    return max(0, min(batch_size, dataset_size - start))

@@ -1,0 +1,81 @@
+"""`evaluate` and `predict`: a saved model on the test set, on chosen test images, or on image files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import functional as TF
+
+from fmnist_dist import CLASSES
+from fmnist_dist.checkpoint import load_model
+from fmnist_dist.data import load_split, make_loader
+from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.evaluation import EvalResult, evaluate
+from fmnist_dist.model import IMAGE_SIZE
+
+# FashionMNIST garments are light on a dark background; a photo with a light border is inverted to match.
+LIGHT_BACKGROUND = 0.5
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's predicted class and probability, with its true class when known."""
+
+    source: str
+    predicted: str
+    probability: float
+    actual: str | None = None
+
+
+def evaluate_checkpoint(checkpoint: Path, data_dir: Path, download: bool, batch_size: int, cpu: bool) -> EvalResult:
+    """Test-set accuracy and loss of saved weights (also under `accelerate launch`, sharded across processes)."""
+    accelerator = Accelerator(cpu=cpu)
+    model = load_model(checkpoint)
+    with accelerator.main_process_first():
+        test_set = load_split(data_dir, train=False, download=download)
+    model, loader = accelerator.prepare(model, make_loader(test_set, batch_size, False, 0, False))
+    return evaluate(model, loader, accelerator)
+
+
+def predict_test_images(checkpoint: Path, data_dir: Path, download: bool, indices: Sequence[int]) -> list[Prediction]:
+    """Predictions for test images chosen by index, as in the quickstart's last step."""
+    test_set = load_split(data_dir, train=False, download=download)
+    if bad := [i for i in indices if not 0 <= i < len(test_set)]:
+        raise UsageError(f"--index {bad[0]} is outside the test set (0-{len(test_set) - 1}); pick an index in range")
+    images = torch.stack([test_set[i][0] for i in indices])
+    actual = [CLASSES[int(test_set[i][1])] for i in indices]
+    return _predict(checkpoint, images, [f"test[{i}]" for i in indices], actual)
+
+
+def predict_files(checkpoint: Path, paths: Sequence[Path]) -> list[Prediction]:
+    """Predictions for image files (PNG, JPEG, any size), converted to 28x28 grayscale like the training data."""
+    images = torch.stack([load_image(path) for path in paths])
+    return _predict(checkpoint, images, [str(p) for p in paths], [None] * len(paths))
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """An image file as a 1x28x28 tensor in [0, 1], light garment on dark ground as in FashionMNIST."""
+    try:
+        with Image.open(path) as image:
+            gray = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"cannot read image {path} ({first_line(error)}); pass a PNG or JPEG file") from error
+    tensor = TF.to_tensor(gray)
+    border = torch.cat([tensor[0, 0], tensor[0, -1], tensor[0, :, 0], tensor[0, :, -1]])
+    return 1 - tensor if border.mean() > LIGHT_BACKGROUND else tensor
+
+
+def _predict(checkpoint: Path, images: torch.Tensor, sources: list[str], actual: list[str | None]) -> list[Prediction]:
+    model = load_model(checkpoint).eval()
+    with torch.no_grad():
+        probabilities = model(images).softmax(dim=1)
+    best, classes = probabilities.max(dim=1)
+    return [
+        Prediction(source, CLASSES[int(c)], float(p), true)
+        for source, c, p, true in zip(sources, classes, best, actual)
+    ]

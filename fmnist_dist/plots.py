@@ -1,0 +1,75 @@
+"""Training curves and the confusion matrix as PNG files, drawn from the metrics records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and clusters
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fmnist_dist import CLASSES  # noqa: E402
+from fmnist_dist.errors import UsageError, first_line  # noqa: E402
+from fmnist_dist.tracking import MetricsLog  # noqa: E402
+
+DPI = 100
+
+
+def plot_run(records: Sequence[dict[str, Any]], curves_path: Path, confusion_path: Path) -> None:
+    """Draw `curves.png` (losses and accuracy per epoch) and `confusion.png` (the last epoch's matrix)."""
+    plot_curves(records, curves_path)
+    plot_confusion(records[-1]["confusion_matrix"], confusion_path)
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Train and test loss (left) and test accuracy (right) against the epoch."""
+    epochs = [r["epoch"] for r in records]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=DPI)
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train")
+    loss_ax.plot(epochs, [r["test_loss"] for r in records], marker="o", label="test")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    loss_ax.legend()
+    acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in records], marker="o", color="tab:green")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Test accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, path)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], path: Path) -> None:
+    """A 10x10 confusion matrix with the class names, true classes down, predictions across."""
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=DPI)
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ticks = range(len(CLASSES))
+    ax.set_xticks(ticks, CLASSES, rotation=45, ha="right")
+    ax.set_yticks(ticks, CLASSES)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test set)")
+    threshold = max(max(row) for row in matrix) / 2
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, count, ha="center", va="center", fontsize=7, color="white" if count > threshold else "black")
+    _save(fig, path)
+
+
+def records_for_plot(metrics_path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, refusing a missing or empty file."""
+    if not metrics_path.is_file():
+        raise UsageError(f"{metrics_path} does not exist; pass the --output-dir of a finished training run")
+    try:
+        records = MetricsLog.read(metrics_path)
+    except ValueError as error:
+        raise UsageError(f"{metrics_path} is not a metrics file ({first_line(error)}); pass a run's --output-dir") from error
+    if not records:
+        raise UsageError(f"{metrics_path} holds no epochs yet; plot after the first epoch has finished")
+    return records
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
