@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import re
+import secrets
+import stat
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,27 +15,46 @@ from typing import IO
 import torch
 from torch import nn
 
-from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.errors import UsageError
 from fmnist_dist.model import NeuralNetwork
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` so that a crash at any moment leaves either its old contents or its new ones.
 
-    `write` fills a temporary file in the same directory, which is flushed to disk and then renamed over `path`
-    (a rename within one file system is atomic).
+    `write` fills a hidden temporary file in the same directory, which is flushed to disk and then renamed over
+    `path` (a rename within one file system is atomic). The new file gets the old one's permissions, or, for a
+    new file, those a plain `open` would give it.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # os.open applies the umask as open() does (tempfile.mkstemp would make the file private to its owner).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as tmp:
-            write(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
+        with os.fdopen(fd, "wb") as f:
+            if path.exists():
+                os.chmod(f.fileno(), stat.S_IMODE(path.stat().st_mode))
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)  # make the rename itself survive a power loss
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform or file system that cannot open directories: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -51,19 +72,36 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise UsageError(
-            f"checkpoint {path} was refused: it is not plain weights ({first_line(error)}); "
-            "load only state_dicts saved by torch.save(model.state_dict())"
+            f"checkpoint {path} was refused: loading it would {_forbidden_action(error)}, not just read weights; "
+            "load only state_dicts saved by torch.save(model.state_dict()) (re-save a whole pickled model that way)"
         ) from error
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - a damaged file fails anywhere in the zip or pickle readers
         raise UsageError(
-            f"checkpoint {path} is truncated or corrupted ({first_line(error)}); re-save it or train again"
+            f"checkpoint {path} is truncated or corrupted ({_first_sentence(error)}); re-save it or train again"
         ) from error
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict):
         raise UsageError(
             f"checkpoint {path} holds a {type(state).__name__}, not a state_dict; "
             "save it with torch.save(model.state_dict(), path)"
         )
+    if not_tensors := sorted(str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)):
+        raise UsageError(
+            f"checkpoint {path} is a dict but not a state_dict (not tensors: {not_tensors[:5]}); "
+            "save it with torch.save(model.state_dict(), path)"
+        )
     return state
+
+
+def _forbidden_action(error: pickle.UnpicklingError) -> str:
+    """What the refused pickle asked for, from torch's message (which also advises the unsafe way round)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
+    return f"call {found.group(1)}" if found else "build arbitrary objects"
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The error's type and the first sentence of its message (torch's go on for a paragraph)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0].split('. ')[0]}" if text else type(error).__name__
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> NeuralNetwork:

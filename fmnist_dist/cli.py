@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -134,10 +135,11 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{**fields, "tags": tuple(args.tags)})  # a bad value fails here, before the slow imports
     from fmnist_dist.job import run_training  # heavy imports only for the commands that need them
 
-    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    run_training(TrainConfig(**{**fields, "tags": tuple(args.tags)}))
+    run_training(cfg)
     return 0
 
 
@@ -148,14 +150,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.download, args.batch_size, args.cpu)
     if not _is_main_process():
         return 0
-    per_class = dict(zip(CLASSES, result.per_class_accuracy()))
+    # None (JSON null) for a class the test set lacks: NaN is not valid JSON.
+    per_class = {name: None if math.isnan(a) else a for name, a in zip(CLASSES, result.per_class_accuracy())}
     if args.json:
         print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "samples": result.samples,
                           "per_class_accuracy": per_class}))
         return 0
     print(f"test accuracy {100 * result.accuracy:.2f}%, loss {result.loss:.4f} ({result.samples} images)")
     for name, accuracy in per_class.items():
-        print(f"  {name:<12} {100 * accuracy:6.2f}%")
+        print(f"  {name:<12} " + ("no test images" if accuracy is None else f"{100 * accuracy:6.2f}%"))
     return 0
 
 

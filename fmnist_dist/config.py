@@ -10,7 +10,7 @@ from fmnist_dist.errors import UsageError
 
 # Defaults that learn well in 5 epochs. The quickstart's lr 1e-3 without momentum moves ~100x slower;
 # `--lr 1e-3 --momentum 0` reproduces it exactly (README, "Reproducing the tutorial").
-DEFAULT_LR = 0.05
+DEFAULT_LR = 0.02
 DEFAULT_MOMENTUM = 0.9
 
 

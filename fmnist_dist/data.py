@@ -38,10 +38,14 @@ class InMemoryFashionMNIST(Dataset):
         return image[0], int(target[0])
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
-        index = torch.as_tensor(indices, device=self.images.device)
-        # The same arithmetic as ToTensor (add a channel dimension, to float, divide by 255), for a whole batch.
-        images = self.images[index].unsqueeze(1).to(torch.get_default_dtype()).div(255)
-        return images, self.targets[index]
+        # The index list is built on the CPU; a non-blocking copy does not wait for the device's queued work
+        # (as_tensor(list, device=cuda) would synchronise the stream at every batch).
+        index = torch.as_tensor(indices).to(self.images.device, non_blocking=True)
+        # ToTensor's arithmetic for a whole batch: a channel dimension, then uint8 / 255 as a true division in
+        # the default float dtype (bit-identical to `.float().div(255)`, in one pass). index_select gathers
+        # whole rows several times faster than `images[index]` on the CPU.
+        images = self.images.index_select(0, index).unsqueeze(1).div(255)
+        return images, self.targets.index_select(0, index)
 
     def to(self, device: torch.device) -> InMemoryFashionMNIST:
         """The same split with its tensors on `device`, so batches need no host-to-device copy."""

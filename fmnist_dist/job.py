@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import tempfile
 from datetime import timedelta
@@ -17,7 +18,7 @@ import accelerate
 import torch
 import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 
 import fmnist_dist
 from fmnist_dist.checkpoint import save_state_dict
@@ -41,6 +42,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train as `cfg` says; return the final epoch's metrics (on every process)."""
     check_output_dir(cfg.output_dir)
     accelerator = build_accelerator(cfg)
+    check_all_processes_joined(accelerator)
     accelerator.print(describe_setup(accelerator))
     set_seed(cfg.seed)  # the same initial weights on every process, and reproducible ones
     train_set, test_set = load_datasets(cfg, accelerator)
@@ -85,7 +87,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     if cfg.gradient_accumulation_steps is not None:
         options["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     return Accelerator(
-        cpu=cfg.cpu,
+        cpu=wants_cpu(cfg.cpu),
         mixed_precision=cfg.mixed_precision,
         log_with=WANDB if cfg.tracker == WANDB else None,
         project_dir=str(cfg.output_dir),
@@ -94,6 +96,22 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
         **options,
     )
+
+
+def wants_cpu(cpu_flag: bool) -> bool:
+    """`--cpu`, or ACCELERATE_USE_CPU=1 (which Accelerate itself reads only after setting up the process group)."""
+    return cpu_flag or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def check_all_processes_joined(accelerator: Accelerator) -> None:
+    """Refuse a launch whose processes did not form one job (each would train alone and overwrite the others)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UsageError(
+            f"accelerate launch started {launched} processes but they did not join one job "
+            f"({accelerator.num_processes} process(es) on {accelerator.device}); on a machine without a GPU per "
+            "process pass --cpu (or set ACCELERATE_USE_CPU=1) to run them on the CPU over gloo"
+        )
 
 
 def describe_setup(accelerator: Accelerator) -> str:

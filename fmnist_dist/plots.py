@@ -10,12 +10,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and clusters
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fmnist_dist import CLASSES  # noqa: E402
 from fmnist_dist.errors import UsageError, first_line  # noqa: E402
 from fmnist_dist.tracking import MetricsLog  # noqa: E402
 
 DPI = 100
+CURVES_SIZE = (10, 4)  # inches; at DPI, 1000 x 400 pixels
+CONFUSION_SIZE = (8, 7)  # inches; at DPI, 800 x 700 pixels
 
 
 def plot_run(records: Sequence[dict[str, Any]], curves_path: Path, confusion_path: Path) -> None:
@@ -27,7 +30,7 @@ def plot_run(records: Sequence[dict[str, Any]], curves_path: Path, confusion_pat
 def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
     """Train and test loss (left) and test accuracy (right) against the epoch."""
     epochs = [r["epoch"] for r in records]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=DPI)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
     loss_ax.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train")
     loss_ax.plot(epochs, [r["test_loss"] for r in records], marker="o", label="test")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
@@ -36,15 +39,15 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Test accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, also for a one-epoch run
     _save(fig, path)
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], path: Path) -> None:
     """A 10x10 confusion matrix with the class names, true classes down, predictions across."""
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=DPI)
+    fig, ax = plt.subplots(figsize=CONFUSION_SIZE, dpi=DPI)
     image = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="test images")  # as tall as the matrix
     ticks = range(len(CLASSES))
     ax.set_xticks(ticks, CLASSES, rotation=45, ha="right")
     ax.set_yticks(ticks, CLASSES)
@@ -52,7 +55,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: Path) -> None:
     threshold = max(max(row) for row in matrix) / 2
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):
-            ax.text(j, i, count, ha="center", va="center", fontsize=7, color="white" if count > threshold else "black")
+            ax.text(j, i, count, ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
     _save(fig, path)
 
 
@@ -63,7 +66,8 @@ def records_for_plot(metrics_path: Path) -> list[dict[str, Any]]:
     try:
         records = MetricsLog.read(metrics_path)
     except ValueError as error:
-        raise UsageError(f"{metrics_path} is not a metrics file ({first_line(error)}); pass a run's --output-dir") from error
+        reason = f"{metrics_path} is not a metrics file ({first_line(error)}); pass a run's --output-dir"
+        raise UsageError(reason) from error
     if not records:
         raise UsageError(f"{metrics_path} holds no epochs yet; plot after the first epoch has finished")
     return records

@@ -15,7 +15,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from fmnist_dist.checkpoint import atomic_write
-from fmnist_dist.errors import UsageError
+from fmnist_dist.errors import UsageError, first_line
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
@@ -71,6 +71,8 @@ def find_state(output_dir: Path, resume: str) -> Path:
     """The state to resume from: `resume` itself if it is a state directory, else the newest in the output dir."""
     if resume != "latest":
         path = Path(resume)
+        if path.name.startswith(TMP_PREFIX):
+            raise UsageError(f"--resume {path}: an unfinished state (its save was interrupted); pass a step-* dir")
         if not (path / PROGRESS_FILE).is_file():
             raise UsageError(f"--resume {path}: not a saved training state (no {PROGRESS_FILE}); pass a state dir")
         return path
@@ -85,8 +87,15 @@ def find_state(output_dir: Path, resume: str) -> Path:
 
 def load_training_state(accelerator: Accelerator, state_dir: Path) -> Progress:
     """Restore model, optimizer and RNG states from `state_dir` (all processes call this); return its progress."""
-    accelerator.load_state(str(state_dir))
-    return Progress(**json.loads((state_dir / PROGRESS_FILE).read_text()))
+    try:
+        progress = Progress(**json.loads((state_dir / PROGRESS_FILE).read_text()))
+        accelerator.load_state(str(state_dir))
+    except Exception as error:  # noqa: BLE001 - damaged files fail in json, safetensors, torch or pickle readers
+        raise UsageError(
+            f"--resume: the state {state_dir} cannot be read ({type(error).__name__}: {first_line(error)}); "
+            "pass an earlier state with --resume STATE_DIR, or train again without --resume"
+        ) from error
+    return progress
 
 
 def complete_states(root: Path) -> list[Path]:

@@ -6,10 +6,12 @@ Tracking must never stop training: without W&B credentials the run is recorded o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import netrc
 import os
-import warnings
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,7 +81,8 @@ def start_run(
     try:
         accelerator.init_trackers(project, config=run_config, init_kwargs={WANDB: wandb_kwargs})
     except Exception as error:  # noqa: BLE001 - any tracker failure must leave training running
-        _drop_trackers(accelerator, f"W&B could not start ({first_line(error)})")
+        reason = f"W&B could not start ({first_line(error)}; check the WANDB_* environment variables)"
+        _drop_trackers(accelerator, reason)
         return None
     run = wandb_run(accelerator)
     return run.id if run is not None else None
@@ -137,7 +140,9 @@ def log_model_artifact(accelerator: Accelerator, path: Path) -> None:
     import wandb
 
     try:
-        artifact = wandb.Artifact(f"{run.name or run.id}-model".replace("/", "-"), type="model")
+        # Artifact names allow letters, digits, '-', '_' and '.'; run names (from --run-name) allow anything.
+        name = re.sub(r"[^\w.-]", "-", f"{run.name or run.id}-model")
+        artifact = wandb.Artifact(name, type="model")
         artifact.add_file(str(path))
         run.log_artifact(artifact)
     except Exception as error:  # noqa: BLE001
@@ -153,9 +158,13 @@ def finish_run(accelerator: Accelerator) -> None:
 
 
 def _drop_trackers(accelerator: Accelerator, reason: str) -> None:
+    for tracker in accelerator.trackers:
+        with contextlib.suppress(Exception):  # close a half-started run; there may be none to close
+            tracker.finish()
     accelerator.trackers = []
     _warn(f"{reason}; training goes on without W&B tracking")
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    # One plain line on stderr, like the CLI's errors (a Python warning would add its source file and line).
+    print(f"fmnist-dist: warning: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,322 @@
+"""One training epoch of FashionMNIST at batch 64, timed side by side in one run on one machine.
+
+    python benchmarks/epoch_benchmark.py                       # all rows, 3 interleaved repeats
+    python benchmarks/epoch_benchmark.py --repeats 5 --skip-multiprocess
+    python benchmarks/epoch_benchmark.py --device cuda         # single-process rows on the GPU
+
+Rows (all train the quickstart's MLP with the quickstart's SGD, lr 1e-3, no momentum, so only the data and
+step path differ):
+
+  a. quickstart   the PyTorch quickstart as published: torchvision FashionMNIST + ToTensor, a per-sample
+                  DataLoader(batch_size=64, shuffle=True) and the tutorial's `train` loop, which reads
+                  `loss.item()` and prints every 100 batches (printed into a buffer to keep stdout a table).
+  b. fmnist-dist  the package's own training path, built with the functions `fmnist-dist train` uses
+                  (`build_accelerator`, `load_datasets`, `loader_for`, `accelerator.prepare`, `Trainer`),
+                  timing `Trainer._train_epoch`, the call `Trainer.fit` makes for every epoch.
+  c. floor        the same SGD steps on preloaded float tensors, batches indexed by a random permutation,
+                  no DataLoader: what any data path costs at least.
+  2-process CPU   `accelerate launch --config_file launch/cpu.yaml -m fmnist_dist train --cpu ...`, the job
+                  as a whole; `train_samples_per_second` from its metrics.jsonl (all processes together).
+
+The data is a FashionMNIST-sized synthetic set (60,000 / 10,000 images in the real IDX format, read by
+torchvision's FashionMNIST class) unless --data-dir points at a real copy. Rows are warmed up, then measured
+in interleaved rounds (a, b, c, a, b, c, ...) so that machine noise hits them alike; the table gives medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision.transforms import ToTensor
+
+from fmnist_dist.config import TrainConfig
+from fmnist_dist.job import build_accelerator, load_datasets, loader_for
+from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.state import Progress
+from fmnist_dist.synthetic import write_synthetic_dataset
+from fmnist_dist.tracking import MetricsLog
+from fmnist_dist.training import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH_SIZE = 64
+LR = 1e-3  # the quickstart's SGD settings, for every row
+TRAIN_SIZE, TEST_SIZE = 60_000, 10_000
+WARMUP_BATCHES = 100
+
+# A row's epoch function takes the epoch number and returns (seconds, samples trained).
+EpochFn = Callable[[int], tuple[float, int]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
+        data_dir = args.data_dir or make_data(Path(tmp) / "data")
+        rows = {
+            "a. quickstart (torchvision + ToTensor, per-sample DataLoader)": quickstart_row(data_dir, device),
+            "b. fmnist-dist (Trainer._train_epoch, Accelerate-prepared loader)": package_row(
+                data_dir, device, Path(tmp) / "run"
+            ),
+            "c. floor (preloaded tensors, permutation slices, no loader)": floor_row(data_dir, device),
+        }
+        seconds = measure(rows, args.repeats, args.epochs_per_measure)
+        multiprocess = None if args.skip_multiprocess else two_process_cpu(data_dir, Path(tmp) / "mp", args.repeats)
+    report = render(args, device, seconds, multiprocess)
+    print(report)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(report + "\n")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds per row (median reported)")
+    parser.add_argument("--epochs-per-measure", type=int, default=1, help="epochs timed together per round")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the single-process rows (default: cuda if available)")
+    parser.add_argument("--skip-multiprocess", action="store_true", help="leave out the 2-process CPU row")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="a torchvision FashionMNIST root to use instead of the synthetic set")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"also write the table here (e.g. {REPO / 'benchmarks' / 'results' / 'epoch.md'})")
+    return parser.parse_args(argv)
+
+
+def make_data(root: Path) -> Path:
+    write_synthetic_dataset(root, TRAIN_SIZE, TEST_SIZE, seed=0)
+    return root
+
+
+# --- a. the quickstart as published ------------------------------------------------------------------------
+
+def quickstart_row(data_dir: Path, device: torch.device) -> EpochFn:
+    training_data = datasets.FashionMNIST(root=str(data_dir), train=True, download=False, transform=ToTensor())
+    train_dataloader = DataLoader(training_data, batch_size=BATCH_SIZE, shuffle=True)
+    model = NeuralNetwork().to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    log = io.StringIO()
+
+    def train(dataloader, model, loss_fn, optimizer, max_batches=None):  # the tutorial's loop, verbatim
+        size = len(dataloader.dataset)
+        model.train()
+        for batch, (X, y) in enumerate(dataloader):
+            if batch == max_batches:
+                break
+            X, y = X.to(device), y.to(device)
+
+            # Compute prediction error
+            pred = model(X)
+            loss = loss_fn(pred, y)
+
+            # Backpropagation
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+            if batch % 100 == 0:
+                loss, current = loss.item(), (batch + 1) * len(X)
+                print(f"loss: {loss:>7f}  [{current:>5d}/{size:>5d}]", file=log)
+
+    train(train_dataloader, model, loss_fn, optimizer, max_batches=WARMUP_BATCHES)
+
+    def epoch(_: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        train(train_dataloader, model, loss_fn, optimizer)
+        sync(device)
+        return time.perf_counter() - start, len(training_data)
+
+    return epoch
+
+
+# --- b. fmnist-dist's own training path ----------------------------------------------------------------------
+
+def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> EpochFn:
+    """The objects `run_training` builds, made by the same functions, around the Trainer's real epoch."""
+    cfg = TrainConfig(
+        data_dir=data_dir, download=False, batch_size=BATCH_SIZE, lr=LR, momentum=0.0, output_dir=output_dir,
+        cpu=device.type == "cpu", tracker="none", progress=False, epochs=1_000_000,
+    )
+    output_dir.mkdir(parents=True)
+    accelerator = build_accelerator(cfg)
+    train_set, test_set = load_datasets(cfg, accelerator)
+    model = NeuralNetwork()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(
+        model, optimizer, loader_for(train_set, cfg, cfg.batch_size, True),
+        loader_for(test_set, cfg, cfg.eval_batch_size, False),
+    )
+    trainer = Trainer(cfg, accelerator, model, optimizer, train_loader, test_loader, len(train_set),
+                      Progress(batch_size=cfg.batch_size), MetricsLog(output_dir / "metrics.jsonl"),
+                      torch.empty(0))
+
+    def run_epoch(epoch: int, first_step: int = 0) -> tuple[float, int]:
+        trainer.progress = Progress(epoch=epoch, step_in_epoch=first_step, batch_size=cfg.batch_size)
+        stats = trainer._train_epoch(epoch)
+        return stats.seconds, stats.samples
+
+    run_epoch(0, first_step=len(train_loader) - WARMUP_BATCHES)  # warm-up: the epoch's last batches only
+    return run_epoch
+
+
+# --- c. the floor --------------------------------------------------------------------------------------------
+
+def floor_row(data_dir: Path, device: torch.device) -> EpochFn:
+    raw = datasets.FashionMNIST(root=str(data_dir), train=True, download=False)
+    images = raw.data.unsqueeze(1).float().div(255).to(device)
+    targets = raw.targets.to(device)
+    model = NeuralNetwork().to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def steps(max_batches: int | None = None) -> None:
+        order = torch.randperm(len(targets), device=device, generator=generator)
+        for batch, start in enumerate(range(0, len(targets), BATCH_SIZE)):
+            if batch == max_batches:
+                break
+            index = order[start:start + BATCH_SIZE]
+            loss = loss_fn(model(images[index]), targets[index])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    steps(WARMUP_BATCHES)
+
+    def epoch(_: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        steps()
+        sync(device)
+        return time.perf_counter() - start, len(targets)
+
+    return epoch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(rows: dict[str, EpochFn], repeats: int, epochs_per_measure: int) -> dict[str, list[tuple[float, int]]]:
+    """Interleaved rounds: every row once per round, `epochs_per_measure` epochs each time."""
+    results: dict[str, list[tuple[float, int]]] = {name: [] for name in rows}
+    for round_ in range(repeats):
+        for name, epoch_fn in rows.items():
+            runs = [epoch_fn(1 + round_ * epochs_per_measure + e) for e in range(epochs_per_measure)]
+            seconds, samples = sum(r[0] for r in runs), sum(r[1] for r in runs)
+            results[name].append((seconds, samples))
+            print(f"round {round_ + 1}/{repeats}: {name.split(' (')[0]}: {seconds:.2f} s", file=sys.stderr)
+    return results
+
+
+# --- the 2-process CPU job -----------------------------------------------------------------------------------
+
+def two_process_cpu(data_dir: Path, output_dir: Path, repeats: int) -> dict:
+    """`fmnist-dist train` under `accelerate launch` with 2 gloo processes; the first epoch is the warm-up."""
+    epochs = repeats + 1
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml"),
+        "--main_process_port", str(free_port()), "-m", "fmnist_dist", "train", "--cpu",
+        "--data-dir", str(data_dir), "--no-download", "--output-dir", str(output_dir), "--epochs", str(epochs),
+        "--batch-size", str(BATCH_SIZE), "--lr", str(LR), "--momentum", "0", "--tracker", "none", "--no-progress",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "LOCAL_RANK"))}
+    env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_DISABLE_RICH="1", WANDB_MODE="offline")
+    print(f"2-process CPU job: {epochs} epochs ...", file=sys.stderr)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the 2-process job failed:\n{done.stdout}\n{done.stderr}")
+    records = MetricsLog.read(output_dir / "metrics.jsonl")[1:]
+    return {
+        "world_size": records[0]["world_size"],
+        "seconds": statistics.median(r["train_seconds"] for r in records),
+        "samples": records[0]["train_samples"],
+        "samples_per_second": statistics.median(r["train_samples_per_second"] for r in records),
+        "epochs": len(records),
+        "command": " ".join(command[1:]),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+
+def render(args: argparse.Namespace, device: torch.device, results: dict, multiprocess: dict | None) -> str:
+    medians = {name: statistics.median(s for s, _ in runs) for name, runs in results.items()}
+    samples = {name: runs[0][1] for name, runs in results.items()}
+    a, b, c = medians.values()
+    lines = [
+        f"## One training epoch, batch {BATCH_SIZE} ({datetime.now():%Y-%m-%d %H:%M})",
+        "",
+        machine(device),
+        "",
+        f"Median of {args.repeats} interleaved rounds of {args.epochs_per_measure} epoch(s) each; "
+        f"{samples[next(iter(samples))]:,} training images per epoch; SGD lr {LR}, no momentum, every row.",
+        "",
+        "| row | processes | device | epoch seconds (median) | all rounds | samples/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        per_epoch = [s / args.epochs_per_measure for s, _ in runs]
+        rounds = ", ".join(f"{s:.2f}" for s in per_epoch)
+        lines.append(
+            f"| {name} | 1 | {device} | {medians[name] / args.epochs_per_measure:.2f} | {rounds} | "
+            f"{samples[name] / medians[name]:,.0f} |"
+        )
+    if multiprocess:
+        lines.append(
+            f"| 2-process CPU job (`accelerate launch`, metrics.jsonl, median of {multiprocess['epochs']} epochs "
+            f"after the first) | {multiprocess['world_size']} | cpu | {multiprocess['seconds']:.2f} | | "
+            f"{multiprocess['samples_per_second']:,.0f} |"
+        )
+    lines += [
+        "",
+        f"- a/b (quickstart time / fmnist-dist time): **{a / b:.2f}x**",
+        f"- b/c (fmnist-dist time / floor time): **{b / c:.2f}x**",
+    ]
+    if multiprocess:
+        lines.append(f"- 2-process job: `{multiprocess['command']}`")
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (
+        f"Machine: {cpu}, {cores} usable CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, device {device}{gpu}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

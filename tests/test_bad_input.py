@@ -1,0 +1,296 @@
+"""Bad input: every case ends with exit code 2 and one line on stderr, `fmnist-dist: error: ...`, that names the
+file or flag and says what to do; no traceback; and the outputs of an earlier run stay byte-identical.
+
+`train` runs as a real process (it builds an Accelerator); flag and checkpoint checks, which need none, call
+the CLI's `main` in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli, train_args
+from torch import nn
+
+from fmnist_dist.cli import main
+from fmnist_dist.idx import SPLIT_FILES, write_idx
+from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.state import STATE_DIR
+
+IMAGES, LABELS = SPLIT_FILES["train"]
+PREFIX = "fmnist-dist: error: "
+QUIET = {"OMP_NUM_THREADS": "1"}  # one thread per process: faster on a small shared CPU
+
+
+def files_in(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (or the file itself), by relative path, with its bytes."""
+    if directory.is_file():
+        return {"": directory.read_bytes()}
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_refused(returncode: int, stdout: str, stderr: str, *named: str) -> str:
+    """Exit code 2 and exactly one error line that mentions everything in `named`; return that line."""
+    assert "Traceback" not in stdout + stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert returncode == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), stderr
+    for word in named:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def previous_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-epoch run: model.pth, metrics.jsonl, plots and a saved state."""
+    work = tmp_path_factory.mktemp("previous")
+    result = run_cli(train_args(data_dir, work / "out", "--epochs", "1", "--no-progress"), cwd=work, **QUIET)
+    assert result.returncode == 0, result.stderr
+    return work / "out"
+
+
+@pytest.fixture
+def output_dir(previous_run: Path, tmp_path: Path) -> Path:
+    """A copy of the previous run's output directory, for a command to leave alone."""
+    return Path(shutil.copytree(previous_run, tmp_path / "out"))
+
+
+@pytest.fixture
+def corrupt_data_dir(data_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the synthetic dataset, for a test to damage."""
+    return Path(shutil.copytree(data_dir, tmp_path / "data"))
+
+
+def train_refused(data: Path, output_dir: Path, *extra, named: tuple[str, ...] = ()) -> str:
+    before = files_in(output_dir) if output_dir.exists() else None
+    result = run_cli(train_args(data, output_dir, "--epochs", "1", *extra), cwd=output_dir.parent, **QUIET)
+    line = assert_refused(result.returncode, result.stdout, result.stderr, *named)
+    if before is not None:
+        assert files_in(output_dir) == before
+    return line
+
+
+# ------------------------------------------------------------------------------------------- dataset files
+
+
+def cut_images_short(raw: Path) -> str:
+    path = raw / IMAGES
+    path.write_bytes(path.read_bytes()[:-1000])
+    return IMAGES
+
+
+def wrong_magic(raw: Path) -> str:
+    path = raw / IMAGES
+    path.write_bytes(b"\x00\x00\x0d\x03" + path.read_bytes()[4:])  # 0x0d: float32, not FashionMNIST's uint8
+    return IMAGES
+
+
+def header_claims_more_images(raw: Path) -> str:
+    path = raw / IMAGES
+    data = bytearray(path.read_bytes())
+    data[4:8] = (2000).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    return IMAGES
+
+
+def empty_labels(raw: Path) -> str:
+    (raw / LABELS).write_bytes(b"")
+    return LABELS
+
+
+def label_out_of_range(raw: Path) -> str:
+    labels = np.fromfile(raw / LABELS, dtype=np.uint8, offset=8)
+    labels[17] = 10
+    write_idx(raw / LABELS, labels)
+    return LABELS
+
+
+def fewer_labels_than_images(raw: Path) -> str:
+    labels = np.fromfile(raw / LABELS, dtype=np.uint8, offset=8)
+    write_idx(raw / LABELS, labels[:-1])
+    return LABELS
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (cut_images_short, "truncated"),
+        (wrong_magic, "magic number"),
+        (header_claims_more_images, "header"),
+        (empty_labels, "empty file"),
+        (label_out_of_range, "label 10 is outside 0-9"),
+        (fewer_labels_than_images, "1002 labels for 1003 images"),
+    ],
+)
+def test_damaged_dataset_file_is_refused(
+    damage: Callable[[Path], str], problem: str, corrupt_data_dir: Path, output_dir: Path
+) -> None:
+    name = damage(corrupt_data_dir / "FashionMNIST" / "raw")
+    train_refused(corrupt_data_dir, output_dir, named=(name, problem, "download again"))
+
+
+# ----------------------------------------------------------------------------------- output dir and resume
+
+
+def test_output_dir_that_is_a_file_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "results"
+    blocker.write_bytes(b"someone else's file")
+    train_refused(data_dir, blocker, named=(str(blocker), "--output-dir"))
+
+
+def test_output_dir_under_a_file_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "results"
+    blocker.write_bytes(b"someone else's file")
+    train_refused(data_dir, blocker / "run1", named=("--output-dir",))
+    assert blocker.read_bytes() == b"someone else's file"
+
+
+def test_resume_without_saved_state_is_refused(data_dir: Path, output_dir: Path) -> None:
+    shutil.rmtree(output_dir / STATE_DIR)
+    train_refused(data_dir, output_dir, "--resume", named=("--resume", "no saved training state", "without --resume"))
+
+
+def test_resume_from_a_directory_that_is_no_state_is_refused(data_dir: Path, output_dir: Path) -> None:
+    train_refused(data_dir, output_dir, "--resume", output_dir, named=(f"--resume {output_dir}", "not a saved"))
+
+
+def test_resume_from_a_damaged_state_is_refused(data_dir: Path, output_dir: Path) -> None:
+    (state,) = (output_dir / STATE_DIR).iterdir()
+    weights = state / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    train_refused(data_dir, output_dir, "--resume", named=(str(state), "cannot be read", "--resume STATE_DIR"))
+
+
+# --------------------------------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--epochs", "0"),
+        ("--epochs", "two"),
+        ("--batch-size", "-4"),
+        ("--eval-batch-size", "0"),
+        ("--lr", "nan"),
+        ("--lr", "0"),
+        ("--momentum", "-0.5"),
+        ("--keep-states", "0"),
+        ("--checkpoint-every", "-1"),
+        ("--gradient-accumulation-steps", "0"),
+        ("--log-every", "0"),
+    ],
+)
+def test_invalid_hyperparameter_is_refused(
+    flag: str, value: str, data_dir: Path, output_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = files_in(output_dir)
+    returncode = cli_returncode([*map(str, train_args(data_dir, output_dir)), flag, value])
+    captured = capsys.readouterr()
+    assert_refused(returncode, captured.out, captured.err, flag, value)
+    assert files_in(output_dir) == before
+
+
+def cli_returncode(argv: list[str]) -> int:
+    """`main(argv)`'s exit code, also when argparse leaves by SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as leaving:
+        return leaving.code
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+class RunsCodeWhenLoaded:
+    """Unpickling this calls os.system: the classic malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def truncated(path: Path) -> None:
+    torch.save(NeuralNetwork().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def not_a_checkpoint(path: Path) -> None:
+    path.write_bytes(b"hello, I am a text file\n" * 10)
+
+
+def list_of_tensors(path: Path) -> None:
+    torch.save(list(NeuralNetwork().state_dict().values()), path)
+
+
+def one_tensor(path: Path) -> None:
+    torch.save(torch.zeros(3), path)
+
+
+def dict_of_numbers(path: Path) -> None:
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+
+
+def whole_pickled_model(path: Path) -> None:
+    torch.save(NeuralNetwork(), path)
+
+
+def other_architecture(path: Path) -> None:
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).state_dict(), path)
+
+
+def wider_hidden_layer(path: Path) -> None:
+    state = NeuralNetwork().state_dict()
+    state["linear_relu_stack.0.weight"] = torch.zeros(1024, 784)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (None, "does not exist"),
+        (truncated, "truncated or corrupted"),
+        (empty, "truncated or corrupted"),
+        (not_a_checkpoint, "truncated or corrupted"),
+        (list_of_tensors, "holds a list, not a state_dict"),
+        (one_tensor, "holds a Tensor, not a state_dict"),
+        (dict_of_numbers, "not tensors: ['epoch', 'lr']"),
+        (whole_pickled_model, "refused"),
+        (other_architecture, "missing keys ['linear_relu_stack.0.bias'"),
+        (other_architecture, "unexpected keys ['1.bias', '1.weight']"),
+        (wider_hidden_layer, "shape mismatches ['linear_relu_stack.0.weight (1024, 784) vs (512, 784)']"),
+    ],
+)
+def test_bad_checkpoint_is_refused(
+    make: Callable[[Path], None] | None, problem: str, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = tmp_path / "model.pth"
+    if make is not None:
+        make(checkpoint)
+    before = files_in(tmp_path)
+    returncode = cli_returncode(["predict", "--checkpoint", str(checkpoint), "--index", "0",
+                                 "--data-dir", str(data_dir), "--no-download"])
+    captured = capsys.readouterr()
+    assert_refused(returncode, captured.out, captured.err, str(checkpoint), problem, "save")
+    assert files_in(tmp_path) == before
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(data_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "model.pth"
+    torch.save(RunsCodeWhenLoaded(marker), checkpoint)
+    result = run_cli(["evaluate", "--checkpoint", checkpoint, "--data-dir", data_dir, "--no-download", "--cpu"],
+                     cwd=tmp_path, **QUIET)
+    assert_refused(result.returncode, result.stdout, result.stderr, str(checkpoint), "refused", "system")
+    assert not marker.exists(), "loading the checkpoint ran its code"

@@ -1,0 +1,206 @@
+"""Faults: a training process killed with SIGKILL mid-epoch resumes to the uninterrupted result, a crash in the
+middle of a save leaves the previous file intact, and a 2-process job where one rank fails ends instead of hanging.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, train_args
+
+from fmnist_dist.checkpoint import atomic_write, load_model, save_state_dict
+from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, find_state
+from fmnist_dist.synthetic import write_synthetic_dataset
+from fmnist_dist.tracking import MetricsLog
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+HANG_LIMIT_S = 60
+
+
+def files_in(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory`, by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------- SIGKILL, then resume
+
+KILL_TRAIN_SIZE = 3000
+KILL_BATCH = 8
+KILL_CHECKPOINT_EVERY = 40
+STEPS_PER_EPOCH = KILL_TRAIN_SIZE // KILL_BATCH
+
+
+@pytest.fixture(scope="module")
+def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough small batches per epoch that a kill right after the first saved state lands mid-epoch."""
+    root = tmp_path_factory.mktemp("long")
+    write_synthetic_dataset(root, KILL_TRAIN_SIZE, 200, seed=1)
+    return root
+
+
+def kill_args(data_dir: Path, output_dir: Path) -> list:
+    return train_args(data_dir, output_dir, "--epochs", "2", "--batch-size", KILL_BATCH, "--no-progress",
+                      "--checkpoint-every", KILL_CHECKPOINT_EVERY)
+
+
+def start_cli(args: list, cwd: Path) -> subprocess.Popen:
+    """The CLI as one process in a session of its own (so that a kill reaches all it started)."""
+    return subprocess.Popen([sys.executable, "-m", "fmnist_dist", *map(str, args)], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_for_saved_state(process: subprocess.Popen, output_dir: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((output_dir / STATE_DIR).glob(f"step-*/{PROGRESS_FILE}")):
+        assert process.poll() is None, f"training ended before saving a state: {process.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "no state saved in time"
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(long_data_dir: Path, tmp_path: Path) -> None:
+    reference = run_cli(kill_args(long_data_dir, tmp_path / "reference"), cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "killed"
+    process = start_cli(kill_args(long_data_dir, out), cwd=tmp_path)
+    wait_for_saved_state(process, out)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert not (out / "model.pth").exists()
+    state = find_state(out, "latest")
+    progress = json.loads((state / PROGRESS_FILE).read_text())
+    assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] < STEPS_PER_EPOCH, progress
+
+    resumed = run_cli([*kill_args(long_data_dir, out), "--resume"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    expected = torch.load(tmp_path / "reference" / "model.pth", weights_only=True)
+    actual = torch.load(out / "model.pth", weights_only=True)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    reference_metrics = MetricsLog.read(tmp_path / "reference" / "metrics.jsonl")
+    resumed_metrics = MetricsLog.read(out / "metrics.jsonl")
+    assert [(r["train_loss"], r["test_accuracy"]) for r in resumed_metrics] == [
+        (r["train_loss"], r["test_accuracy"]) for r in reference_metrics
+    ]
+
+
+# ------------------------------------------------------------------------------------ a crash during a save
+
+
+class DiskFullHalfway:
+    """A file object that writes half of what it is given, then fails as a full disk does."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.file.write(data[: len(data) // 2])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()
+
+
+@pytest.fixture
+def disk_full_halfway(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fdopen = os.fdopen
+    monkeypatch.setattr("fmnist_dist.checkpoint.os.fdopen", lambda *a, **k: DiskFullHalfway(real_fdopen(*a, **k)))
+
+
+def test_failed_model_save_leaves_previous_model_intact(tmp_path: Path, disk_full_halfway: None) -> None:
+    path = tmp_path / "model.pth"
+    torch.save(NeuralNetwork().state_dict(), path)
+    before = files_in(tmp_path)
+    with pytest.raises((OSError, RuntimeError)):
+        save_state_dict(NeuralNetwork().state_dict(), path)
+    assert files_in(tmp_path) == before  # byte-identical, and no temporary file left behind
+    load_model(path)
+
+
+def test_failed_metrics_append_leaves_previous_metrics_intact(tmp_path: Path, disk_full_halfway: None) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"epoch": 1}) + "\n")
+    before = files_in(tmp_path)
+    with pytest.raises(OSError):
+        MetricsLog(path, [{"epoch": 1}]).append({"epoch": 2, "note": "x" * 10000})
+    assert files_in(tmp_path) == before
+    assert MetricsLog.read(path) == [{"epoch": 1}]
+
+
+def test_process_dying_mid_write_leaves_previous_model_loadable(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    torch.save(NeuralNetwork().state_dict(), path)
+    before = path.read_bytes()
+    dies_halfway = (
+        "import os, sys, torch\n"
+        "from fmnist_dist.checkpoint import atomic_write\n"
+        "from fmnist_dist.model import NeuralNetwork\n"
+        "def write(f):\n"
+        "    f.write(b'PK' + os.urandom(100000))\n"
+        "    f.flush()\n"
+        "    os._exit(9)\n"
+        "atomic_write(sys.argv[1], write)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", dies_halfway, str(path)], env=cli_env(), timeout=120)
+    assert result.returncode == 9
+    assert path.read_bytes() == before
+    load_model(path)
+    # The dead writer's partial file is hidden and never bears the name that readers open.
+    leftovers = [p.name for p in tmp_path.iterdir() if p != path]
+    assert leftovers and all(name.startswith(".model.pth.") and name.endswith(".tmp") for name in leftovers)
+
+
+def test_atomic_write_gives_new_files_the_usual_permissions(tmp_path: Path) -> None:
+    atomic_write(tmp_path / "metrics.jsonl", lambda f: f.write(b"{}\n"))
+    (tmp_path / "plain").write_bytes(b"{}\n")
+    assert (tmp_path / "metrics.jsonl").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_atomic_write_keeps_an_existing_files_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    path.write_bytes(b"old")
+    path.chmod(0o640)
+    atomic_write(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o640
+
+
+# ------------------------------------------------------------------------------------------------ no hangs
+
+
+@pytest.mark.slow
+def test_two_process_job_ends_when_one_rank_fails(data_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 raises at step 3 (injected by tests/helpers/fail_on_rank.py); rank 0 must not wait forever."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
+               "--main_process_port", str(free_port()), str(HELPERS / "fail_on_rank.py"),
+               *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--no-progress"))]
+    start = time.monotonic()
+    process = subprocess.Popen(command, cwd=tmp_path, env=cli_env(FAIL_RANK="1", FAIL_AT_STEP="3"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=HANG_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"the job still ran {HANG_LIMIT_S} s after rank 1 failed")
+    assert process.returncode != 0
+    assert "injected failure on rank 1 at step 3" in output
+    assert time.monotonic() - start < HANG_LIMIT_S
+    assert not (tmp_path / "out" / "model.pth").exists()

@@ -1,0 +1,172 @@
+"""`--resume`: a run stopped after 2 of 4 epochs and resumed ends exactly where a straight 4-epoch run ends.
+
+Bit-identical means `torch.equal` on every tensor of the final model.pth, in one process and in two real gloo
+processes. The single-process resumed run also carries the W&B run id across the restart (offline), keeps
+only `--keep-states` states, and ignores an unfinished `.tmp-*` state planted to look newer than the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEST_SIZE, TRAIN_SIZE, launch_cli, run_cli, train_args
+
+from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, TMP_PREFIX, find_state
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 4
+STOP_AFTER = 2
+BATCH = 32
+CHECKPOINT_EVERY = 10
+KEEP_STATES = 3
+# Per-epoch results that must not depend on the restart (timings do).
+DETERMINISTIC_KEYS = ("epoch", "global_step", "train_loss", "test_loss", "test_accuracy", "test_samples",
+                      "train_samples", "world_size", "confusion_matrix")
+
+
+def load_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(output_dir / "model.pth", map_location="cpu", weights_only=True)
+
+
+def assert_bit_identical(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    differing = [key for key in expected if not torch.equal(expected[key], actual[key])]
+    assert not differing, f"tensors differ from the straight run: {differing}"
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def deterministic(records: list[dict]) -> list[dict]:
+    return [{key: record[key] for key in DETERMINISTIC_KEYS} for record in records]
+
+
+def check(result) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def plant_unfinished_state(output_dir: Path) -> Path:
+    """A full copy of the newest state under the `.tmp-` name a crash mid-save leaves, claiming a later step.
+
+    If `--resume` ever chose it, the run would skip ahead and the weights would differ from the straight run.
+    """
+    root = output_dir / STATE_DIR
+    newest = sorted(root.glob("step-*"))[-1]
+    decoy = root / f"{TMP_PREFIX}step-{10**8:09d}"
+    shutil.copytree(newest, decoy)
+    progress = json.loads((decoy / PROGRESS_FILE).read_text())
+    progress.update(epoch=EPOCHS - 1, global_step=10**8)
+    (decoy / PROGRESS_FILE).write_text(json.dumps(progress))
+    return decoy
+
+
+# ----------------------------------------------------------------------------------------------- one process
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 epochs without a stop."""
+    work = tmp_path_factory.mktemp("straight")
+    check(run_cli(train_args(data_dir, work / "out", "--epochs", EPOCHS, "--batch-size", BATCH), cwd=work))
+    return work / "out"
+
+
+@pytest.fixture(scope="module")
+def resumed_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """2 epochs, then `--epochs 4 --resume`: W&B offline, a state every 10 steps, a decoy `.tmp-` state."""
+    work = tmp_path_factory.mktemp("resumed")
+    out = work / "out"
+    args = train_args(data_dir, out, "--batch-size", BATCH, "--tracker", "wandb", "--no-progress",
+                      "--checkpoint-every", CHECKPOINT_EVERY, "--keep-states", KEEP_STATES)
+    first = run_cli([*args, "--epochs", STOP_AFTER], cwd=work)
+    check(first)
+    saved_progress = json.loads((find_state(out, "latest") / PROGRESS_FILE).read_text())
+    metrics_after_stop = read_metrics(out)
+    plant_unfinished_state(out)
+    second = run_cli([*args, "--epochs", EPOCHS, "--resume"], cwd=work)
+    check(second)
+    return {"work": work, "out": out, "saved_progress": saved_progress, "metrics_after_stop": metrics_after_stop,
+            "log": second.stdout + second.stderr}
+
+
+def test_resumed_model_is_bit_identical_to_a_straight_run(straight_run: Path, resumed_run: dict) -> None:
+    assert_bit_identical(load_weights(straight_run), load_weights(resumed_run["out"]))
+
+
+def test_resume_starts_from_the_end_of_the_second_epoch(resumed_run: dict) -> None:
+    steps_per_epoch = -(-TRAIN_SIZE // BATCH)
+    assert resumed_run["saved_progress"]["epoch"] == STOP_AFTER
+    assert resumed_run["saved_progress"]["global_step"] == STOP_AFTER * steps_per_epoch
+    assert f"step-{STOP_AFTER * steps_per_epoch:09d}" in resumed_run["log"]
+    assert len(resumed_run["metrics_after_stop"]) == STOP_AFTER
+
+
+def test_resumed_metrics_have_one_line_per_epoch_matching_the_straight_run(
+    straight_run: Path, resumed_run: dict
+) -> None:
+    straight, resumed = read_metrics(straight_run), read_metrics(resumed_run["out"])
+    assert [r["epoch"] for r in resumed] == list(range(1, EPOCHS + 1))
+    assert deterministic(resumed) == deterministic(straight)
+    # The epochs before the stop are carried over from the saved state, not re-run.
+    assert resumed[:STOP_AFTER] == resumed_run["metrics_after_stop"]
+
+
+def test_resume_continues_the_same_wandb_run(resumed_run: dict) -> None:
+    run_id = resumed_run["saved_progress"]["wandb_run_id"]
+    assert run_id
+    offline_runs = sorted(p.name for p in (resumed_run["work"] / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2, offline_runs  # one per process start...
+    assert all(name.endswith(f"-{run_id}") for name in offline_runs), (run_id, offline_runs)  # ...one run id
+    final_progress = json.loads((find_state(resumed_run["out"], "latest") / PROGRESS_FILE).read_text())
+    assert final_progress["wandb_run_id"] == run_id
+
+
+def test_keep_states_keeps_only_the_newest(resumed_run: dict) -> None:
+    steps_per_epoch = -(-TRAIN_SIZE // BATCH)
+    saved_at = set(range(CHECKPOINT_EVERY, EPOCHS * steps_per_epoch + 1, CHECKPOINT_EVERY))
+    saved_at |= {epoch * steps_per_epoch for epoch in range(1, EPOCHS + 1)}
+    newest = sorted(saved_at)[-KEEP_STATES:]
+    kept = sorted(p.name for p in (resumed_run["out"] / STATE_DIR).iterdir())
+    assert kept == [f"step-{step:09d}" for step in newest]  # the planted .tmp- state was cleared as well
+
+
+def test_resume_never_chooses_an_unfinished_state(tmp_path: Path) -> None:
+    root = tmp_path / STATE_DIR
+    for name in ("step-000000010", "step-000000020", f"{TMP_PREFIX}step-000000030"):
+        (root / name).mkdir(parents=True)
+        (root / name / PROGRESS_FILE).write_text("{}")
+    (root / "step-000000040").mkdir()  # a state directory without its progress file is not finished either
+    assert find_state(tmp_path, "latest") == root / "step-000000020"
+
+
+# ------------------------------------------------------------------------------------------- two processes
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two gloo processes: 4 straight epochs, and 2 epochs then `--epochs 4 --resume`."""
+    work = tmp_path_factory.mktemp("two-process")
+    args = ["--cpu", "--batch-size", BATCH, "--no-progress"]
+    check(launch_cli(train_args(data_dir, work / "straight", *args, "--epochs", EPOCHS), cwd=work))
+    check(launch_cli(train_args(data_dir, work / "resumed", *args, "--epochs", STOP_AFTER), cwd=work))
+    resumed = launch_cli(train_args(data_dir, work / "resumed", *args, "--epochs", EPOCHS, "--resume"), cwd=work)
+    check(resumed)
+    assert "resuming from" in resumed.stdout
+    return {"straight": work / "straight", "resumed": work / "resumed"}
+
+
+def test_two_process_resumed_model_is_bit_identical(two_process_runs: dict[str, Path]) -> None:
+    assert_bit_identical(load_weights(two_process_runs["straight"]), load_weights(two_process_runs["resumed"]))
+
+
+def test_two_process_resumed_metrics_match_the_straight_run(two_process_runs: dict[str, Path]) -> None:
+    straight, resumed = read_metrics(two_process_runs["straight"]), read_metrics(two_process_runs["resumed"])
+    assert len(resumed) == EPOCHS
+    assert deterministic(resumed) == deterministic(straight)
+    assert all(record["world_size"] == 2 and record["test_samples"] == TEST_SIZE for record in resumed)

@@ -1,0 +1,136 @@
+"""Single-process `fmnist-dist train`: it learns, records every epoch, saves weights plain PyTorch loads,
+and every option it takes (here: gradient accumulation) changes training the way it says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from conftest import run_cli, train_args
+from torchvision import datasets
+from torchvision.transforms import ToTensor
+
+from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.synthetic import write_synthetic_dataset
+
+EPOCHS = 3
+TEST_SIZE = 301
+METRIC_KEYS = {
+    "epoch", "train_loss", "test_loss", "test_accuracy", "test_samples", "train_seconds", "eval_seconds",
+    "train_samples_per_second", "world_size",
+}
+
+
+@pytest.fixture(scope="module")
+def learnable_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough synthetic images to learn from in a few seconds."""
+    root = tmp_path_factory.mktemp("learnable")
+    write_synthetic_dataset(root, train_size=2000, test_size=TEST_SIZE, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(learnable_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output directory of one single-process training run of EPOCHS epochs."""
+    output_dir = tmp_path_factory.mktemp("trained") / "out"
+    result = run_cli(train_args(learnable_data_dir, output_dir, "--epochs", str(EPOCHS), "--no-progress"),
+                     cwd=output_dir.parent)
+    assert result.returncode == 0, result.stderr
+    return output_dir
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_plain(path: Path) -> NeuralNetwork:
+    """model.pth loaded as a quickstart user would: weights only, strictly, into a fresh network."""
+    model = NeuralNetwork()
+    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"), strict=True)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_training_reaches_accuracy_far_above_chance(trained_run: Path) -> None:
+    assert read_metrics(trained_run)[-1]["test_accuracy"] > 0.6  # chance is 0.1
+
+
+@pytest.mark.slow
+def test_metrics_file_has_one_line_per_epoch_with_every_required_key(trained_run: Path) -> None:
+    records = read_metrics(trained_run)
+
+    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
+    for record in records:
+        assert METRIC_KEYS <= record.keys()
+        assert 0 <= record["test_accuracy"] <= 1
+        assert record["test_samples"] == TEST_SIZE
+        assert record["world_size"] == 1
+        assert record["train_seconds"] > 0 and record["eval_seconds"] > 0 and record["train_samples_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_saved_model_loads_with_weights_only_into_a_fresh_network(trained_run: Path) -> None:
+    model = load_plain(trained_run / "model.pth")  # raises on a missing, extra or misshapen tensor
+
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_saved_model_accuracy_matches_evaluate_and_the_last_epoch(trained_run: Path, learnable_data_dir: Path) -> None:
+    test_set = datasets.FashionMNIST(root=str(learnable_data_dir), train=False, download=False, transform=ToTensor())
+    images = torch.stack([image for image, _ in test_set])
+    with torch.no_grad():
+        predicted = load_plain(trained_run / "model.pth")(images).argmax(dim=1)
+    direct_accuracy = (predicted == test_set.targets).double().mean().item()
+
+    result = run_cli(["evaluate", "--checkpoint", trained_run / "model.pth", "--data-dir", learnable_data_dir,
+                      "--no-download", "--json"], cwd=trained_run)
+
+    assert result.returncode == 0, result.stderr
+    reported = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reported["samples"] == TEST_SIZE
+    # Equal up to float rounding: one image more or less would differ by 1/301.
+    assert reported["accuracy"] == pytest.approx(direct_accuracy, abs=1e-9)
+    assert read_metrics(trained_run)[-1]["test_accuracy"] == pytest.approx(direct_accuracy, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def even_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training set that divides evenly into batches of 16 and of 32, so every optimizer step is a full one."""
+    root = tmp_path_factory.mktemp("even")
+    write_synthetic_dataset(root, train_size=256, test_size=20, seed=2)
+    return root
+
+
+def train_weights(data_dir: Path, output_dir: Path, *flags: str) -> dict[str, torch.Tensor]:
+    """Train one epoch with `flags`; return the saved weights."""
+    result = run_cli(train_args(data_dir, output_dir, "--epochs", "1", "--no-progress", *flags), cwd=output_dir.parent)
+    assert result.returncode == 0, result.stderr
+    return torch.load(output_dir / "model.pth", weights_only=True, map_location="cpu")
+
+
+def initial_weights(seed: int) -> dict[str, torch.Tensor]:
+    """The weights `train --seed SEED` starts from."""
+    set_seed(seed)
+    return NeuralNetwork().state_dict()
+
+
+def all_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> bool:
+    return all(torch.allclose(a[key], b[key], rtol=0, atol=atol) for key in a)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_steps_like_a_batch_that_many_times_larger(even_data_dir: Path, tmp_path: Path) -> None:
+    accumulated = train_weights(even_data_dir, tmp_path / "accumulated", "--batch-size", "16",
+                                "--gradient-accumulation-steps", "2")
+    large_batch = train_weights(even_data_dir, tmp_path / "large", "--batch-size", "32")
+    small_batch = train_weights(even_data_dir, tmp_path / "small", "--batch-size", "16")
+
+    # 8 optimizer steps on 32 images each, whether the 32 come in one batch or in two accumulated ones...
+    assert all_close(accumulated, large_batch, atol=1e-6)
+    # ...and not 16 steps on 16 images each, nor the untrained weights.
+    assert not all_close(accumulated, small_batch, atol=1e-3)
+    assert not all_close(accumulated, initial_weights(seed=0), atol=1e-3)
