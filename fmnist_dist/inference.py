@@ -40,7 +40,10 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, download: bool, batch_
     with accelerator.main_process_first():
         test_set = load_split(data_dir, train=False, download=download)
     model, loader = accelerator.prepare(model, make_loader(test_set, batch_size, False, 0, False))
-    return evaluate(model, loader, accelerator)
+    try:
+        return evaluate(model, loader, accelerator)
+    finally:
+        accelerator.end_training()  # shuts the process group down; a launched process may abort at exit without
 
 
 def predict_test_images(checkpoint: Path, data_dir: Path, download: bool, indices: Sequence[int]) -> list[Prediction]:
