@@ -7,7 +7,6 @@ import pickle
 import re
 import secrets
 import stat
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO

@@ -69,7 +69,7 @@ def corrupt_data_dir(data_dir: Path, tmp_path: Path) -> Path:
 
 def train_refused(data: Path, output_dir: Path, *extra, named: tuple[str, ...] = ()) -> str:
     before = files_in(output_dir) if output_dir.exists() else None
-    result = run_cli(train_args(data, output_dir, "--epochs", "1", *extra), cwd=output_dir.parent, **QUIET)
+    result = run_cli(train_args(data, output_dir, "--epochs", "1", *extra), cwd=Path(data).parent, **QUIET)
     line = assert_refused(result.returncode, result.stdout, result.stderr, *named)
     if before is not None:
         assert files_in(output_dir) == before
@@ -256,24 +256,30 @@ def wider_hidden_layer(path: Path) -> None:
     torch.save(state, path)
 
 
+RESAVE = "torch.save(model.state_dict()"
+RETRAIN = "re-save it or train again"
+OURS = "pass a model.pth saved by fmnist-dist"
+
+
 @pytest.mark.parametrize(
-    ("make", "problem"),
+    ("make", "problem", "advice"),
     [
-        (None, "does not exist"),
-        (truncated, "truncated or corrupted"),
-        (empty, "truncated or corrupted"),
-        (not_a_checkpoint, "truncated or corrupted"),
-        (list_of_tensors, "holds a list, not a state_dict"),
-        (one_tensor, "holds a Tensor, not a state_dict"),
-        (dict_of_numbers, "not tensors: ['epoch', 'lr']"),
-        (whole_pickled_model, "refused"),
-        (other_architecture, "missing keys ['linear_relu_stack.0.bias'"),
-        (other_architecture, "unexpected keys ['1.bias', '1.weight']"),
-        (wider_hidden_layer, "shape mismatches ['linear_relu_stack.0.weight (1024, 784) vs (512, 784)']"),
+        (None, "does not exist", "train first"),
+        (truncated, "truncated or corrupted", RETRAIN),
+        (empty, "truncated or corrupted", RETRAIN),
+        (not_a_checkpoint, "truncated or corrupted", RETRAIN),
+        (list_of_tensors, "holds a list, not a state_dict", RESAVE),
+        (one_tensor, "holds a Tensor, not a state_dict", RESAVE),
+        (dict_of_numbers, "not tensors: ['epoch', 'lr']", RESAVE),
+        (whole_pickled_model, "refused", RESAVE),
+        (other_architecture, "missing keys ['linear_relu_stack.0.bias'", OURS),
+        (other_architecture, "unexpected keys ['1.bias', '1.weight']", OURS),
+        (wider_hidden_layer, "shape mismatches ['linear_relu_stack.0.weight (1024, 784) vs (512, 784)']", OURS),
     ],
 )
 def test_bad_checkpoint_is_refused(
-    make: Callable[[Path], None] | None, problem: str, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    make: Callable[[Path], None] | None, problem: str, advice: str, data_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     checkpoint = tmp_path / "model.pth"
     if make is not None:
@@ -282,7 +288,7 @@ def test_bad_checkpoint_is_refused(
     returncode = cli_returncode(["predict", "--checkpoint", str(checkpoint), "--index", "0",
                                  "--data-dir", str(data_dir), "--no-download"])
     captured = capsys.readouterr()
-    assert_refused(returncode, captured.out, captured.err, str(checkpoint), problem, "save")
+    assert_refused(returncode, captured.out, captured.err, str(checkpoint), problem, advice)
     assert files_in(tmp_path) == before
 
 
@@ -292,5 +298,5 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(data_dir: 
     torch.save(RunsCodeWhenLoaded(marker), checkpoint)
     result = run_cli(["evaluate", "--checkpoint", checkpoint, "--data-dir", data_dir, "--no-download", "--cpu"],
                      cwd=tmp_path, **QUIET)
-    assert_refused(result.returncode, result.stdout, result.stderr, str(checkpoint), "refused", "system")
+    assert_refused(result.returncode, result.stdout, result.stderr, str(checkpoint), "refused", "system", RESAVE)
     assert not marker.exists(), "loading the checkpoint ran its code"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, train_args
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args
 
 from fmnist_dist.checkpoint import atomic_write, load_model, save_state_dict
 from fmnist_dist.model import NeuralNetwork
@@ -25,6 +25,7 @@ from fmnist_dist.tracking import MetricsLog
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 HANG_LIMIT_S = 60
+QUIET = {"OMP_NUM_THREADS": "1"}  # one thread per process: faster on a small shared CPU
 
 
 def files_in(directory: Path) -> dict[str, bytes]:
@@ -37,7 +38,6 @@ def files_in(directory: Path) -> dict[str, bytes]:
 KILL_TRAIN_SIZE = 3000
 KILL_BATCH = 8
 KILL_CHECKPOINT_EVERY = 40
-STEPS_PER_EPOCH = KILL_TRAIN_SIZE // KILL_BATCH
 
 
 @pytest.fixture(scope="module")
@@ -48,43 +48,64 @@ def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def kill_args(data_dir: Path, output_dir: Path) -> list:
+def kill_args(data_dir: Path, output_dir: Path, *extra: str) -> list:
     return train_args(data_dir, output_dir, "--epochs", "2", "--batch-size", KILL_BATCH, "--no-progress",
-                      "--checkpoint-every", KILL_CHECKPOINT_EVERY)
+                      "--checkpoint-every", KILL_CHECKPOINT_EVERY, *extra)
 
 
-def start_cli(args: list, cwd: Path) -> subprocess.Popen:
-    """The CLI as one process in a session of its own (so that a kill reaches all it started)."""
-    return subprocess.Popen([sys.executable, "-m", "fmnist_dist", *map(str, args)], cwd=cwd, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+def cli_command(processes: int) -> list[str]:
+    """`python -m fmnist_dist`, or `accelerate launch` of two gloo processes."""
+    if processes == 1:
+        return [sys.executable, "-m", "fmnist_dist"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
+            "--main_process_port", str(free_port()), "-m", "fmnist_dist"]
+
+
+def run_to_end(processes: int, args: list, cwd: Path) -> None:
+    result = subprocess.run([*cli_command(processes), *map(str, args)], cwd=cwd, env=cli_env(**QUIET),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def start_in_own_session(processes: int, args: list, cwd: Path) -> subprocess.Popen:
+    """The CLI in a process group of its own, so that one killpg reaches the launcher and every rank."""
+    with (cwd / "killed.log").open("wb") as log:
+        return subprocess.Popen([*cli_command(processes), *map(str, args)], cwd=cwd, env=cli_env(**QUIET),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_for_saved_state(process: subprocess.Popen, output_dir: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not list((output_dir / STATE_DIR).glob(f"step-*/{PROGRESS_FILE}")):
-        assert process.poll() is None, f"training ended before saving a state: {process.stderr.read().decode()}"
+        assert process.poll() is None, "training ended before saving a state"
         assert time.monotonic() < deadline, "no state saved in time"
         time.sleep(0.02)
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(long_data_dir: Path, tmp_path: Path) -> None:
-    reference = run_cli(kill_args(long_data_dir, tmp_path / "reference"), cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr
+def read_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(output_dir / "model.pth", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(processes: int, long_data_dir: Path, tmp_path: Path) -> None:
+    extra = ("--cpu",) if processes > 1 else ()
+    run_to_end(processes, kill_args(long_data_dir, tmp_path / "reference", *extra), tmp_path)
 
     out = tmp_path / "killed"
-    process = start_cli(kill_args(long_data_dir, out), cwd=tmp_path)
-    wait_for_saved_state(process, out)
-    os.killpg(process.pid, signal.SIGKILL)
+    process = start_in_own_session(processes, kill_args(long_data_dir, out, *extra), tmp_path)
+    try:
+        wait_for_saved_state(process, out)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
     assert not (out / "model.pth").exists()
-    state = find_state(out, "latest")
-    progress = json.loads((state / PROGRESS_FILE).read_text())
-    assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] < STEPS_PER_EPOCH, progress
+    progress = json.loads((find_state(out, "latest") / PROGRESS_FILE).read_text())
+    steps_per_epoch = -(-KILL_TRAIN_SIZE // (KILL_BATCH * processes))
+    assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] < steps_per_epoch, progress
 
-    resumed = run_cli([*kill_args(long_data_dir, out), "--resume"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    expected = torch.load(tmp_path / "reference" / "model.pth", weights_only=True)
-    actual = torch.load(out / "model.pth", weights_only=True)
+    run_to_end(processes, kill_args(long_data_dir, out, *extra, "--resume"), tmp_path)
+    expected, actual = read_weights(tmp_path / "reference"), read_weights(out)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
     reference_metrics = MetricsLog.read(tmp_path / "reference" / "metrics.jsonl")
@@ -186,21 +207,23 @@ def test_atomic_write_keeps_an_existing_files_permissions(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_two_process_job_ends_when_one_rank_fails(data_dir: Path, tmp_path: Path) -> None:
-    """Rank 1 raises at step 3 (injected by tests/helpers/fail_on_rank.py); rank 0 must not wait forever."""
+@pytest.mark.parametrize("failing_rank", [1, 0])
+def test_two_process_job_ends_when_one_rank_fails(failing_rank: int, data_dir: Path, tmp_path: Path) -> None:
+    """One rank raises at step 3 (injected by tests/helpers/fail_on_rank.py); the other must not wait forever."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
                "--main_process_port", str(free_port()), str(HELPERS / "fail_on_rank.py"),
                *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--no-progress"))]
     start = time.monotonic()
-    process = subprocess.Popen(command, cwd=tmp_path, env=cli_env(FAIL_RANK="1", FAIL_AT_STEP="3"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = cli_env(FAIL_RANK=str(failing_rank), FAIL_AT_STEP="3", **QUIET)
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=HANG_LIMIT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
-        pytest.fail(f"the job still ran {HANG_LIMIT_S} s after rank 1 failed")
+        pytest.fail(f"the job still ran {HANG_LIMIT_S} s after rank {failing_rank} failed")
     assert process.returncode != 0
-    assert "injected failure on rank 1 at step 3" in output
+    assert f"injected failure on rank {failing_rank} at step 3" in output
     assert time.monotonic() - start < HANG_LIMIT_S
     assert not (tmp_path / "out" / "model.pth").exists()

@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import TEST_SIZE, TRAIN_SIZE, launch_cli, run_cli, train_args
 
-from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, TMP_PREFIX, find_state
+from fmnist_dist.errors import UsageError
+from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, TMP_PREFIX, complete_states, find_state
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +28,7 @@ KEEP_STATES = 3
 # Per-epoch results that must not depend on the restart (timings do).
 DETERMINISTIC_KEYS = ("epoch", "global_step", "train_loss", "test_loss", "test_accuracy", "test_samples",
                       "train_samples", "world_size", "confusion_matrix")
+QUIET = {"OMP_NUM_THREADS": "1"}  # one thread per process: faster on a small shared CPU
 
 
 def load_weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -73,7 +75,7 @@ def plant_unfinished_state(output_dir: Path) -> Path:
 def straight_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 epochs without a stop."""
     work = tmp_path_factory.mktemp("straight")
-    check(run_cli(train_args(data_dir, work / "out", "--epochs", EPOCHS, "--batch-size", BATCH), cwd=work))
+    check(run_cli(train_args(data_dir, work / "out", "--epochs", EPOCHS, "--batch-size", BATCH), work, **QUIET))
     return work / "out"
 
 
@@ -84,12 +86,12 @@ def resumed_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     out = work / "out"
     args = train_args(data_dir, out, "--batch-size", BATCH, "--tracker", "wandb", "--no-progress",
                       "--checkpoint-every", CHECKPOINT_EVERY, "--keep-states", KEEP_STATES)
-    first = run_cli([*args, "--epochs", STOP_AFTER], cwd=work)
+    first = run_cli([*args, "--epochs", STOP_AFTER], cwd=work, **QUIET)
     check(first)
     saved_progress = json.loads((find_state(out, "latest") / PROGRESS_FILE).read_text())
     metrics_after_stop = read_metrics(out)
     plant_unfinished_state(out)
-    second = run_cli([*args, "--epochs", EPOCHS, "--resume"], cwd=work)
+    second = run_cli([*args, "--epochs", EPOCHS, "--resume"], cwd=work, **QUIET)
     check(second)
     return {"work": work, "out": out, "saved_progress": saved_progress, "metrics_after_stop": metrics_after_stop,
             "log": second.stdout + second.stderr}
@@ -142,7 +144,10 @@ def test_resume_never_chooses_an_unfinished_state(tmp_path: Path) -> None:
         (root / name).mkdir(parents=True)
         (root / name / PROGRESS_FILE).write_text("{}")
     (root / "step-000000040").mkdir()  # a state directory without its progress file is not finished either
+    assert complete_states(root) == [root / "step-000000010", root / "step-000000020"]
     assert find_state(tmp_path, "latest") == root / "step-000000020"
+    with pytest.raises(UsageError, match="unfinished state"):
+        find_state(tmp_path, str(root / f"{TMP_PREFIX}step-000000030"))
 
 
 # ------------------------------------------------------------------------------------------- two processes
@@ -153,9 +158,9 @@ def two_process_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """Two gloo processes: 4 straight epochs, and 2 epochs then `--epochs 4 --resume`."""
     work = tmp_path_factory.mktemp("two-process")
     args = ["--cpu", "--batch-size", BATCH, "--no-progress"]
-    check(launch_cli(train_args(data_dir, work / "straight", *args, "--epochs", EPOCHS), cwd=work))
-    check(launch_cli(train_args(data_dir, work / "resumed", *args, "--epochs", STOP_AFTER), cwd=work))
-    resumed = launch_cli(train_args(data_dir, work / "resumed", *args, "--epochs", EPOCHS, "--resume"), cwd=work)
+    check(launch_cli(train_args(data_dir, work / "straight", *args, "--epochs", EPOCHS), work, **QUIET))
+    check(launch_cli(train_args(data_dir, work / "resumed", *args, "--epochs", STOP_AFTER), work, **QUIET))
+    resumed = launch_cli(train_args(data_dir, work / "resumed", *args, "--epochs", EPOCHS, "--resume"), work, **QUIET)
     check(resumed)
     assert "resuming from" in resumed.stdout
     return {"straight": work / "straight", "resumed": work / "resumed"}
