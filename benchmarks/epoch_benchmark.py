@@ -62,11 +62,15 @@ WARMUP_BATCHES = 100
 
 # A row's epoch function takes the epoch number and returns (seconds, samples trained).
 EpochFn = Callable[[int], tuple[float, int]]
+# A measured round: (wall seconds, samples, process CPU seconds).
+Round = tuple[float, int, float]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
         data_dir = args.data_dir or make_data(Path(tmp) / "data")
         rows = {
@@ -76,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "c. floor (preloaded tensors, permutation slices, no loader)": floor_row(data_dir, device),
         }
-        seconds = measure(rows, args.repeats, args.epochs_per_measure)
+        results = measure(rows, args.repeats, args.epochs_per_measure)
         multiprocess = None if args.skip_multiprocess else two_process_cpu(data_dir, Path(tmp) / "mp", args.repeats)
-    report = render(args, device, seconds, multiprocess)
+    report = render(args, device, results, multiprocess)
     print(report)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs-per-measure", type=int, default=1, help="epochs timed together per round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the single-process rows (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for the single-process rows (default: torch's choice); 1 is "
+                        "steadier on a machine shared with other jobs")
     parser.add_argument("--skip-multiprocess", action="store_true", help="leave out the 2-process CPU row")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="a torchvision FashionMNIST root to use instead of the synthetic set")
@@ -215,14 +222,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(rows: dict[str, EpochFn], repeats: int, epochs_per_measure: int) -> dict[str, list[tuple[float, int]]]:
+def measure(rows: dict[str, EpochFn], repeats: int, epochs_per_measure: int) -> dict[str, list[Round]]:
     """Interleaved rounds: every row once per round, `epochs_per_measure` epochs each time."""
-    results: dict[str, list[tuple[float, int]]] = {name: [] for name in rows}
+    results: dict[str, list[Round]] = {name: [] for name in rows}
     for round_ in range(repeats):
         for name, epoch_fn in rows.items():
+            cpu_start = time.process_time()
             runs = [epoch_fn(1 + round_ * epochs_per_measure + e) for e in range(epochs_per_measure)]
             seconds, samples = sum(r[0] for r in runs), sum(r[1] for r in runs)
-            results[name].append((seconds, samples))
+            results[name].append((seconds, samples, time.process_time() - cpu_start))
             print(f"round {round_ + 1}/{repeats}: {name.split(' (')[0]}: {seconds:.2f} s", file=sys.stderr)
     return results
 
@@ -251,7 +259,8 @@ def two_process_cpu(data_dir: Path, output_dir: Path, repeats: int) -> dict:
         "samples": records[0]["train_samples"],
         "samples_per_second": statistics.median(r["train_samples_per_second"] for r in records),
         "epochs": len(records),
-        "command": " ".join(command[1:]),
+        "rounds": ", ".join(f"{r['train_seconds']:.2f}" for r in records),
+        "command": "python " + " ".join(command[1:]),
     }
 
 
@@ -264,9 +273,11 @@ def free_port() -> int:
 # --- the report ----------------------------------------------------------------------------------------------
 
 def render(args: argparse.Namespace, device: torch.device, results: dict, multiprocess: dict | None) -> str:
-    medians = {name: statistics.median(s for s, _ in runs) for name, runs in results.items()}
+    medians = {name: statistics.median(run[0] for run in runs) for name, runs in results.items()}
+    cpu = {name: statistics.median(run[2] for run in runs) for name, runs in results.items()}
     samples = {name: runs[0][1] for name, runs in results.items()}
     a, b, c = medians.values()
+    ca, cb, cc = cpu.values()
     lines = [
         f"## One training epoch, batch {BATCH_SIZE} ({datetime.now():%Y-%m-%d %H:%M})",
         "",
@@ -275,26 +286,28 @@ def render(args: argparse.Namespace, device: torch.device, results: dict, multip
         f"Median of {args.repeats} interleaved rounds of {args.epochs_per_measure} epoch(s) each; "
         f"{samples[next(iter(samples))]:,} training images per epoch; SGD lr {LR}, no momentum, every row.",
         "",
-        "| row | processes | device | epoch seconds (median) | all rounds | samples/s |",
-        "|---|---|---|---|---|---|",
+        "| row | processes | device | epoch seconds (median) | all rounds | samples/s | process CPU s (median) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
-        per_epoch = [s / args.epochs_per_measure for s, _ in runs]
+        per_epoch = [run[0] / args.epochs_per_measure for run in runs]
         rounds = ", ".join(f"{s:.2f}" for s in per_epoch)
         lines.append(
             f"| {name} | 1 | {device} | {medians[name] / args.epochs_per_measure:.2f} | {rounds} | "
-            f"{samples[name] / medians[name]:,.0f} |"
+            f"{samples[name] / medians[name]:,.0f} | {cpu[name] / args.epochs_per_measure:.2f} |"
         )
     if multiprocess:
         lines.append(
             f"| 2-process CPU job (`accelerate launch`, metrics.jsonl, median of {multiprocess['epochs']} epochs "
-            f"after the first) | {multiprocess['world_size']} | cpu | {multiprocess['seconds']:.2f} | | "
-            f"{multiprocess['samples_per_second']:,.0f} |"
+            f"after the first) | {multiprocess['world_size']} | cpu | {multiprocess['seconds']:.2f} | "
+            f"{multiprocess['rounds']} | {multiprocess['samples_per_second']:,.0f} | |"
         )
     lines += [
         "",
         f"- a/b (quickstart time / fmnist-dist time): **{a / b:.2f}x**",
         f"- b/c (fmnist-dist time / floor time): **{b / c:.2f}x**",
+        f"- the same ratios in process CPU time: a/b {ca / cb:.2f}x, b/c {cb / cc:.2f}x",
+        f"- a/c (quickstart / floor) bounds a/b from above: **{a / c:.2f}x**",
     ]
     if multiprocess:
         lines.append(f"- 2-process job: `{multiprocess['command']}`")

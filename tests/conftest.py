@@ -30,7 +30,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for CLI subprocesses: W&B offline, no GPU, quiet Accelerate."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_", "RANK", "LOCAL_RANK"))}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", CUDA_VISIBLE_DEVICES="", ACCELERATE_DISABLE_RICH="1")
+    # One thread per process: two processes on two cores would otherwise fight over them.
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", CUDA_VISIBLE_DEVICES="", ACCELERATE_DISABLE_RICH="1",
+               OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 

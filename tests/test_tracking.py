@@ -101,32 +101,28 @@ def _steps_with(job: TrackedJob, key: str) -> list[int]:
     return [i for i, row in enumerate(job.history()) if key in row]
 
 
-@pytest.fixture(scope="module")
-def launched_job(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrackedJob:
-    """Two real gloo processes with W&B offline, named by the flags, storing the model, in a fresh directory."""
-    cwd = tmp_path_factory.mktemp("wandb-launch")
+def _tracked_job(runner, data_dir: Path, cwd: Path, *flags: str) -> TrackedJob:
+    """A W&B-offline training run in its own fresh working directory."""
     output_dir = cwd / "out"
-    result = launch_cli(
-        train_args(data_dir, output_dir, "--cpu", "--epochs", str(EPOCHS), "--tracker", "wandb",
-                   "--run-name", RUN_NAME, "--run-group", RUN_GROUP, "--tags", *TAGS, "--log-model"),
-        cwd,
+    result = runner(
+        train_args(data_dir, output_dir, "--cpu", "--epochs", str(EPOCHS), "--tracker", "wandb", *flags), cwd
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return TrackedJob(result, cwd, output_dir)
+
+
+@pytest.fixture(scope="module")
+def launched_job(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrackedJob:
+    """Two real gloo processes with W&B offline, named by the flags, storing the model, in a fresh directory."""
+    return _tracked_job(launch_cli, data_dir, tmp_path_factory.mktemp("wandb-launch"),
+                        "--run-name", RUN_NAME, "--run-group", RUN_GROUP, "--tags", *TAGS, "--log-model")
 
 
 @pytest.fixture(scope="module")
 def every_epoch_job(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrackedJob:
     """One process with W&B offline and `--log-samples-every-epoch`."""
-    cwd = tmp_path_factory.mktemp("wandb-every-epoch")
-    output_dir = cwd / "out"
-    result = run_cli(
-        train_args(data_dir, output_dir, "--cpu", "--epochs", str(EPOCHS), "--tracker", "wandb",
-                   "--log-samples-every-epoch"),
-        cwd,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return TrackedJob(result, cwd, output_dir)
+    return _tracked_job(run_cli, data_dir, tmp_path_factory.mktemp("wandb-every-epoch"),
+                        "--log-samples-every-epoch")
 
 
 def test_a_two_process_job_makes_exactly_one_offline_run(launched_job: TrackedJob) -> None:
