@@ -67,6 +67,12 @@ class Trainer:
         self.progress = progress
         self.metrics_log = metrics_log
         self.sample_images = sample_images
+        # DeepSpeed's and Megatron's wrappers subclass AcceleratedOptimizer and step differently: exact type only.
+        self._optimizer_wrapper_is_plain = (
+            type(optimizer) is AcceleratedOptimizer
+            and optimizer.scaler is None
+            and accelerator.distributed_type != DistributedType.XLA
+        )
         self.last_eval: EvalResult | None = None
 
     def fit(self) -> None:
@@ -122,11 +128,7 @@ class Trainer:
         optimizer's on steps that sync gradients and no-ops on accumulation steps, which is what this does.
         """
         optimizer = self.optimizer
-        # DeepSpeed's and Megatron's wrappers subclass AcceleratedOptimizer and step differently: exact type only.
-        plain = type(optimizer) is AcceleratedOptimizer and optimizer.scaler is None and (
-            self.accelerator.distributed_type != DistributedType.XLA
-        )
-        if not plain:
+        if not self._optimizer_wrapper_is_plain:
             optimizer.step()
             optimizer.zero_grad()
         elif self.accelerator.sync_gradients:
