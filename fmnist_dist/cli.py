@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from fmnist_dist import CLASSES
-from fmnist_dist.config import DEFAULT_LR, DEFAULT_MOMENTUM, TrainConfig, check_positive
+from fmnist_dist.config import (
+    DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MOMENTUM, LR_SCHEDULES, REFERENCE_BATCH_SIZE, RESUME_LATEST, TrainConfig,
+    check_positive,
+)
 from fmnist_dist.errors import UsageError
 
 USAGE_ERROR = 2
@@ -35,7 +38,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; a UsageError becomes one line on stderr and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.handler(args)
     except UsageError as error:
@@ -68,18 +73,35 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     add = parser.add_argument
     add("--epochs", type=int, default=defaults.epochs)
-    add("--batch-size", type=int, default=defaults.batch_size,
-        help="per process: N processes train on N batches per optimizer step")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=None,
+                       help=f"images per process per micro-batch (default {DEFAULT_BATCH_SIZE}); the global batch "
+                            "grows with the number of processes")
+    batch.add_argument("--global-batch-size", type=int, default=None,
+                       help="images per optimizer step across all processes and accumulation steps, split evenly: "
+                            "the same batches on any number of processes")
     add("--eval-batch-size", type=int, default=defaults.eval_batch_size, help="per process, for evaluation")
     add("--lr", type=float, default=DEFAULT_LR, help=f"SGD learning rate (default {DEFAULT_LR}; the tutorial's is 1e-3)")
     add("--momentum", type=float, default=DEFAULT_MOMENTUM, help=f"default {DEFAULT_MOMENTUM}; the tutorial's is 0")
     add("--weight-decay", type=float, default=defaults.weight_decay)
-    add("--scale-lr", action="store_true", help="multiply --lr by the number of processes")
+    add("--scale-lr", action="store_true",
+        help=f"linear scaling rule: multiply --lr by global batch size / {REFERENCE_BATCH_SIZE} (with a warm-up)")
+    add("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
+        help="after the warm-up: constant, cosine (CosineAnnealingLR to 0) or onecycle (OneCycleLR)")
+    warmup = parser.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                        help="optimizer steps of linear warm-up from lr/100 to lr")
+    warmup.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs,
+                        help="linear warm-up over this many epochs (fractions allowed)")
     add("--seed", type=int, default=defaults.seed, help="initial weights and the shuffling of every epoch")
+    add("--threads", type=int, default=None,
+        help="CPU threads per process (default: the node's cores divided by its processes)")
     add("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
     add("--data-on-device", choices=("auto", "on", "off"), default=defaults.data_on_device,
         help="keep the dataset on the accelerator (auto: on for GPUs, off for the CPU)")
     add("--output-dir", type=Path, default=defaults.output_dir, help="model.pth, metrics.jsonl, plots, states")
+    add("--overwrite", action="store_true",
+        help="start afresh in an --output-dir that holds an earlier run (its states, metrics and model are replaced)")
     add("--cpu", action="store_true", help="train on the CPU (gloo across processes) even with a GPU")
     add("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
         help="default: what `accelerate config`/`accelerate launch` says")
@@ -89,8 +111,9 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
         help="also save a resumable state every N steps (0: only at the end of each epoch)")
     add("--keep-states", type=int, default=defaults.keep_states, help="how many saved states to keep")
-    add("--resume", nargs="?", const="latest", default=None, metavar="STATE_DIR",
-        help="continue from the newest state in --output-dir, or from STATE_DIR")
+    add("--resume", nargs="?", const=RESUME_LATEST, default=None, metavar="auto|STATE_DIR",
+        help="continue from the newest state in --output-dir, or from STATE_DIR; `--resume auto` also starts "
+             "afresh when there is no state (the same command for the first start and every restart)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar (one line per epoch stays)")
     add("--tracker", choices=("wandb", "none"), default=defaults.tracker)
     add("--wandb-project", default=defaults.wandb_project)
@@ -139,8 +162,19 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{**fields, "tags": tuple(args.tags)})  # a bad value fails here, before the slow imports
     from fmnist_dist.job import run_training  # heavy imports only for the commands that need them
 
-    run_training(cfg)
+    run_training(cfg, given_flags(args.argv))
     return 0
+
+
+def given_flags(argv: Sequence[str]) -> frozenset[str]:
+    """The `train` settings written on this command line (a resumed run takes the others from its state)."""
+    parser = OneLineErrorParser(prog="fmnist-dist train")
+    _add_train(parser)
+    not_given = object()  # not a string: argparse would run a string default through the flag's type
+    parser.set_defaults(**dict.fromkeys(TrainConfig.__dataclass_fields__, not_given))
+    subcommand_args = list(argv)[list(argv).index("train") + 1:]
+    given = {k for k, v in vars(parser.parse_args(subcommand_args)).items() if v is not not_given}
+    return frozenset(given & TrainConfig.__dataclass_fields__.keys())
 
 
 def _evaluate(args: argparse.Namespace) -> int:

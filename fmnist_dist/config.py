@@ -2,36 +2,60 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fmnist_dist.errors import UsageError
 
 # Defaults that learn well in 5 epochs. The quickstart's lr 1e-3 without momentum moves ~100x slower;
-# `--lr 1e-3 --momentum 0` reproduces it exactly (README, "Reproducing the tutorial").
+# `--lr 1e-3 --momentum 0 --lr-schedule constant` reproduces it exactly (README, "Reproducing the tutorial").
 DEFAULT_LR = 0.02
 DEFAULT_MOMENTUM = 0.9
+DEFAULT_BATCH_SIZE = 64  # per process, when neither --batch-size nor --global-batch-size is given
+# --scale-lr's linear scaling rule (Goyal et al. 2017, arXiv:1706.02677): --lr is the rate for a global batch
+# of this many images, and a global batch k times larger trains at k times the rate, after a warm-up.
+REFERENCE_BATCH_SIZE = 64
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+RESUME_AUTO = "auto"  # continue from the newest state if there is one, else start fresh
+RESUME_LATEST = "latest"  # continue from the newest state; refuse if there is none
+# torch.Generator seeds are 64-bit; the shuffle seed is derived from (seed, epoch), so a seed fits in 32 bits.
+MAX_SEED = 2**32 - 1
+
+# Settings of one invocation, never carried over from a saved state to a resumed run.
+PER_INVOCATION = frozenset({"resume", "overwrite", "output_dir", "progress", "cpu", "num_workers", "data_on_device",
+                            "download", "threads"})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything `fmnist-dist train` needs. `--batch-size` is per process."""
+    """Everything `fmnist-dist train` needs.
+
+    `batch_size` is per process and per micro-batch; `global_batch_size` is the images of one optimizer step
+    across all processes and accumulation steps. At most one of them is set; with neither, the batch is
+    DEFAULT_BATCH_SIZE per process.
+    """
 
     data_dir: Path = Path("data")
     download: bool = True
     epochs: int = 5
-    batch_size: int = 64
+    batch_size: int | None = None
+    global_batch_size: int | None = None
     eval_batch_size: int = 1000
     lr: float = DEFAULT_LR
     momentum: float = DEFAULT_MOMENTUM
     weight_decay: float = 0.0
     scale_lr: bool = False
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
     seed: int = 0
     num_workers: int = 0
     data_on_device: str = "auto"
     output_dir: Path = Path("checkpoints")
+    overwrite: bool = False
     cpu: bool = False
+    threads: int | None = None
     mixed_precision: str | None = None
     gradient_accumulation_steps: int | None = None
     log_every: int = 50
@@ -49,21 +73,71 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_positive("--epochs", self.epochs)
-        check_positive("--batch-size", self.batch_size)
+        for flag, value in (("--batch-size", self.batch_size), ("--global-batch-size", self.global_batch_size),
+                            ("--gradient-accumulation-steps", self.gradient_accumulation_steps)):
+            if value is not None:
+                check_positive(flag, value)
+        if self.batch_size is not None and self.global_batch_size is not None:
+            raise UsageError("--batch-size (per process) and --global-batch-size (all processes) exclude each "
+                             "other; pass only one of them")
         check_positive("--eval-batch-size", self.eval_batch_size)
         check_positive("--lr", self.lr)
         check_positive("--log-every", self.log_every)
         check_positive("--keep-states", self.keep_states)
-        if self.gradient_accumulation_steps is not None:
-            check_positive("--gradient-accumulation-steps", self.gradient_accumulation_steps)
         check_at_least_zero("--momentum", self.momentum)
         check_at_least_zero("--weight-decay", self.weight_decay)
         check_at_least_zero("--num-workers", self.num_workers)
+        if self.threads is not None:
+            check_positive("--threads", self.threads)
         check_at_least_zero("--checkpoint-every", self.checkpoint_every)
+        check_at_least_zero("--warmup-steps", self.warmup_steps)
+        check_at_least_zero("--warmup-epochs", self.warmup_epochs)
+        if self.warmup_steps and self.warmup_epochs:
+            raise UsageError("--warmup-steps and --warmup-epochs exclude each other; pass only one of them")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be between 0 and {MAX_SEED} (got {self.seed}); pass a seed in range")
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step (1 unless --gradient-accumulation-steps says otherwise)."""
+        return self.gradient_accumulation_steps or 1
 
     def to_log(self) -> dict[str, Any]:
         """The settings as plain values, for W&B and the saved training state."""
         return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+
+    def resumed_from(self, saved: dict[str, Any], given: frozenset[str]) -> tuple[TrainConfig, dict[str, tuple]]:
+        """This invocation's settings for a resumed run: the saved ones, except the flags given now.
+
+        Args:
+            saved: `to_log()` of the run being resumed.
+            given: the fields set explicitly on this command line.
+
+        Returns:
+            The merged settings, and `{field: (saved value, new value)}` for every saved setting that changes.
+        """
+        names = {f.name for f in fields(self)}
+        carried = {k: v for k, v in saved.items() if k in names and k not in given and k not in PER_INVOCATION}
+        # The two batch flags exclude each other: the one given now replaces the saved one.
+        for one, other in (("batch_size", "global_batch_size"), ("global_batch_size", "batch_size")):
+            if one in given and getattr(self, one) is not None:
+                carried.pop(other, None)
+        carried = {k: _from_log(k, v) for k, v in carried.items()}
+        merged = replace(self, **carried)
+        changed = {k: (saved[k], v) for k, v in merged.to_log().items()
+                   if k in saved and k not in PER_INVOCATION and saved[k] != v}
+        return merged, changed
+
+
+def _from_log(name: str, value: Any) -> Any:
+    """A saved (JSON) setting back in its field's type."""
+    if name == "data_dir":
+        return Path(value)
+    if name == "tags":
+        return tuple(value)
+    return value
 
 
 def check_positive(flag: str, value: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from accelerate.utils import parse_flag_from_env, set_seed
 
 import fmnist_dist
 from fmnist_dist.checkpoint import save_state_dict
-from fmnist_dist.config import TrainConfig
+from fmnist_dist.config import DEFAULT_BATCH_SIZE, TrainConfig
 from fmnist_dist.data import first_images, is_on_device, load_split, make_loader, place_on_device
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.model import NeuralNetwork
@@ -38,8 +39,9 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 SAMPLE_IMAGES = 32
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Train as `cfg` says; return the final epoch's metrics (on every process)."""
+    cfg = replace(cfg, batch_size=cfg.batch_size or DEFAULT_BATCH_SIZE)  # interim, until the global batch plan
     check_output_dir(cfg.output_dir)
     accelerator = build_accelerator(cfg)
     check_all_processes_joined(accelerator)
