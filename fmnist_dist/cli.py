@@ -24,6 +24,7 @@ from fmnist_dist.config import (
     check_positive,
 )
 from fmnist_dist.errors import UsageError
+from fmnist_dist.preemption import PREEMPTED_EXIT_CODE, TrainingStopped
 
 USAGE_ERROR = 2
 
@@ -37,7 +38,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; a UsageError becomes one line on stderr and exit code 2."""
+    """Run one subcommand; a UsageError becomes one line on stderr and exit code 2, a requested stop exit 75."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
@@ -46,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         _report(str(error))
         return USAGE_ERROR
+    except TrainingStopped as stopped:
+        if _is_main_process():
+            print(f"fmnist-dist: {stopped}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         _report("interrupted; with saved states, `fmnist-dist train --resume` continues the run")
         return 130

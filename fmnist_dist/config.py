@@ -23,8 +23,9 @@ RESUME_LATEST = "latest"  # continue from the newest state; refuse if there is n
 MAX_SEED = 2**32 - 1
 
 # Settings of one invocation, never carried over from a saved state to a resumed run.
+# Mixed precision is among them because what a device can run depends on the machine the run continues on.
 PER_INVOCATION = frozenset({"resume", "overwrite", "output_dir", "progress", "cpu", "num_workers", "data_on_device",
-                            "download", "threads"})
+                            "download", "threads", "mixed_precision"})
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class TrainConfig:
         carried = {k: _from_log(k, v) for k, v in carried.items()}
         merged = replace(self, **carried)
         changed = {k: (saved[k], v) for k, v in merged.to_log().items()
-                   if k in saved and k not in PER_INVOCATION and saved[k] != v}
+                   if k in saved and k not in PER_INVOCATION and _from_log(k, saved[k]) != getattr(merged, k)}
         return merged, changed
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
@@ -112,15 +112,22 @@ def _download(data_dir: Path) -> None:
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader for `dataset`; stacked batches come straight from `__getitems__` when it has one."""
-    batched = hasattr(dataset, "__getitems__")
+    return _loader(dataset, num_workers, pin_memory, batch_size=batch_size, shuffle=shuffle)
+
+
+def ordered_loader(dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over `dataset` in the batches of indices that `batch_sampler` yields."""
+    return _loader(dataset, num_workers, pin_memory, batch_sampler=batch_sampler)
+
+
+def _loader(dataset: Dataset, num_workers: int, pin_memory: bool, **batching) -> DataLoader:
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        collate_fn=keep_batch if batched else None,
+        collate_fn=keep_batch if hasattr(dataset, "__getitems__") else None,
+        **batching,
     )
 
 
@@ -140,14 +147,3 @@ def is_on_device(dataset: Dataset) -> bool:
 def first_images(dataset: Dataset, count: int) -> torch.Tensor:
     """The first `count` images of a split, as one CPU batch (for showing predictions)."""
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))]).cpu()
-
-
-def real_batch_size(step: int, batch_size: int, dataset_size: int, num_processes: int, process_index: int) -> int:
-    """How many samples of this process's batch number `step` are real rather than padding.
-
-    Accelerate deals batches round-robin (step k, process p gets the k*N+p-th batch of the epoch's order) and
-    fills the last round with samples from the start of the epoch so every process gets a full batch.
-    Samples past the dataset's end are those duplicates; training ignores them, so each sample counts once.
-    """
-    start = (step * num_processes + process_index) * batch_size
-    return max(0, min(batch_size, dataset_size - start))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,25 @@ import torch
 import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import parse_flag_from_env, set_seed
+from torch.utils.data import DataLoader
 
 import fmnist_dist
 from fmnist_dist.checkpoint import save_state_dict
-from fmnist_dist.config import DEFAULT_BATCH_SIZE, TrainConfig
-from fmnist_dist.data import first_images, is_on_device, load_split, make_loader, place_on_device
+from fmnist_dist.config import TrainConfig
+from fmnist_dist.data import first_images, is_on_device, load_split, make_loader, ordered_loader, place_on_device
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.model import NeuralNetwork
 from fmnist_dist.plots import plot_run
-from fmnist_dist.state import Progress, clear_states, find_state, load_training_state
+from fmnist_dist.position import BatchPlan, steps_per_epoch
+from fmnist_dist.preemption import StopRequest, TrainingStopped
+from fmnist_dist.resume import check_resumable, describe_resume, plan_start, record_setup
+from fmnist_dist.sampling import GlobalOrderBatchSampler
+from fmnist_dist.schedule import build_scheduler, peak_lr
+from fmnist_dist.state import restore_state
 from fmnist_dist.tracking import (
-    WANDB, MetricsLog, choose_wandb_mode, finish_run, log_model_artifact, start_run,
+    WANDB, MetricsLog, choose_wandb_mode, finish_run, log_model_artifact, mark_preempting, start_run,
 )
-from fmnist_dist.training import Trainer, output_paths
+from fmnist_dist.training import Trainer, TrainingData, output_paths
 
 # A process that loses its peers fails its next collective after this long instead of waiting forever.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -40,32 +45,65 @@ SAMPLE_IMAGES = 32
 
 
 def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Train as `cfg` says; return the final epoch's metrics (on every process)."""
-    cfg = replace(cfg, batch_size=cfg.batch_size or DEFAULT_BATCH_SIZE)  # interim, until the global batch plan
+    """Train as `cfg` says; return the final epoch's metrics (on every process).
+
+    Args:
+        given: the settings written on the command line; a resumed run takes the others from its state.
+
+    Raises:
+        UsageError: bad settings, data or state; or training diverged.
+        TrainingStopped: a stop signal arrived; a state was saved where every process stopped.
+    """
+    stop = StopRequest().install()
+    try:
+        return _train(cfg, given, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest) -> dict[str, Any]:
     check_output_dir(cfg.output_dir)
+    start = plan_start(cfg, given)  # a resumed run's settings decide everything below, the Accelerator included
+    cfg, progress = start.cfg, start.progress
     accelerator = build_accelerator(cfg)
     check_all_processes_joined(accelerator)
-    accelerator.print(describe_setup(accelerator))
     set_seed(cfg.seed)  # the same initial weights on every process, and reproducible ones
     train_set, test_set = load_datasets(cfg, accelerator)
+    plan = BatchPlan.from_config(cfg, accelerator.num_processes)
+    check_resumable(start, len(train_set))
+    accelerator.print(describe_setup(accelerator, plan))
+    if start.state_dir is not None:
+        accelerator.print(describe_resume(start, plan))
+    record_setup(progress, plan, len(train_set))
     model = NeuralNetwork()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=effective_lr(cfg, accelerator), momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sampler = GlobalOrderBatchSampler(len(train_set), plan.micro_batch, cfg.seed)
     model, optimizer, train_loader, test_loader = accelerator.prepare(
-        model, optimizer, loader_for(train_set, cfg, cfg.batch_size, True), loader_for(test_set, cfg, cfg.eval_batch_size, False)
+        model, optimizer, train_loader_for(train_set, cfg, sampler), test_loader_for(test_set, cfg, plan.processes)
     )
-    progress = start_progress(cfg, accelerator)
+    if start.state_dir is not None:
+        restore_state(accelerator, start.state_dir)
+        set_hyperparameters(optimizer, cfg)  # flags given now override the restored optimizer's
+    scheduler = accelerator.prepare(build_scheduler(
+        optimizer.optimizer, cfg, plan.global_batch, steps_per_epoch(plan.global_batch, len(train_set)),
+        progress.position.schedule_step(plan.global_batch, len(train_set)),
+    ))
     paths = output_paths(cfg.output_dir)
     progress.wandb_run_id = start_run(
-        accelerator, cfg.wandb_project, run_config(cfg, accelerator), wandb_init_kwargs(cfg, progress.wandb_run_id)
+        accelerator, cfg.wandb_project, run_config(cfg, accelerator, plan), wandb_init_kwargs(cfg, progress.wandb_run_id)
     ) or progress.wandb_run_id
-    trainer = Trainer(cfg, accelerator, model, optimizer, train_loader, test_loader, len(train_set), progress,
-                      MetricsLog(paths["metrics"], progress.metrics), first_images(test_set, SAMPLE_IMAGES))
-    trainer.fit()
-    save_final_model(accelerator, model, paths["model"])
-    report_results(cfg, accelerator, trainer, paths)
-    finish_run(accelerator)
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, TrainingData(train_loader, sampler, plan, len(train_set)),
+                      test_loader, progress, MetricsLog(paths["metrics"], progress.metrics),
+                      first_images(test_set, SAMPLE_IMAGES), stop)
+    try:
+        trainer.fit()
+        save_final_model(accelerator, model, paths["model"])
+        report_results(cfg, accelerator, trainer, paths)
+    except TrainingStopped:
+        mark_preempting(accelerator)
+        raise
+    finally:
+        finish_run(accelerator)
     return progress.metrics[-1]
 
 
@@ -82,21 +120,24 @@ def check_output_dir(output_dir: Path) -> None:
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The job's Accelerator; mixed precision and accumulation come from flags, else from `accelerate launch`."""
+    """The job's Accelerator; mixed precision comes from the flag, else from `accelerate launch`.
+
+    Gradient accumulation is the Trainer's own (each step's gradient is the mean over exactly its images, also
+    for an epoch's short last step), so Accelerate's stays at 1.
+    """
     if cfg.tracker == WANDB:
         choose_wandb_mode()
-    options: dict[str, Any] = {}
-    if cfg.gradient_accumulation_steps is not None:
-        options["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     return Accelerator(
         cpu=wants_cpu(cfg.cpu),
         mixed_precision=cfg.mixed_precision,
         log_with=WANDB if cfg.tracker == WANDB else None,
         project_dir=str(cfg.output_dir),
-        # A seedable sampler shuffles by (seed + epoch): every epoch differs, every rerun and resume repeats it.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # The samplers yield global batches and Accelerate gives each process its slice of every one, so the
+        # images of an optimizer step do not depend on the number of processes.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # One schedule step per optimizer step (without this, Accelerate steps it once per process).
+        step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
-        **options,
     )
 
 
@@ -116,12 +157,13 @@ def check_all_processes_joined(accelerator: Accelerator) -> None:
         )
 
 
-def describe_setup(accelerator: Accelerator) -> str:
-    """The line the main process prints once: device, process count, backend, precision."""
+def describe_setup(accelerator: Accelerator, plan: BatchPlan) -> str:
+    """The line the main process prints once: device, process count, backend, precision, how a batch is split."""
     return (
         f"fmnist-dist: {accelerator.num_processes} process(es) on {accelerator.device} "
-        f"({accelerator.distributed_type.value}, mixed precision: {accelerator.mixed_precision}, "
-        f"gradient accumulation: {accelerator.gradient_accumulation_steps})"
+        f"({accelerator.distributed_type.value}, mixed precision: {accelerator.mixed_precision}, global batch "
+        f"{plan.global_batch} = {plan.processes} process(es) x {plan.per_process} images x "
+        f"{plan.accumulation} accumulation step(s))"
     )
 
 
@@ -134,47 +176,37 @@ def load_datasets(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
             place_on_device(test_set, accelerator, cfg.data_on_device))
 
 
-def loader_for(dataset, cfg: TrainConfig, batch_size: int, shuffle: bool):
-    """A loader with the user's workers and pinned memory, unless the data already lives on the device."""
+def train_loader_for(train_set, cfg: TrainConfig, sampler: GlobalOrderBatchSampler) -> DataLoader:
+    """The training loader, in the sampler's global batches (Accelerate gives each process its slice)."""
+    return ordered_loader(train_set, sampler, **_loading_options(train_set, cfg))
+
+
+def test_loader_for(test_set, cfg: TrainConfig, processes: int) -> DataLoader:
+    """The test set in order, `--eval-batch-size` images per process per batch."""
+    return make_loader(test_set, cfg.eval_batch_size * processes, False, **_loading_options(test_set, cfg))
+
+
+def _loading_options(dataset, cfg: TrainConfig) -> dict[str, Any]:
+    """The user's workers and pinned memory, unless the data already lives on the device."""
     on_device = is_on_device(dataset)
-    return make_loader(
-        dataset, batch_size, shuffle,
-        num_workers=0 if on_device else cfg.num_workers,
-        pin_memory=not on_device and torch.cuda.is_available() and not cfg.cpu,
-    )
+    return {"num_workers": 0 if on_device else cfg.num_workers,
+            "pin_memory": not on_device and torch.cuda.is_available() and not cfg.cpu}
 
 
-def effective_lr(cfg: TrainConfig, accelerator: Accelerator) -> float:
-    """`--lr`, times the process count with `--scale-lr` (each process adds a batch to every step)."""
-    return cfg.lr * accelerator.num_processes if cfg.scale_lr else cfg.lr
+def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Give a restored optimizer this run's momentum and weight decay (the schedule sets its rate)."""
+    for group in optimizer.param_groups:
+        group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def start_progress(cfg: TrainConfig, accelerator: Accelerator) -> Progress:
-    """A fresh start (forgetting an earlier run's states), or the progress of the state `--resume` names."""
-    if cfg.resume is None:
-        if accelerator.is_main_process:
-            clear_states(cfg.output_dir)
-        accelerator.wait_for_everyone()
-        return Progress(world_size=accelerator.num_processes, batch_size=cfg.batch_size)
-    state_dir = find_state(cfg.output_dir, cfg.resume)
-    progress = load_training_state(accelerator, state_dir)
-    accelerator.print(f"fmnist-dist: resuming from {state_dir} (epoch {progress.epoch + 1}, step {progress.global_step})")
-    if (progress.world_size, progress.batch_size) != (accelerator.num_processes, cfg.batch_size):
-        accelerator.print(
-            f"fmnist-dist: warning: the state was saved with {progress.world_size} process(es) at batch size "
-            f"{progress.batch_size}; continuing with {accelerator.num_processes} at {cfg.batch_size} changes the "
-            "data order, so the result will differ from an uninterrupted run"
-        )
-    return progress
-
-
-def run_config(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
-    """Everything that defines the run, for W&B: settings, world size, device and versions."""
+def run_config(cfg: TrainConfig, accelerator: Accelerator, plan: BatchPlan) -> dict[str, Any]:
+    """Everything that defines the run, for W&B: settings, world size, batch split, device and versions."""
     return {
         **cfg.to_log(),
-        "effective_lr": effective_lr(cfg, accelerator),
+        "peak_lr": peak_lr(cfg, plan.global_batch),
         "world_size": accelerator.num_processes,
-        "global_batch_size": cfg.batch_size * accelerator.num_processes,
+        "global_batch_size": plan.global_batch,
+        "per_process_batch_size": plan.per_process,
         "device": str(accelerator.device),
         "distributed_type": accelerator.distributed_type.value,
         "mixed_precision": accelerator.mixed_precision,

@@ -15,7 +15,9 @@ from typing import Any
 from accelerate import Accelerator
 
 from fmnist_dist.checkpoint import atomic_write
+from fmnist_dist.config import RESUME_AUTO, RESUME_LATEST
 from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.position import TrainingPosition
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
@@ -25,23 +27,43 @@ TMP_PREFIX = ".tmp-"
 
 @dataclass
 class Progress:
-    """Where the loop stands: the epoch under way and how many of its batches are done, and what to carry on."""
+    """What a state holds besides Accelerate's objects: the position, the epoch's totals and the run's record.
 
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
+    Attributes:
+        position: where training stands (epoch, images of its global order trained, optimizer steps).
+        epoch_loss_sum, epoch_samples: summed training loss and image count of the epoch so far, over all
+            processes (so a resumed run reports the same epoch loss as an uninterrupted one).
+        dataset_size: training images; a state resumes only on the same training set.
+        world_size, per_process_batch, global_batch_size: how the run that saved it was split.
+        config: the run's settings (`TrainConfig.to_log()`), the defaults of a resumed run.
+        wandb_run_id: the W&B run to continue.
+        metrics: the records of the finished epochs.
+    """
+
+    position: TrainingPosition = field(default_factory=TrainingPosition)
     epoch_loss_sum: float = 0.0
     epoch_samples: int = 0
-    wandb_run_id: str | None = None
+    dataset_size: int = 0
     world_size: int = 1
-    batch_size: int = 0
+    per_process_batch: int = 0
+    global_batch_size: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    wandb_run_id: str | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def global_step(self) -> int:
+        return self.position.global_step
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Progress:
+        """The progress a state's `progress.json` holds."""
+        return cls(**{**saved, "position": TrainingPosition(**saved["position"])})
 
     def finish_epoch(self, record: dict[str, Any]) -> None:
         """Move on to the next epoch after `record`, the finished epoch's metrics."""
         self.metrics.append(record)
-        self.epoch += 1
-        self.step_in_epoch = 0
+        self.position.next_epoch()
         self.epoch_loss_sum = 0.0
         self.epoch_samples = 0
 
@@ -67,35 +89,59 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
     return final
 
 
-def find_state(output_dir: Path, resume: str) -> Path:
-    """The state to resume from: `resume` itself if it is a state directory, else the newest in the output dir."""
-    if resume != "latest":
-        path = Path(resume)
-        if path.name.startswith(TMP_PREFIX):
-            raise UsageError(f"--resume {path}: an unfinished state (its save was interrupted); pass a step-* dir")
-        if not (path / PROGRESS_FILE).is_file():
-            raise UsageError(f"--resume {path}: not a saved training state (no {PROGRESS_FILE}); pass a state dir")
+def find_state(output_dir: Path, resume: str) -> Path | None:
+    """The state to resume from: `resume` itself if it names a state, else the newest in the output dir.
+
+    Returns None for `--resume auto` when the output dir holds no state yet (a fresh start).
+
+    Raises:
+        UsageError: `resume` names no complete state, or `--resume` finds none; the message lists those there are.
+    """
+    root = Path(output_dir) / STATE_DIR
+    if resume not in (RESUME_AUTO, RESUME_LATEST):
+        return _named_state(Path(resume), root)
+    states = complete_states(root)
+    if states or resume == RESUME_AUTO:
+        return states[-1] if states else None
+    raise UsageError(
+        f"--resume: no saved training state in {root}; train without --resume first (or use --resume auto), "
+        "or pass --output-dir of the run to continue"
+    )
+
+
+def _named_state(path: Path, root: Path) -> Path:
+    if (path / PROGRESS_FILE).is_file():
         return path
-    states = complete_states(Path(output_dir) / STATE_DIR)
-    if not states:
-        raise UsageError(
-            f"--resume: no saved training state in {Path(output_dir) / STATE_DIR}; "
-            "train without --resume first, or pass --output-dir of the run to continue"
-        )
-    return states[-1]
+    if path.name.startswith(TMP_PREFIX):
+        problem = "is an unfinished state (its save was interrupted)"
+    elif not path.exists():
+        problem = "does not exist"
+    else:
+        problem = f"is not a saved training state (no {PROGRESS_FILE})"
+    states = complete_states(root)
+    choices = f"states in {root}: {', '.join(p.name for p in states)}" if states else f"there is no state in {root}"
+    raise UsageError(f"--resume {path} {problem}; {choices} (or pass --resume to take the newest)")
 
 
-def load_training_state(accelerator: Accelerator, state_dir: Path) -> Progress:
-    """Restore model, optimizer and RNG states from `state_dir` (all processes call this); return its progress."""
+def read_progress(state_dir: Path) -> Progress:
+    """The progress saved in a state's progress.json (model and optimizer are restored by `restore_state`)."""
     try:
-        progress = Progress(**json.loads((state_dir / PROGRESS_FILE).read_text()))
+        return Progress.from_dict(json.loads((state_dir / PROGRESS_FILE).read_text()))
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign file fails in json or in Progress
+        raise UsageError(_unreadable(state_dir, error)) from error
+
+
+def restore_state(accelerator: Accelerator, state_dir: Path) -> None:
+    """Restore the prepared model and optimizer and the RNG states from `state_dir` (all processes call this)."""
+    try:
         accelerator.load_state(str(state_dir))
-    except Exception as error:  # noqa: BLE001 - damaged files fail in json, safetensors, torch or pickle readers
-        raise UsageError(
-            f"--resume: the state {state_dir} cannot be read ({type(error).__name__}: {first_line(error)}); "
-            "pass an earlier state with --resume STATE_DIR, or train again without --resume"
-        ) from error
-    return progress
+    except Exception as error:  # noqa: BLE001 - damaged files fail in safetensors, torch or pickle readers
+        raise UsageError(_unreadable(state_dir, error)) from error
+
+
+def _unreadable(state_dir: Path, error: BaseException) -> str:
+    return (f"--resume: the state {state_dir} cannot be read ({type(error).__name__}: {first_line(error)}); "
+            "pass an earlier state with --resume STATE_DIR, or start afresh with --overwrite")
 
 
 def complete_states(root: Path) -> list[Path]:

@@ -149,6 +149,14 @@ def log_model_artifact(accelerator: Accelerator, path: Path) -> None:
         _warn(f"W&B could not store {path} as an artifact ({first_line(error)})")
 
 
+def mark_preempting(accelerator: Accelerator) -> None:
+    """Tell W&B the run stopped to be resumed (it shows as preempted, not failed or finished)."""
+    run = wandb_run(accelerator)
+    if run is not None:
+        with contextlib.suppress(Exception):  # tracking never fails training; the run is closed next anyway
+            run.mark_preempting()
+
+
 def finish_run(accelerator: Accelerator) -> None:
     """Close the run (on every process: Accelerate makes it a no-op where no tracker runs)."""
     try:

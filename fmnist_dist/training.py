@@ -1,7 +1,14 @@
-"""The training loop: one Trainer that runs epochs, evaluates, records metrics and saves resumable state."""
+"""The training loop: one Trainer that runs epochs, evaluates, records metrics and saves resumable state.
+
+Each optimizer step trains the next global batch of the epoch's order (`position.BatchPlan` splits it over
+processes and accumulation micro-batches); its gradient is the mean over exactly those images, also for the
+short last step of an epoch. Every few steps the processes agree on whether to stop (a signal) or whether
+training diverged, so a stop happens at the same step everywhere and nothing non-finite is ever saved.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,16 +17,24 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fmnist_dist.config import TrainConfig
-from fmnist_dist.data import real_batch_size
+from fmnist_dist.errors import UsageError
 from fmnist_dist.evaluation import EvalResult, evaluate
-from fmnist_dist.progress import progress_bar, set_postfix
+from fmnist_dist.position import BatchPlan
+from fmnist_dist.preemption import StopRequest, TrainingStopped
+from fmnist_dist.progress import progress_bar
+from fmnist_dist.sampling import GlobalOrderBatchSampler
 from fmnist_dist.state import Progress, save_training_state
 from fmnist_dist.tracking import MetricsLog, log_predictions, log_values
+
+# Optimizer steps between the processes' agreement on stopping (one tiny all-reduce): a signal is acted on
+# within this many steps, and a fast run pays for one collective per this many steps, not per step.
+STOP_CHECK_EVERY = 20
 
 
 @dataclass(frozen=True)
@@ -31,17 +46,28 @@ class EpochStats:
     seconds: float
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The prepared training loader, the sampler that orders it, and its plan and size."""
+
+    loader: DataLoader
+    sampler: GlobalOrderBatchSampler
+    plan: BatchPlan
+    size: int
+
+
 class Trainer:
     """Trains the prepared model for `cfg.epochs` epochs from `progress`, evaluating after each epoch.
 
     Args:
         cfg: the job's settings.
         accelerator: the Accelerator that prepared the objects below.
-        model, optimizer, train_loader, test_loader: returned by `accelerator.prepare`.
-        train_size: images in the training set (to tell real samples from Accelerate's padding).
-        progress: where to start (a fresh Progress, or one restored by `--resume`).
+        model, optimizer, scheduler, test_loader: returned by `accelerator.prepare`.
+        train: the prepared training loader with its sampler, batch plan and dataset size.
+        progress: where to start (fresh, or restored by `--resume`); updated as training goes.
         metrics_log: the metrics file, written by the main process.
         sample_images: a few test images (the first ones) to show with their predictions on W&B.
+        stop: the stop signals' record.
     """
 
     def __init__(
@@ -50,111 +76,178 @@ class Trainer:
         accelerator: Accelerator,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        train_loader: DataLoader,
+        scheduler: AcceleratedScheduler,
+        train: TrainingData,
         test_loader: DataLoader,
-        train_size: int,
         progress: Progress,
         metrics_log: MetricsLog,
         sample_images: torch.Tensor,
+        stop: StopRequest,
     ) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
-        self.train_loader = train_loader
+        self.scheduler = scheduler
+        self.train = train
         self.test_loader = test_loader
-        self.train_size = train_size
         self.progress = progress
+        self.position = progress.position
         self.metrics_log = metrics_log
         self.sample_images = sample_images
+        self.stop = stop
         # DeepSpeed's and Megatron's wrappers subclass AcceleratedOptimizer and step differently: exact type only.
         self._optimizer_wrapper_is_plain = (
             type(optimizer) is AcceleratedOptimizer
             and optimizer.scaler is None
             and accelerator.distributed_type != DistributedType.XLA
         )
+        self._last_agreed_step = self.position.global_step
+        self._carried = (0.0, 0)
         self.last_eval: EvalResult | None = None
 
     def fit(self) -> None:
-        """Run the remaining epochs."""
-        while self.progress.epoch < self.cfg.epochs:
-            stats = self._train_epoch(self.progress.epoch)
+        """Run the remaining epochs.
+
+        Raises:
+            TrainingStopped: a stop signal arrived; a state was saved at the step where every process stopped.
+            UsageError: the loss or the weights became non-finite (nothing of that is saved).
+        """
+        while self.position.epoch < self.cfg.epochs:
+            stats = self._train_epoch()
             eval_start = time.perf_counter()
             self.last_eval = evaluate(self.model, self.test_loader, self.accelerator)
+            stop = self._agree_on_stop(torch.tensor(stats.loss + self.last_eval.loss))
             self._finish_epoch(stats, self.last_eval, time.perf_counter() - eval_start)
+            if stop:
+                self._stopped()
 
-    def _train_epoch(self, epoch: int) -> EpochStats:
+    def _train_epoch(self) -> EpochStats:
+        position, size = self.position, self.train.size
         self.model.train()
-        self.train_loader.set_epoch(epoch)  # the epoch, not a counter, seeds the shuffle: resumes replay it exactly
-        first_step = self.progress.step_in_epoch
-        batches = self.train_loader
-        if first_step:
-            batches = self.accelerator.skip_first_batches(self.train_loader, first_step)
-        loss_sum = torch.tensor(self.progress.epoch_loss_sum, device=self.accelerator.device)
-        samples = self.progress.epoch_samples
+        self.train.sampler.set_position(position.epoch, position.samples_done)
+        batches = iter(self.train.loader)
+        # This process's totals since the epoch (re)started; a resumed state carries those of all processes before.
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        samples = 0
+        self._carried = (self.progress.epoch_loss_sum, self.progress.epoch_samples)
         start = time.perf_counter()
-        bar = progress_bar(
-            batches, self.accelerator, self.cfg.progress, f"epoch {epoch + 1}/{self.cfg.epochs}",
-            total=len(self.train_loader) - first_step, images_per_batch=self._images_per_round(),
-        )
-        for step, (images, targets) in enumerate(bar, start=first_step):
-            batch_loss_sum, batch_samples = self._train_step(images, targets, step)
-            loss_sum += batch_loss_sum
-            samples += batch_samples
-            self._after_step(bar, batch_loss_sum, loss_sum, samples)
-        totals = self.accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(samples), device=loss_sum.device)]))
-        total_loss, total_samples = totals.tolist()
+        bar = progress_bar(self.accelerator, self.cfg.progress, f"epoch {position.epoch + 1}/{self.cfg.epochs}",
+                           size - position.samples_done)
+        try:
+            while not position.epoch_finished(size):
+                step_samples = position.step_samples(self.train.plan.global_batch, size)
+                step_loss, step_count = self._optimizer_step(batches, step_samples)
+                loss_sum += step_loss
+                samples += step_count
+                position.advance(step_samples)
+                bar.update(step_samples)
+                self._after_step(bar, step_loss, step_samples, loss_sum, samples)
+        finally:
+            bar.close()
+        total_loss, total_samples = self._epoch_totals(loss_sum, samples)
         return EpochStats(total_loss / total_samples, round(total_samples), time.perf_counter() - start)
 
-    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> tuple[torch.Tensor, int]:
-        """One optimizer step (or accumulation micro-step); returns this process's summed loss and sample count."""
-        acc = self.accelerator
-        real = real_batch_size(step, self.cfg.batch_size, self.train_size, acc.num_processes, acc.process_index)
-        images, targets = images[:real], targets[:real]  # drop the padding other processes train on for real
-        with acc.accumulate(self.model):
-            loss_sum = F.cross_entropy(self.model(images).float(), targets, reduction="sum")
-            # DDP averages gradients over processes; scaling by processes / real samples this round makes the
-            # gradient the mean over the round's real samples, also when the last round is short.
-            acc.backward(loss_sum * (acc.num_processes / self._real_samples_in_round(step)))
-            self._step_optimizer()
-        return loss_sum.detach(), real
+    def _optimizer_step(self, batches, step_samples: int) -> tuple[torch.Tensor, int]:
+        """One optimizer step over the next `step_samples` images; returns this process's loss sum and images."""
+        acc, plan = self.accelerator, self.train.plan
+        sizes = plan.micro_batch_sizes(step_samples)
+        # DDP averages gradients over processes; scaling each summed loss by processes / the step's images makes
+        # the gradient the mean over exactly this step's images, however they were split.
+        scale = acc.num_processes / step_samples
+        loss_sum, samples = None, 0
+        for i, micro_samples in enumerate(sizes):
+            images, targets = next(batches)
+            real = plan.process_share(micro_samples, acc.process_index)
+            if real < len(targets):  # drop Accelerate's padding of the epoch's last micro-batch
+                images, targets = images[:real], targets[:real]
+            syncing = i == len(sizes) - 1  # gradients are exchanged once per step, on its last micro-batch
+            with contextlib.nullcontext() if syncing else acc.no_sync(self.model):
+                loss = F.cross_entropy(self.model(images).float(), targets, reduction="sum")
+                acc.backward(loss * scale)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            samples += real
+        self._step_optimizer()
+        return loss_sum, samples
 
     def _step_optimizer(self) -> None:
-        """`optimizer.step()` and `zero_grad()` as Accelerate runs them, without its per-call lookups.
+        """`optimizer.step()`, the schedule's step and `zero_grad()`, as Accelerate runs them.
 
-        Accelerate's wrapper searches the filesystem for an optional package (lomo_optim) twice per step and
-        inspects zero_grad's signature: about 0.1 ms a step, several percent of an MLP step on a CPU. Where
-        the wrapper adds nothing else (no fp16 gradient scaler, no XLA), its step and zero_grad are the wrapped
-        optimizer's on steps that sync gradients and no-ops on accumulation steps, which is what this does.
+        Accelerate's optimizer wrapper searches the filesystem for an optional package (lomo_optim) twice per
+        step and inspects zero_grad's signature: about 0.1 ms a step, several percent of an MLP step on a CPU.
+        Where the wrapper adds nothing else (no fp16 gradient scaler, no XLA) this calls the wrapped optimizer.
         """
-        optimizer = self.optimizer
-        if not self._optimizer_wrapper_is_plain:
-            optimizer.step()
-            optimizer.zero_grad()
-        elif self.accelerator.sync_gradients:
-            optimizer.optimizer.step()
-            optimizer.optimizer.zero_grad()
+        optimizer = self.optimizer.optimizer if self._optimizer_wrapper_is_plain else self.optimizer
+        optimizer.step()
+        self.scheduler.step()
+        optimizer.zero_grad()
 
-    def _after_step(self, bar, batch_loss_sum: torch.Tensor, loss_sum: torch.Tensor, samples: int) -> None:
-        progress = self.progress
-        progress.step_in_epoch += 1
-        progress.global_step += 1
-        if progress.global_step % self.cfg.log_every == 0:
+    def _after_step(self, bar, step_loss: torch.Tensor, step_samples: int, loss_sum: torch.Tensor,
+                    samples: int) -> None:
+        step = self.position.global_step
+        if step % self.cfg.log_every == 0:
             # Reading a loss synchronises with the device, so it happens only on logged steps.
-            step_loss = self.accelerator.reduce(batch_loss_sum, "sum").item() / self._real_samples_in_round(
-                progress.step_in_epoch - 1
-            )
-            set_postfix(bar, loss=step_loss)
-            log_values(self.accelerator, {"train/loss": step_loss, "train/epoch": self._epoch_fraction()},
-                       progress.global_step)
-        if self.cfg.checkpoint_every and progress.global_step % self.cfg.checkpoint_every == 0:
-            progress.epoch_loss_sum, progress.epoch_samples = loss_sum.item(), samples
-            save_training_state(self.accelerator, self.cfg.output_dir, progress, self.cfg.keep_states)
+            loss = self.accelerator.reduce(step_loss, "sum").item() / step_samples
+            bar.set_postfix(loss=loss)
+            log_values(self.accelerator, {"train/loss": loss, "train/lr": self.current_lr(),
+                                          "train/epoch": self.position.epoch_fraction(self.train.size)}, step)
+        checkpoint_due = bool(self.cfg.checkpoint_every) and step % self.cfg.checkpoint_every == 0
+        if not (checkpoint_due or step % STOP_CHECK_EVERY == 0):
+            return
+        stop = self._agree_on_stop(loss_sum)
+        if checkpoint_due or stop:
+            self.progress.epoch_loss_sum, self.progress.epoch_samples = self._epoch_totals(loss_sum, samples)
+            self._save_state()
+        if stop:
+            self._stopped()
+
+    def _agree_on_stop(self, loss: torch.Tensor) -> bool:
+        """Whether any process was asked to stop (all processes call this at the same step).
+
+        Raises:
+            UsageError: on any process the loss or a weight is not finite (so no state with them is saved).
+        """
+        weights_finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        finite = torch.isfinite(loss.to(self.accelerator.device)) & weights_finite
+        flags = torch.stack([torch.tensor(float(self.stop.requested), device=finite.device), (~finite).float()])
+        stop, diverged = (self.accelerator.reduce(flags, "sum") > 0).tolist()
+        if diverged:
+            self._diverged()
+        self._last_agreed_step = self.position.global_step
+        return stop
+
+    def _diverged(self) -> None:
+        raise UsageError(
+            f"training diverged: the loss became non-finite (NaN or infinite) at or before optimizer step "
+            f"{self.position.global_step} (it was finite at step {self._last_agreed_step}); nothing of it was "
+            f"saved and the last good state and model.pth are unchanged; lower --lr (now {self.cfg.lr:g}) "
+            "or add a warm-up (--warmup-epochs 1)"
+        )
+
+    def _stopped(self) -> None:
+        position = self.position
+        raise TrainingStopped(
+            f"stopped by {self.stop.signal_name} at optimizer step {position.global_step} (epoch "
+            f"{position.epoch + 1}, {position.samples_done}/{self.train.size} images); its state is saved in "
+            f"{self.cfg.output_dir}; run the same command with --resume auto to continue"
+        )
+
+    def _epoch_totals(self, loss_sum: torch.Tensor, samples: int) -> tuple[float, float]:
+        """The epoch's summed loss and images so far over all processes, with what a resumed state carried."""
+        local = torch.stack([loss_sum.double(), torch.tensor(float(samples), device=loss_sum.device).double()])
+        total_loss, total_samples = self.accelerator.reduce(local, "sum").tolist()
+        carried_loss, carried_samples = self._carried
+        return carried_loss + total_loss, carried_samples + total_samples
+
+    def _save_state(self) -> Path:
+        return save_training_state(self.accelerator, self.cfg.output_dir, self.progress, self.cfg.keep_states)
 
     def _finish_epoch(self, stats: EpochStats, result: EvalResult, eval_seconds: float) -> None:
+        position = self.position
         record = {
-            "epoch": self.progress.epoch + 1,
-            "global_step": self.progress.global_step,
+            "epoch": position.epoch + 1,
+            "global_step": position.global_step,
+            "lr": self.current_lr(),
             "train_loss": stats.loss,
             "test_loss": result.loss,
             "test_accuracy": result.accuracy,
@@ -164,6 +257,7 @@ class Trainer:
             "eval_seconds": eval_seconds,
             "train_samples_per_second": stats.samples / stats.seconds,
             "world_size": self.accelerator.num_processes,
+            "global_batch_size": self.train.plan.global_batch,
             "confusion_matrix": result.confusion_matrix().tolist(),
         }
         self.progress.finish_epoch(record)
@@ -174,30 +268,26 @@ class Trainer:
             f"test accuracy {100 * result.accuracy:.2f}% ({result.samples} images), "
             f"{record['train_samples_per_second']:.0f} train images/s"
         )
-        log_values(self.accelerator, _epoch_scalars(record), self.progress.global_step)
+        log_values(self.accelerator, _epoch_scalars(record), position.global_step)
         if self.cfg.log_samples_every_epoch:
             self.log_predictions(result)
-        save_training_state(self.accelerator, self.cfg.output_dir, self.progress, self.cfg.keep_states)
+        self._save_state()
 
     def log_predictions(self, result: EvalResult) -> None:
         """Log the confusion matrix and the sample images with their predictions to W&B."""
         log_predictions(self.accelerator, self.sample_images, result.predictions, result.targets,
-                        self.progress.global_step)
+                        self.position.global_step)
 
-    def _images_per_round(self) -> int:
-        return self.cfg.batch_size * self.accelerator.num_processes
-
-    def _real_samples_in_round(self, step: int) -> int:
-        return min(self._images_per_round(), self.train_size - step * self._images_per_round())
-
-    def _epoch_fraction(self) -> float:
-        return self.progress.epoch + self.progress.step_in_epoch / len(self.train_loader)
+    def current_lr(self) -> float:
+        """The learning rate the next optimizer step uses."""
+        return self.scheduler.get_last_lr()[0]
 
 
 def _epoch_scalars(record: dict) -> dict[str, float]:
     return {
         "epoch": record["epoch"],
         "train/epoch_loss": record["train_loss"],
+        "train/lr": record["lr"],
         "test/loss": record["test_loss"],
         "test/accuracy": record["test_accuracy"],
         "perf/train_seconds": record["train_seconds"],

@@ -1,0 +1,118 @@
+"""Where training stands, counted in the global order of each epoch's images, never in per-process batches.
+
+The position is the same whatever the number of processes, the per-process batch or the accumulation, so a
+state saved by N processes resumes exactly on M: the next optimizer step trains the next untrained images of
+the same epoch order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fmnist_dist.config import DEFAULT_BATCH_SIZE, TrainConfig
+from fmnist_dist.errors import UsageError
+
+
+@dataclass
+class TrainingPosition:
+    """The epoch under way, the images of its global order already trained, and the optimizer steps taken.
+
+    Attributes:
+        epoch: the epoch under way, from 0.
+        samples_done: images of this epoch's global order trained so far (0 .. dataset size).
+        global_step: optimizer steps since the run began (what --log-every, --checkpoint-every and W&B count).
+    """
+
+    epoch: int = 0
+    samples_done: int = 0
+    global_step: int = 0
+
+    def step_samples(self, global_batch_size: int, dataset_size: int) -> int:
+        """Images the next optimizer step trains: a global batch, or what is left of the epoch."""
+        return min(global_batch_size, dataset_size - self.samples_done)
+
+    def advance(self, samples: int) -> None:
+        """Record one optimizer step over `samples` images."""
+        self.samples_done += samples
+        self.global_step += 1
+
+    def epoch_finished(self, dataset_size: int) -> bool:
+        return self.samples_done >= dataset_size
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.samples_done = 0
+
+    def epoch_fraction(self, dataset_size: int) -> float:
+        """Epochs trained, as a real number (2.5 is half-way through the third epoch)."""
+        return self.epoch + self.samples_done / dataset_size
+
+    def schedule_step(self, global_batch_size: int, dataset_size: int) -> int:
+        """Optimizer steps a run at `global_batch_size` would have taken to get here (for the LR schedule).
+
+        Rounded down, so that the rest of the run never steps a schedule past its planned total.
+        """
+        return self.epoch * steps_per_epoch(global_batch_size, dataset_size) + self.samples_done // global_batch_size
+
+
+def steps_per_epoch(global_batch_size: int, dataset_size: int) -> int:
+    """Optimizer steps in one epoch; the last one trains the remainder."""
+    return math.ceil(dataset_size / global_batch_size)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's images are split: over processes, then over accumulation micro-batches.
+
+    Attributes:
+        per_process: images per process per micro-batch.
+        processes: the world size.
+        accumulation: micro-batches per optimizer step.
+    """
+
+    per_process: int
+    processes: int
+    accumulation: int
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, processes: int) -> BatchPlan:
+        """The plan `--batch-size` or `--global-batch-size` asks for on `processes` processes.
+
+        Raises:
+            UsageError: a global batch size that does not split evenly over processes x accumulation steps.
+        """
+        accumulation = cfg.accumulation_steps
+        if cfg.global_batch_size is None:
+            return cls(cfg.batch_size or DEFAULT_BATCH_SIZE, processes, accumulation)
+        shares = processes * accumulation
+        if cfg.global_batch_size % shares:
+            raise UsageError(
+                f"--global-batch-size {cfg.global_batch_size} does not split evenly over {processes} process(es) x "
+                f"{accumulation} accumulation step(s); pass a multiple of {shares}"
+            )
+        return cls(cfg.global_batch_size // shares, processes, accumulation)
+
+    @property
+    def micro_batch(self) -> int:
+        """Images of one micro-batch across all processes."""
+        return self.per_process * self.processes
+
+    @property
+    def global_batch(self) -> int:
+        """Images of one optimizer step across all processes and micro-batches."""
+        return self.micro_batch * self.accumulation
+
+    def micro_batch_sizes(self, step_samples: int) -> list[int]:
+        """The real images of each micro-batch of a step over `step_samples` images (only the last is short)."""
+        full, rest = divmod(step_samples, self.micro_batch)
+        return [self.micro_batch] * full + ([rest] if rest else [])
+
+    def process_share(self, micro_batch_samples: int, process_index: int) -> int:
+        """Real images of one micro-batch that process `process_index` trains.
+
+        Accelerate (with `split_batches`) gives process p the p-th slice of every global micro-batch and pads a
+        short last one from the start of the epoch; the real images are the first ones, so they go to the
+        lowest process indices.
+        """
+        return max(0, min(self.per_process, micro_batch_samples - process_index * self.per_process))

@@ -1,0 +1,76 @@
+"""Deciding how a run starts: afresh, or continuing a saved state with its settings as the defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fmnist_dist.config import TrainConfig
+from fmnist_dist.errors import UsageError
+from fmnist_dist.position import BatchPlan
+from fmnist_dist.state import Progress, find_state, read_progress
+
+
+@dataclass(frozen=True)
+class Start:
+    """How a run starts: its settings, its progress, and the state it continues (None for a fresh start).
+
+    Attributes:
+        changed: for a resumed run, `{setting: (saved value, value now)}` for each setting that differs.
+    """
+
+    cfg: TrainConfig
+    progress: Progress
+    state_dir: Path | None = None
+    changed: dict[str, tuple[Any, Any]] | None = None
+
+
+def plan_start(cfg: TrainConfig, given: frozenset[str]) -> Start:
+    """A fresh start, or the state `--resume` names with the saved settings under the flags given now.
+
+    Args:
+        given: the settings written on this command line (they override the saved ones).
+
+    Raises:
+        UsageError: `--resume` names no readable state.
+    """
+    state_dir = find_state(cfg.output_dir, cfg.resume) if cfg.resume else None
+    if state_dir is None:
+        return Start(cfg, Progress(config=cfg.to_log()))
+    progress = read_progress(state_dir)
+    resumed_cfg, changed = cfg.resumed_from(progress.config, given)
+    progress.config = resumed_cfg.to_log()
+    return Start(resumed_cfg, progress, state_dir, changed)
+
+
+def check_resumable(start: Start, dataset_size: int) -> None:
+    """Refuse to continue a state on another training set: its position would mean other images."""
+    saved = start.progress.dataset_size
+    if start.state_dir is not None and saved != dataset_size:
+        raise UsageError(
+            f"--resume: the state {start.state_dir} was saved training on {saved} images, but "
+            f"{start.cfg.data_dir} has {dataset_size}; resume with the same --data-dir, or start afresh with --overwrite"
+        )
+
+
+def record_setup(progress: Progress, plan: BatchPlan, dataset_size: int) -> None:
+    """Write how this run is split into the progress that its states will carry."""
+    progress.dataset_size = dataset_size
+    progress.world_size = plan.processes
+    progress.per_process_batch = plan.per_process
+    progress.global_batch_size = plan.global_batch
+
+
+def describe_resume(start: Start, plan: BatchPlan) -> str:
+    """One line: the state, where it stands, and every setting that differs from the run that saved it."""
+    saved, position = start.progress, start.progress.position
+    changes = [f"{name} {old} -> {new}" for name, (old, new) in (start.changed or {}).items()]
+    for name, old, new in (("world size", saved.world_size, plan.processes),
+                           ("per-process batch", saved.per_process_batch, plan.per_process),
+                           ("global batch", saved.global_batch_size, plan.global_batch)):
+        if old != new:
+            changes.append(f"{name} {old} -> {new}")
+    return (f"fmnist-dist: resuming from {start.state_dir} at epoch {position.epoch + 1}, image "
+            f"{position.samples_done}/{saved.dataset_size}, optimizer step {position.global_step}; "
+            + (f"changed: {', '.join(changes)}" if changes else "same settings"))
