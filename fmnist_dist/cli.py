@@ -24,7 +24,7 @@ from fmnist_dist.config import (
     check_positive,
 )
 from fmnist_dist.errors import UsageError
-from fmnist_dist.preemption import PREEMPTED_EXIT_CODE, TrainingStopped
+from fmnist_dist.preemption import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
 
 USAGE_ERROR = 2
 
@@ -165,9 +165,12 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**{**fields, "tags": tuple(args.tags)})  # a bad value fails here, before the slow imports
+    # Before the slow imports, so that a preemption during start-up is not lost either; kept until the process
+    # exits, so that a signal after training has finished does not turn a finished run into a killed one.
+    stop = StopRequest().install()
     from fmnist_dist.job import run_training  # heavy imports only for the commands that need them
 
-    run_training(cfg, given_flags(args.argv))
+    run_training(cfg, given_flags(args.argv), stop)
     return 0
 
 

@@ -44,21 +44,18 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 SAMPLE_IMAGES = 32
 
 
-def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset(), stop: StopRequest | None = None) -> dict[str, Any]:
     """Train as `cfg` says; return the final epoch's metrics (on every process).
 
     Args:
         given: the settings written on the command line; a resumed run takes the others from its state.
+        stop: the stop signals' record (the CLI installs it before its slow imports); None: no stop on signals.
 
     Raises:
         UsageError: bad settings, data or state; or training diverged.
         TrainingStopped: a stop signal arrived; a state was saved where every process stopped.
     """
-    stop = StopRequest().install()
-    try:
-        return _train(cfg, given, stop)
-    finally:
-        stop.uninstall()
+    return _train(cfg, given, stop or StopRequest())
 
 
 def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest) -> dict[str, Any]:

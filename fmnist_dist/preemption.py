@@ -20,7 +20,6 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
@@ -29,14 +28,8 @@ class StopRequest:
     def install(self) -> StopRequest:
         """Handle the stop signals from now on (main thread only, as Python's signal module requires)."""
         for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._record)
+            signal.signal(signum, self._record)
         return self
-
-    def uninstall(self) -> None:
-        """Give the signals back to the handlers they had before `install`."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
