@@ -1,10 +1,11 @@
 """The `fmnist-dist` command line: parses flags and hands over to the module that does the work.
 
     fmnist-dist train [--epochs N] [--batch-size N] ...      (also under `accelerate launch -m fmnist_dist`)
-    fmnist-dist evaluate --checkpoint checkpoints/model.pth [--json]
-    fmnist-dist predict --checkpoint checkpoints/model.pth --index 0 1 2 | --image shirt.png
-    fmnist-dist synthetic-data --out data-synthetic
-    fmnist-dist plot checkpoints
+    fmnist-dist evaluate [--checkpoint checkpoints/model.pth] [--json]
+    fmnist-dist predict [--checkpoint checkpoints/model.pth] --index 0 1 2 | --image shirt.png
+    fmnist-dist synthetic-data --out data-synthetic [--force]
+    fmnist-dist plot checkpoints            (or checkpoints/metrics.jsonl)
+    fmnist-dist --version; fmnist-dist SUBCOMMAND --help lists every flag with its default
 """
 
 from __future__ import annotations
@@ -18,19 +19,40 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import fmnist_dist
 from fmnist_dist import CLASSES
 from fmnist_dist.config import (
     DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MOMENTUM, LR_SCHEDULES, REFERENCE_BATCH_SIZE, RESUME_LATEST, TrainConfig,
-    check_positive,
+    check_at_most, check_positive, check_seed,
 )
 from fmnist_dist.errors import UsageError
 from fmnist_dist.preemption import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
 
 USAGE_ERROR = 2
+# Where `train` writes its model by default (training.output_paths), which evaluate and predict read.
+DEFAULT_CHECKPOINT = TrainConfig().output_dir / "model.pth"
+# synthetic-data builds each split in memory (about 7 KB per image while it is drawn).
+MAX_SYNTHETIC_IMAGES = 1_000_000
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after each flag's help, except where there is no value to show: None (the help
+    says what happens), on/off switches and empty lists."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # The hook ArgumentDefaultsHelpFormatter itself overrides; argparse offers no public one.
+        if action.default is None or isinstance(action.default, bool) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported in one line (with a pointer to --help) instead of the usage block."""
+    """argparse, but a bad flag is reported in one line (with a pointer to --help) instead of the usage block,
+    and --help shows every flag's default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         _report(f"{message} (see `{self.prog} --help`)")
@@ -40,7 +62,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; a UsageError becomes one line on stderr and exit code 2, a requested stop exit 75."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, so that the message points to its --help
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv
     try:
         return args.handler(args)
@@ -58,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="fmnist-dist", description="FashionMNIST training with Hugging Face Accelerate.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {fmnist_dist.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     _add_train(commands.add_parser("train", help="train the model (one device, or many under accelerate launch)"))
     _add_evaluate(commands.add_parser("evaluate", help="test accuracy and loss of a saved model"))
@@ -68,16 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="dataset root (default: data)")
+    parser.add_argument("--data-dir", type=Path, default=TrainConfig().data_dir,
+                        help="dataset root (torchvision's: FashionMNIST/raw holds the IDX files)")
     parser.add_argument("--no-download", dest="download", action="store_false",
-                        help="fail instead of downloading FashionMNIST when it is missing")
+                        help="fail instead of downloading FashionMNIST when any of its files is missing")
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
     _add_data_flags(parser)
     defaults = TrainConfig()
     add = parser.add_argument
-    add("--epochs", type=int, default=defaults.epochs)
+    add("--epochs", type=int, default=defaults.epochs, help="passes over the training set")
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, default=None,
                        help=f"images per process per micro-batch (default {DEFAULT_BATCH_SIZE}); the global batch "
@@ -86,9 +112,9 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
                        help="images per optimizer step across all processes and accumulation steps, split evenly: "
                             "the same batches on any number of processes")
     add("--eval-batch-size", type=int, default=defaults.eval_batch_size, help="per process, for evaluation")
-    add("--lr", type=float, default=DEFAULT_LR, help=f"SGD learning rate (default {DEFAULT_LR}; the tutorial's is 1e-3)")
-    add("--momentum", type=float, default=DEFAULT_MOMENTUM, help=f"default {DEFAULT_MOMENTUM}; the tutorial's is 0")
-    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--lr", type=float, default=DEFAULT_LR, help="SGD learning rate (the tutorial's is 1e-3)")
+    add("--momentum", type=float, default=DEFAULT_MOMENTUM, help="SGD momentum (the tutorial's is 0)")
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay (L2)")
     add("--scale-lr", action="store_true",
         help=f"linear scaling rule: multiply --lr by global batch size / {REFERENCE_BATCH_SIZE} (with a warm-up)")
     add("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
@@ -100,7 +126,8 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
                         help="linear warm-up over this many epochs (fractions allowed)")
     add("--seed", type=int, default=defaults.seed, help="initial weights and the shuffling of every epoch")
     add("--threads", type=int, default=None,
-        help="CPU threads per process (default: the node's cores divided by its processes)")
+        help="CPU threads per process (default: OMP_NUM_THREADS if set, as `accelerate launch` and torchrun set it "
+             "for their processes; else the usable cores divided by the processes on this node)")
     add("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
     add("--data-on-device", choices=("auto", "on", "off"), default=defaults.data_on_device,
         help="keep the dataset on the accelerator (auto: on for GPUs, off for the CPU)")
@@ -120,46 +147,53 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         help="continue from the newest state in --output-dir, or from STATE_DIR; `--resume auto` also starts "
              "afresh when there is no state (the same command for the first start and every restart)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar (one line per epoch stays)")
-    add("--tracker", choices=("wandb", "none"), default=defaults.tracker)
-    add("--wandb-project", default=defaults.wandb_project)
-    add("--run-name", default=None)
-    add("--run-group", default=None)
-    add("--tags", nargs="+", default=[])
+    add("--tracker", choices=("wandb", "none"), default=defaults.tracker, help="where the run is tracked")
+    add("--wandb-project", default=defaults.wandb_project, help="W&B project")
+    add("--run-name", default=None, help="W&B run name (default: W&B picks one)")
+    add("--run-group", default=None, help="W&B run group")
+    add("--tags", nargs="+", default=[], help="W&B run tags")
     add("--log-samples-every-epoch", action="store_true",
         help="log sample predictions and the confusion matrix after every epoch, not only at the end")
     add("--log-model", action="store_true", help="store the final model.pth as a W&B artifact")
-    parser.set_defaults(handler=_train)
+    parser.set_defaults(handler=_train, command_parser=parser)
+
+
+def _add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="model weights saved by `fmnist-dist train` (or the PyTorch quickstart)")
 
 
 def _add_evaluate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    _add_checkpoint_flag(parser)
     _add_data_flags(parser)
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=1000, help="test images per process per batch")
+    parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even with a GPU")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(handler=_evaluate)
+    parser.set_defaults(handler=_evaluate, command_parser=parser)
 
 
 def _add_predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    _add_checkpoint_flag(parser)
     _add_data_flags(parser)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--index", type=int, nargs="+", help="test-set indices")
     what.add_argument("--image", type=Path, nargs="+", help="image files (PNG, JPEG; any size)")
-    parser.set_defaults(handler=_predict)
+    parser.set_defaults(handler=_predict, command_parser=parser)
 
 
 def _add_synthetic(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="dataset root to write (use it as --data-dir)")
-    parser.add_argument("--train-size", type=int, default=60000)
-    parser.add_argument("--test-size", type=int, default=10000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(handler=_synthetic)
+    parser.add_argument("--train-size", type=int, default=60000, help=f"training images (1-{MAX_SYNTHETIC_IMAGES})")
+    parser.add_argument("--test-size", type=int, default=10000, help=f"test images (1-{MAX_SYNTHETIC_IMAGES})")
+    parser.add_argument("--seed", type=int, default=0, help="the random patterns and images")
+    parser.add_argument("--force", action="store_true", help="replace a dataset already in --out")
+    parser.set_defaults(handler=_synthetic, command_parser=parser)
 
 
 def _add_plot(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output_dir", type=Path, help="a training run's --output-dir")
-    parser.set_defaults(handler=_plot)
+    parser.add_argument("output_dir", type=Path, metavar="RUN",
+                        help="a training run's --output-dir, or its metrics.jsonl (the plots go next to it)")
+    parser.set_defaults(handler=_plot, command_parser=parser)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -220,9 +254,11 @@ def _predict(args: argparse.Namespace) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     from fmnist_dist.synthetic import write_synthetic_dataset
 
-    check_positive("--train-size", args.train_size)
-    check_positive("--test-size", args.test_size)
-    raw_dir = write_synthetic_dataset(args.out, args.train_size, args.test_size, args.seed)
+    for flag, size in (("--train-size", args.train_size), ("--test-size", args.test_size)):
+        check_positive(flag, size)
+        check_at_most(flag, size, MAX_SYNTHETIC_IMAGES)
+    check_seed("--seed", args.seed)
+    raw_dir = write_synthetic_dataset(args.out, args.train_size, args.test_size, args.seed, force=args.force)
     print(f"wrote {args.train_size} train and {args.test_size} test images to {raw_dir}; train with --data-dir {args.out}")
     return 0
 
@@ -231,8 +267,10 @@ def _plot(args: argparse.Namespace) -> int:
     from fmnist_dist.plots import plot_run, records_for_plot
     from fmnist_dist.training import output_paths
 
-    paths = output_paths(args.output_dir)
-    plot_run(records_for_plot(paths["metrics"]), paths["curves"], paths["confusion"])
+    given = args.output_dir
+    run_dir = given.parent if given.is_file() else given  # a run directory, or the metrics file in one
+    paths = output_paths(run_dir)
+    plot_run(records_for_plot(given if given.is_file() else paths["metrics"]), paths["curves"], paths["confusion"])
     print(f"wrote {paths['curves']} and {paths['confusion']}")
     return 0
 

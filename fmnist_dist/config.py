@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,7 @@ class TrainConfig:
             raise UsageError("--warmup-steps and --warmup-epochs exclude each other; pass only one of them")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UsageError(f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise UsageError(f"--seed must be between 0 and {MAX_SEED} (got {self.seed}); pass a seed in range")
+        check_seed("--seed", self.seed)
 
     @property
     def accumulation_steps(self) -> int:
@@ -142,12 +142,24 @@ def _from_log(name: str, value: Any) -> Any:
 
 
 def check_positive(flag: str, value: float) -> None:
-    """Refuse a flag value that must be above zero."""
-    if not value > 0:
+    """Refuse a flag value that must be above zero (and finite)."""
+    if not 0 < value < math.inf:
         raise UsageError(f"{flag} must be greater than 0 (got {value}); pass a positive value")
 
 
 def check_at_least_zero(flag: str, value: float) -> None:
-    """Refuse a flag value that must not be negative."""
-    if not value >= 0:
+    """Refuse a flag value that must not be negative (and finite)."""
+    if not 0 <= value < math.inf:
         raise UsageError(f"{flag} must be 0 or more (got {value}); pass a value of at least 0")
+
+
+def check_at_most(flag: str, value: float, limit: float) -> None:
+    """Refuse a flag value above `limit`."""
+    if value > limit:
+        raise UsageError(f"{flag} must be at most {limit} (got {value}); pass a smaller value")
+
+
+def check_seed(flag: str, seed: int) -> None:
+    """Refuse a seed outside 0..MAX_SEED (what torch and numpy generators take)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{flag} must be between 0 and {MAX_SEED} (got {seed}); pass a seed in range")

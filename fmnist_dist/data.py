@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
-from fmnist_dist.errors import UsageError, first_line
-from fmnist_dist.idx import SPLIT_FILES, check_split_files
+from fmnist_dist.dataset_files import check_dataset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -69,20 +68,11 @@ def load_split(
     Args:
         data_dir: the torchvision root (`<data_dir>/FashionMNIST/raw` holds the IDX files).
         train: the training split, else the test split.
-        download: fetch the dataset with torchvision when its files are missing.
+        download: fetch the dataset with torchvision when any of its files is missing.
         transform: a per-sample image transform; None keeps the fast path (equivalent to `ToTensor()`).
         target_transform: a per-sample label transform; None keeps the fast path.
     """
-    split = "train" if train else "test"
-    raw_dir = Path(data_dir) / "FashionMNIST" / "raw"
-    if not _split_files_present(raw_dir, split):
-        if not download:
-            raise UsageError(
-                f"FashionMNIST is not in {raw_dir} and --no-download was given; "
-                "drop --no-download to fetch it, or point --data-dir at a copy"
-            )
-        _download(data_dir)
-    check_split_files(raw_dir, split)
+    check_dataset(data_dir, download)
     dataset = datasets.FashionMNIST(
         root=str(data_dir),
         train=train,
@@ -93,21 +83,6 @@ def load_split(
     if transform is None and target_transform is None:
         return InMemoryFashionMNIST(dataset.data, dataset.targets)
     return dataset
-
-
-def _split_files_present(raw_dir: Path, split: str) -> bool:
-    return all((raw_dir / name).is_file() for name in SPLIT_FILES[split])
-
-
-def _download(data_dir: Path) -> None:
-    try:
-        datasets.FashionMNIST(root=str(data_dir), train=True, download=True)
-        datasets.FashionMNIST(root=str(data_dir), train=False, download=True)
-    except (OSError, RuntimeError) as error:
-        raise UsageError(
-            f"could not download FashionMNIST into {data_dir} ({first_line(error)}); check the network, "
-            "or copy the four IDX files into <data-dir>/FashionMNIST/raw and pass --no-download"
-        ) from error
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -8,19 +8,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import functional as TF
 
 from fmnist_dist import CLASSES
 from fmnist_dist.checkpoint import load_model
 from fmnist_dist.data import load_split, make_loader
-from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.errors import UsageError
 from fmnist_dist.evaluation import EvalResult, evaluate
+from fmnist_dist.images import load_image
 from fmnist_dist.job import wants_cpu
-from fmnist_dist.model import IMAGE_SIZE
-
-# FashionMNIST garments are light on a dark background; a photo with a light border is inverted to match.
-LIGHT_BACKGROUND = 0.5
 
 
 @dataclass(frozen=True)
@@ -60,33 +55,6 @@ def predict_files(checkpoint: Path, paths: Sequence[Path]) -> list[Prediction]:
     """Predictions for image files (PNG, JPEG, any size), converted to 28x28 grayscale like the training data."""
     images = torch.stack([load_image(path) for path in paths])
     return _predict(checkpoint, images, [str(p) for p in paths], [None] * len(paths))
-
-
-def load_image(path: Path) -> torch.Tensor:
-    """An image file as a 1x28x28 tensor in [0, 1], light garment on dark ground as in FashionMNIST.
-
-    The image is turned upright (EXIF), made grayscale, inverted if its border is light, padded to a square
-    with the dark ground (so garments keep their proportions) and scaled to 28x28.
-    """
-    try:
-        with Image.open(path) as image:
-            gray = ImageOps.exif_transpose(image).convert("L")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise UsageError(f"cannot read image {path} ({first_line(error)}); pass a PNG or JPEG file") from error
-    if _border_mean(gray) > LIGHT_BACKGROUND:
-        gray = ImageOps.invert(gray)
-    # Area averaging when shrinking (no aliasing from photos' fine detail), bilinear when enlarging.
-    shrinking = max(gray.size) > IMAGE_SIZE
-    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    square = ImageOps.pad(gray, (IMAGE_SIZE, IMAGE_SIZE), method=resample, color=0)
-    return TF.to_tensor(square)
-
-
-def _border_mean(gray: Image.Image) -> float:
-    """The mean brightness in [0, 1] of the outermost rows and columns."""
-    pixels = TF.to_tensor(gray)[0]
-    border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    return border.mean().item()
 
 
 def _predict(checkpoint: Path, images: torch.Tensor, sources: list[str], actual: list[str | None]) -> list[Prediction]:

@@ -3,21 +3,28 @@
 Each class is a fixed smooth "garment" pattern; every image is its class pattern at a random strength and
 offset, blended with a faint pattern of another class and pixel noise. The classes are learnable (a trained
 MLP scores far above chance) but not trivially (noise and blending keep them below 100%).
+
+A dataset written here carries a marker, `raw/synthetic.json`, with the SHA-256 of each file, so that training
+can say it runs on synthetic data (and stops saying so once real files replace these).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
-from fmnist_dist.idx import SPLIT_FILES, write_idx
+from fmnist_dist.errors import UsageError
+from fmnist_dist.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, processed_dir, raw_dir, write_idx
 from fmnist_dist.model import IMAGE_SIZE, NUM_CLASSES
 
 MAX_SHIFT = 2
 BLOBS_PER_CLASS = 4
 NOISE_STD = 60.0
 DISTRACTOR_STRENGTH = 0.45
+MARKER = "synthetic.json"
 
 
 def class_patterns(rng: np.random.Generator) -> np.ndarray:
@@ -54,18 +61,53 @@ def _shift_randomly(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return shifted
 
 
-def write_synthetic_dataset(out_dir: Path, train_size: int, test_size: int, seed: int = 0) -> Path:
-    """Write the four FashionMNIST IDX files under `out_dir/FashionMNIST/raw`; return that directory.
+def write_synthetic_dataset(out_dir: Path, train_size: int, test_size: int, seed: int = 0, force: bool = False) -> Path:
+    """Write the four FashionMNIST IDX files and the synthetic marker under `out_dir/FashionMNIST/raw`.
 
     `torchvision.datasets.FashionMNIST(root=out_dir, download=False)` then reads them as it reads the real data.
+
+    Args:
+        force: replace a dataset that is already there (else refuse).
+
+    Returns:
+        The directory written (`out_dir/FashionMNIST/raw`).
+
+    Raises:
+        UsageError: `out_dir` already holds a dataset and `force` is false.
     """
+    if not force and (existing := existing_dataset_files(Path(out_dir))):
+        raise UsageError(f"{out_dir} already holds a FashionMNIST dataset ({existing[0]}); pass --force to replace "
+                         "it with synthetic data, or choose another --out")
     rng = np.random.default_rng(seed)
     patterns = class_patterns(rng)
-    raw_dir = Path(out_dir) / "FashionMNIST" / "raw"
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    raw = raw_dir(out_dir)
+    raw.mkdir(parents=True, exist_ok=True)
     for split, size in (("train", train_size), ("test", test_size)):
         images, labels = make_split(patterns, size, rng)
         images_name, labels_name = SPLIT_FILES[split]
-        write_idx(raw_dir / images_name, images)
-        write_idx(raw_dir / labels_name, labels)
-    return raw_dir
+        write_idx(raw / images_name, images)
+        write_idx(raw / labels_name, labels)
+    (raw / MARKER).write_text(json.dumps({"written_by": "fmnist-dist synthetic-data", "seed": seed,
+                                          "sha256": _digests(raw)}, indent=2) + "\n")
+    return raw
+
+
+def existing_dataset_files(out_dir: Path) -> list[Path]:
+    """The dataset files torchvision could read under `out_dir` (raw IDX files, or its old processed/*.pt cache)."""
+    candidates = [raw_dir(out_dir) / name for name in RAW_FILES]
+    candidates += [processed_dir(out_dir) / name for name in LEGACY_FILES.values()]
+    return [path for path in candidates if path.exists() or path.is_symlink()]
+
+
+def is_synthetic(data_dir: Path) -> bool:
+    """Whether the IDX files under `data_dir` are the ones `write_synthetic_dataset` wrote (marker and hashes)."""
+    raw = raw_dir(data_dir)
+    try:
+        recorded = json.loads((raw / MARKER).read_text())["sha256"]
+        return recorded == _digests(raw)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _digests(raw: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((raw / name).read_bytes()).hexdigest() for name in RAW_FILES}

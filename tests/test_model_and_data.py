@@ -9,6 +9,7 @@ from conftest import run_cli
 from torchvision import datasets
 
 from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.synthetic import MARKER
 
 # The quickstart's state_dict: https://pytorch.org/tutorials/beginner/basics/quickstart_tutorial.html
 QUICKSTART_SHAPES = {
@@ -27,7 +28,7 @@ def test_synthetic_data_writes_the_files_torchvision_reads(tmp_path: Path) -> No
 
     assert result.returncode == 0, result.stderr
     raw_dir = tmp_path / "syn" / "FashionMNIST" / "raw"
-    assert sorted(p.name for p in raw_dir.iterdir()) == sorted(IDX_FILES)
+    assert sorted(p.name for p in raw_dir.iterdir()) == sorted([*IDX_FILES, MARKER])
     for train, size in ((True, 230), (False, 170)):
         split = datasets.FashionMNIST(root=str(tmp_path / "syn"), train=train, download=False)
         assert len(split) == size

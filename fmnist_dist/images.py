@@ -1,0 +1,86 @@
+"""Image files as FashionMNIST images: 28x28, 8-bit grayscale, a light garment on a dark ground."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import functional as TF
+
+from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.model import IMAGE_SIZE
+
+# FashionMNIST garments are light on a dark background; an image with a light border is inverted to match.
+LIGHT_BACKGROUND = 0.5
+# The full scale of each high-depth mode whose range its mode fixes (16-bit modes); "I" (32-bit integer) and
+# "F" (float) images are scaled from the smallest of HIGH_DEPTH_SCALES that holds their values.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+HIGH_DEPTH_SCALES = (1.0, 255.0, 65535.0, 2.0**31 - 1)
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """An image file as a 1x28x28 tensor in [0, 1], light garment on dark ground as in FashionMNIST.
+
+    The image is turned upright (EXIF), made 8-bit grayscale (transparent parts filled with the background
+    that contrasts with the garment, high bit depths scaled rather than clipped), inverted if its border is
+    light, padded to a square with the dark ground (so garments keep their proportions) and scaled to 28x28.
+
+    Raises:
+        UsageError: the file is missing, not an image Pillow can read, or in a mode it cannot make grayscale.
+    """
+    try:
+        with Image.open(path) as image:
+            gray = to_grayscale(ImageOps.exif_transpose(image))
+    # ValueError: a mode Pillow cannot convert to grayscale.
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise UsageError(f"cannot read image {path} ({first_line(error)}); pass a PNG or JPEG file") from error
+    if _border_mean(gray) > LIGHT_BACKGROUND:
+        gray = ImageOps.invert(gray)
+    # Area averaging when shrinking (no aliasing from photos' fine detail), bilinear when enlarging.
+    shrinking = max(gray.size) > IMAGE_SIZE
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    square = ImageOps.pad(gray, (IMAGE_SIZE, IMAGE_SIZE), method=resample, color=0)
+    return TF.to_tensor(square)
+
+
+def to_grayscale(image: Image.Image) -> Image.Image:
+    """Any Pillow image as mode "L" (8-bit grayscale).
+
+    Transparent images (RGBA, LA, PA, P or L with a transparent colour) are composited onto white when their
+    garment is dark and onto black when it is light, so that the light/dark test sees the ground the garment
+    stands out from; whatever colour the transparent pixels hold underneath does not matter. 16-bit and other
+    high-depth images are scaled into 8 bits; everything else is Pillow's own `convert("L")`.
+    """
+    if image.has_transparency_data:
+        return _flatten_transparency(image.convert("RGBA"))
+    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        return _scale_to_8_bits(image)
+    return image.convert("L")
+
+
+def _flatten_transparency(rgba: Image.Image) -> Image.Image:
+    gray, alpha = rgba.convert("L"), rgba.getchannel("A")
+    weights = np.asarray(alpha, dtype=np.float64)
+    garment = np.average(np.asarray(gray, dtype=np.float64), weights=weights) if weights.any() else 255.0
+    ground = Image.new("L", rgba.size, 255 if garment < 255 * LIGHT_BACKGROUND else 0)
+    return Image.composite(gray, ground, alpha)
+
+
+def _scale_to_8_bits(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode in SIXTEEN_BIT_MODES:
+        full_scale = 65535.0
+    else:
+        peak = values.max(initial=0.0)
+        full_scale = next((scale for scale in HIGH_DEPTH_SCALES if peak <= scale), HIGH_DEPTH_SCALES[-1])
+    scaled = np.clip(values / full_scale * 255.0, 0, 255)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # a 2-d uint8 array makes a mode "L" image
+
+
+def _border_mean(gray: Image.Image) -> float:
+    """The mean brightness in [0, 1] of the outermost rows and columns."""
+    pixels = TF.to_tensor(gray)[0]
+    border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return border.mean().item()

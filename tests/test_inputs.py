@@ -1,0 +1,251 @@
+"""Every file torchvision's FashionMNIST will read is checked first, for both splits: a missing, empty,
+unreadable or misplaced file, a partial dataset or a stale processed/*.pt cache is one line and exit code 2 (or a
+download, when that is allowed), never a traceback, a wrong answer, or a file written or deleted; a failed
+download keeps its URL and reason; `synthetic-data` never replaces a dataset unasked and leaves its mark.
+
+Flag and data checks that need no Accelerator call the CLI's `main` in this process; `train` runs as a process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli, train_args
+from torchvision import datasets
+
+from fmnist_dist.cli import main
+from fmnist_dist.dataset_files import check_dataset, describe_dataset
+from fmnist_dist.errors import UsageError
+from fmnist_dist.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, processed_dir, raw_dir, write_idx
+from fmnist_dist.synthetic import MARKER, is_synthetic, write_synthetic_dataset
+
+PREFIX = "fmnist-dist: error: "
+TEST_LABELS = SPLIT_FILES["test"][1]
+NOBODY = 65534  # uid and gid of the unprivileged user `nobody`
+
+
+def files_in(directory: Path) -> dict[str, bytes]:
+    """Every regular file under `directory`, by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+def one_error_line(returncode: int | None, err: str, *named: str) -> str:
+    """Exit code 2 and exactly one error line mentioning everything in `named`; return the line."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert returncode == 2, err
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), err
+    for word in named:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def predict_index(data: Path, *flags: str) -> int | None:
+    """`predict --index 0` on `data`: it reads the test split before the (absent) checkpoint."""
+    try:
+        return main(["predict", "--checkpoint", str(data / "none.pth"), "--index", "0", "--data-dir", str(data), *flags])
+    except SystemExit as leaving:
+        return leaving.code
+
+
+@pytest.fixture
+def data(data_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the synthetic dataset, for a test to damage."""
+    return Path(shutil.copytree(data_dir, tmp_path / "data"))
+
+
+def refused(data: Path, capsys: pytest.CaptureFixture, *named: str, flags: tuple[str, ...] = ("--no-download",)) -> str:
+    """The one-line refusal of `data`, which is left exactly as it was."""
+    before = files_in(data)
+    returncode = predict_index(data, *flags)
+    line = one_error_line(returncode, capsys.readouterr().err, *named)
+    assert files_in(data) == before
+    return line
+
+
+# ------------------------------------------------------------------------------------ raw files, both splits
+
+
+def test_a_missing_test_file_is_named_even_when_training_reads_the_train_split(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (raw_dir(data) / TEST_LABELS).unlink()
+    result = run_cli(train_args(data, tmp_path / "out", "--epochs", "1"), cwd=tmp_path)
+    one_error_line(result.returncode, result.stderr, TEST_LABELS, "incomplete", "all four", "--no-download")
+    assert not (tmp_path / "out" / "model.pth").exists()
+
+
+def test_a_partial_dataset_is_downloaded_whole_when_allowed(
+    data: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With downloads allowed, a missing file means torchvision fetches all four; here from a closed port."""
+    (raw_dir(data) / TEST_LABELS).unlink()
+    mirror = f"http://127.0.0.1:{closed_port()}/"
+    monkeypatch.setenv("no_proxy", "*")  # straight to the closed port, whatever proxy the machine has
+    monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [mirror])
+    line = refused(data, capsys, "could not download", f"{mirror}train-images-idx3-ubyte.gz", "refused",
+                   "synthetic-data", flags=())
+    assert "Tried" not in line  # torchvision's multi-line message, folded into one
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", RAW_FILES)
+def test_a_directory_in_place_of_a_file_is_refused_even_with_downloads(
+    name: str, data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (raw_dir(data) / name).unlink()
+    (raw_dir(data) / name).mkdir()
+    refused(data, capsys, str(raw_dir(data) / name), "is a directory", "move it away", flags=())
+    assert (raw_dir(data) / name).is_dir()
+
+
+def test_a_dangling_symlink_is_refused(data: Path, capsys: pytest.CaptureFixture) -> None:
+    link = raw_dir(data) / TEST_LABELS
+    link.unlink()
+    link.symlink_to(data / "gone")
+    refused(data, capsys, str(link), "symbolic link", "does not exist", flags=())
+    assert link.is_symlink()
+
+
+def test_a_fifo_in_place_of_a_file_is_refused_without_reading_it(data: Path, capsys: pytest.CaptureFixture) -> None:
+    """Opening a FIFO for reading would wait for a writer forever."""
+    fifo = raw_dir(data) / TEST_LABELS
+    fifo.unlink()
+    os.mkfifo(fifo)
+    refused(data, capsys, str(fifo), "not a regular file")
+
+
+def test_a_file_the_user_may_not_read_is_refused(data_dir: Path) -> None:
+    """As root, permissions do not apply: the check then runs in a forked child that has become `nobody`, on a copy
+    in a directory anyone may enter (pytest's own temporary directories are private to root)."""
+    with tempfile.TemporaryDirectory() as shared:
+        Path(shared).chmod(0o755)
+        data = Path(shutil.copytree(data_dir, Path(shared) / "data"))
+        for path in [data, *data.rglob("*")]:  # readable by anyone (pytest's copies are private), but for one file
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (raw_dir(data) / TEST_LABELS).chmod(0)
+        message = check_dataset_as_nobody(data)
+    assert message.startswith(f"cannot read {raw_dir(data) / TEST_LABELS} (") and "Permission denied" in message, message
+    assert "check its permissions" in message and "\n" not in message
+
+
+def check_dataset_as_nobody(data: Path) -> str:
+    """`check_dataset(data)`'s error message (or "no error"), from a child process running as user `nobody`."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: drop root, check, report, and leave without running pytest's teardown
+        os.close(read_end)
+        message = "no error"
+        try:
+            if os.geteuid() == 0:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            check_dataset(data, download=False)
+        except UsageError as error:
+            message = str(error)
+        except BaseException as error:  # noqa: BLE001 - anything else is what the test must catch
+            message = f"{type(error).__name__}: {error}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        message = pipe.read()
+    os.waitpid(child, 0)
+    return message
+
+
+def test_a_dataset_with_no_images_is_refused(data: Path, capsys: pytest.CaptureFixture) -> None:
+    images, labels = SPLIT_FILES["test"]
+    write_idx(raw_dir(data) / images, np.zeros((0, 28, 28), dtype=np.uint8))
+    write_idx(raw_dir(data) / labels, np.zeros(0, dtype=np.uint8))
+    refused(data, capsys, images, "no images", "download again")
+
+
+# ------------------------------------------------------------------------------------ torchvision's old cache
+
+
+def write_legacy_cache(data: Path, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """processed/training.pt and test.pt as old torchvision versions wrote them: (uint8 images, int64 labels)."""
+    processed_dir(data).mkdir(parents=True)
+    for name, pair in zip(LEGACY_FILES.values(), (train, test)):
+        torch.save(pair, processed_dir(data) / name)
+
+
+def good_pair(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 10, (n,), generator=generator))
+
+
+@pytest.mark.parametrize(
+    ("bad_pair", "problem"),
+    [
+        ((good_pair(100)[0], torch.full((100,), 12)), "label 12 is outside 0-9"),
+        ((good_pair(100)[0], good_pair(50)[1]), "50 labels for 100 images"),
+        ((torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)), "no images"),
+        ((torch.zeros(5, 28, 28), torch.zeros(5, dtype=torch.int64)), "not N x 28 x 28 uint8 images"),
+    ],
+    ids=["label-12", "100-images-50-labels", "empty", "float-images"],
+)
+def test_a_stale_processed_cache_is_checked_like_the_raw_files(
+    bad_pair, problem: str, data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_legacy_cache(data, good_pair(30), bad_pair)
+    line = refused(data, capsys, str(processed_dir(data) / LEGACY_FILES["test"]), problem)
+    assert f"delete {processed_dir(data)}" in line
+
+
+def test_a_good_processed_cache_is_read_and_named_as_the_source(data: Path, capsys: pytest.CaptureFixture) -> None:
+    """torchvision reads the cache instead of raw/: the data must be the cache's, and the start-up note says so."""
+    images, labels = good_pair(7, seed=3)
+    write_legacy_cache(data, good_pair(30), (images, labels))
+    check_dataset(data, download=False)
+    split = datasets.FashionMNIST(root=str(data), train=False)
+    assert torch.equal(split.data, images) and torch.equal(split.targets, labels)
+    assert "processed" in describe_dataset(data) and "instead of raw/" in describe_dataset(data)
+
+
+# ---------------------------------------------------------------------------------------------- synthetic-data
+
+
+def test_synthetic_data_refuses_to_replace_a_dataset_without_force(data: Path, capsys: pytest.CaptureFixture) -> None:
+    before = files_in(data)
+    returncode = main(["synthetic-data", "--out", str(data), "--train-size", "20", "--test-size", "10"])
+    one_error_line(returncode, capsys.readouterr().err, str(data), "already holds", "--force")
+    assert files_in(data) == before
+
+
+def test_synthetic_data_force_replaces_it_and_marks_it_synthetic(data: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["synthetic-data", "--out", str(data), "--train-size", "20", "--test-size", "10", "--force"]) == 0
+    assert len(datasets.FashionMNIST(root=str(data), train=True)) == 20
+    assert is_synthetic(data) and "synthetic" in describe_dataset(data)
+
+
+def test_real_files_over_a_synthetic_dataset_are_not_called_synthetic(tmp_path: Path) -> None:
+    write_synthetic_dataset(tmp_path, 20, 10)
+    assert is_synthetic(tmp_path)
+    labels = raw_dir(tmp_path) / TEST_LABELS
+    write_idx(labels, (np.fromfile(labels, dtype=np.uint8, offset=8) + 1) % 10)  # new files, old marker
+    assert (raw_dir(tmp_path) / MARKER).exists()
+    assert not is_synthetic(tmp_path) and describe_dataset(tmp_path) is None
+
+
+def test_training_on_synthetic_data_says_so_at_start(data_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(train_args(data_dir, tmp_path / "out", "--epochs", "1", "--no-progress"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start_up = result.stdout.splitlines()[0]
+    assert start_up.startswith("fmnist-dist: 1 process(es)") and "data: synthetic" in start_up
