@@ -46,6 +46,32 @@ class EpochStats:
     seconds: float
 
 
+class EpochTotals:
+    """The epoch's summed training loss and image count: this process's since the last fold, and the job's.
+
+    Folding (a sum over processes) happens only where a state is saved, so an uninterrupted run and one
+    resumed from any of its states add up the same numbers in the same order.
+    """
+
+    def __init__(self, device: torch.device, job_loss: float = 0.0, job_samples: float = 0) -> None:
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.samples = 0
+        self.job_loss, self.job_samples = job_loss, job_samples
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss += loss
+        self.samples += samples
+
+    def fold(self, accelerator: Accelerator) -> tuple[float, float]:
+        """Add every process's totals to the job's (all processes call this); return the job's."""
+        local = torch.stack([self.loss, torch.tensor(float(self.samples), device=self.loss.device).double()])
+        loss, samples = accelerator.reduce(local, "sum").tolist()
+        self.job_loss, self.job_samples = self.job_loss + loss, self.job_samples + samples
+        self.loss.zero_()
+        self.samples = 0
+        return self.job_loss, self.job_samples
+
+
 @dataclass(frozen=True)
 class TrainingData:
     """The prepared training loader, the sampler that orders it, and its plan and size."""
@@ -103,7 +129,6 @@ class Trainer:
             and accelerator.distributed_type != DistributedType.XLA
         )
         self._last_agreed_step = self.position.global_step
-        self._carried = (0.0, 0)
         self.last_eval: EvalResult | None = None
 
     def fit(self) -> None:
@@ -127,10 +152,7 @@ class Trainer:
         self.model.train()
         self.train.sampler.set_position(position.epoch, position.samples_done)
         batches = iter(self.train.loader)
-        # This process's totals since the epoch (re)started; a resumed state carries those of all processes before.
-        loss_sum = torch.zeros((), device=self.accelerator.device)
-        samples = 0
-        self._carried = (self.progress.epoch_loss_sum, self.progress.epoch_samples)
+        totals = EpochTotals(self.accelerator.device, self.progress.epoch_loss_sum, self.progress.epoch_samples)
         start = time.perf_counter()
         bar = progress_bar(self.accelerator, self.cfg.progress, f"epoch {position.epoch + 1}/{self.cfg.epochs}",
                            size - position.samples_done)
@@ -138,14 +160,13 @@ class Trainer:
             while not position.epoch_finished(size):
                 step_samples = position.step_samples(self.train.plan.global_batch, size)
                 step_loss, step_count = self._optimizer_step(batches, step_samples)
-                loss_sum += step_loss
-                samples += step_count
+                totals.add(step_loss, step_count)
                 position.advance(step_samples)
                 bar.update(step_samples)
-                self._after_step(bar, step_loss, step_samples, loss_sum, samples)
+                self._after_step(bar, step_loss, step_samples, totals)
         finally:
             bar.close()
-        total_loss, total_samples = self._epoch_totals(loss_sum, samples)
+        total_loss, total_samples = totals.fold(self.accelerator)
         return EpochStats(total_loss / total_samples, round(total_samples), time.perf_counter() - start)
 
     def _optimizer_step(self, batches, step_samples: int) -> tuple[torch.Tensor, int]:
@@ -182,8 +203,7 @@ class Trainer:
         self.scheduler.step()
         optimizer.zero_grad()
 
-    def _after_step(self, bar, step_loss: torch.Tensor, step_samples: int, loss_sum: torch.Tensor,
-                    samples: int) -> None:
+    def _after_step(self, bar, step_loss: torch.Tensor, step_samples: int, totals: EpochTotals) -> None:
         step = self.position.global_step
         if step % self.cfg.log_every == 0:
             # Reading a loss synchronises with the device, so it happens only on logged steps.
@@ -194,9 +214,9 @@ class Trainer:
         checkpoint_due = bool(self.cfg.checkpoint_every) and step % self.cfg.checkpoint_every == 0
         if not (checkpoint_due or step % STOP_CHECK_EVERY == 0):
             return
-        stop = self._agree_on_stop(loss_sum)
+        stop = self._agree_on_stop(totals.loss)
         if checkpoint_due or stop:
-            self.progress.epoch_loss_sum, self.progress.epoch_samples = self._epoch_totals(loss_sum, samples)
+            self.progress.epoch_loss_sum, self.progress.epoch_samples = totals.fold(self.accelerator)
             self._save_state()
         if stop:
             self._stopped()
@@ -231,13 +251,6 @@ class Trainer:
             f"{position.epoch + 1}, {position.samples_done}/{self.train.size} images); its state is saved in "
             f"{self.cfg.output_dir}; run the same command with --resume auto to continue"
         )
-
-    def _epoch_totals(self, loss_sum: torch.Tensor, samples: int) -> tuple[float, float]:
-        """The epoch's summed loss and images so far over all processes, with what a resumed state carried."""
-        local = torch.stack([loss_sum.double(), torch.tensor(float(samples), device=loss_sum.device).double()])
-        total_loss, total_samples = self.accelerator.reduce(local, "sum").tolist()
-        carried_loss, carried_samples = self._carried
-        return carried_loss + total_loss, carried_samples + total_samples
 
     def _save_state(self) -> Path:
         return save_training_state(self.accelerator, self.cfg.output_dir, self.progress, self.cfg.keep_states)

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, TEST_SIZE, cli_env, free_port, launch_cli, run_cli, train_args
+from conftest import CPU_LAUNCH_CONFIG, TEST_SIZE, TRAIN_SIZE, cli_env, free_port, launch_cli, run_cli, train_args
 
 EPOCHS = 2
 DEVICE_LINE = "process(es) on"
-SHARD_HELPER = Path(__file__).parent / "helpers" / "shard_indices.py"
-# 203 samples in batches of 8 on 2 processes: the last round has 11 real samples, so Accelerate pads it.
-SHARD_SIZE = 203
+RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
+# 1003 images in batches of 8 on 2 processes: the last round has 11 real images, so Accelerate pads it.
 SHARD_BATCH = 8
 SHARD_EPOCHS = 3
 
@@ -93,10 +92,11 @@ def test_device_line_is_printed_once_by_the_main_process(two_process_run) -> Non
 
 
 @pytest.mark.slow
-def test_scale_lr_multiplies_the_learning_rate_by_the_process_count(data_dir: Path, tmp_path: Path) -> None:
+def test_scale_lr_scales_the_learning_rate_with_the_global_batch(data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    result = launch_cli(train_args(data_dir, output_dir, "--epochs", "1", "--lr", "0.03", "--scale-lr", "--cpu"),
-                        cwd=tmp_path)
+    # 2 processes x 64 images: a global batch of 128, twice the reference batch of 64.
+    result = launch_cli(train_args(data_dir, output_dir, "--epochs", "1", "--lr", "0.03", "--scale-lr",
+                                   "--batch-size", "64", "--cpu"), cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
     # The optimizer's own learning rate, as Accelerate saved it with the end-of-epoch training state.
@@ -105,26 +105,27 @@ def test_scale_lr_multiplies_the_learning_rate_by_the_process_count(data_dir: Pa
     assert [group["lr"] for group in optimizer_state["param_groups"]] == [pytest.approx(0.03 * 2)]
 
 
-def launch_shard_helper(out: Path, seed: int) -> dict:
-    """Run tests/helpers/shard_indices.py on 2 gloo processes; return what each rank trained on, per epoch."""
+def launch_recorder(data_dir: Path, work: Path, seed: int) -> list[list[list[int]]]:
+    """Train on 2 gloo processes, recording what each rank trained on; per epoch, one list per rank."""
+    records = work / "records"
+    records.mkdir(parents=True)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-         "--main_process_port", str(free_port()), str(SHARD_HELPER), str(out), "--size", str(SHARD_SIZE),
-         "--batch-size", str(SHARD_BATCH), "--epochs", str(SHARD_EPOCHS), "--seed", str(seed)],
+         "--main_process_port", str(free_port()), str(RECORDER), str(records),
+         *train_args(data_dir, work / "out", "--batch-size", str(SHARD_BATCH), "--epochs", str(SHARD_EPOCHS),
+                     "--seed", str(seed), "--cpu", "--no-progress")],
         env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    shards = json.loads(out.read_text())
-    assert shards["world_size"] == 2
-    return shards
+    ranks = [json.loads((records / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    return [list(epoch) for epoch in zip(*ranks)]
 
 
 @pytest.fixture(scope="module")
-def shard_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
-    """Per epoch, per rank, the training indices kept: from two launches with the same seed."""
+def shard_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
+    """Per epoch, per rank, the training indices trained: from two launches with the same seed."""
     tmp = tmp_path_factory.mktemp("shards")
-    return (launch_shard_helper(tmp / "first.json", seed=7)["epochs"],
-            launch_shard_helper(tmp / "second.json", seed=7)["epochs"])
+    return launch_recorder(data_dir, tmp / "first", seed=7), launch_recorder(data_dir, tmp / "second", seed=7)
 
 
 @pytest.mark.slow
@@ -134,7 +135,7 @@ def test_every_training_index_is_seen_exactly_once_per_epoch(shard_runs) -> None
     assert len(epochs) == SHARD_EPOCHS
     for ranks in epochs:
         seen = [index for rank in ranks for index in rank]
-        assert sorted(seen) == list(range(SHARD_SIZE))
+        assert sorted(seen) == list(range(TRAIN_SIZE))
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import torch
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args
 
 from fmnist_dist.checkpoint import atomic_write, load_model, save_state_dict
+from fmnist_dist.errors import UsageError
 from fmnist_dist.model import NeuralNetwork
 from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, find_state
 from fmnist_dist.synthetic import write_synthetic_dataset
@@ -101,8 +102,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(processes: int, long_dat
     assert process.wait(timeout=30) == -signal.SIGKILL
     assert not (out / "model.pth").exists()
     progress = json.loads((find_state(out, "latest") / PROGRESS_FILE).read_text())
-    steps_per_epoch = -(-KILL_TRAIN_SIZE // (KILL_BATCH * processes))
-    assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] < steps_per_epoch, progress
+    position = progress["position"]
+    assert position["epoch"] == 0 and 0 < position["samples_done"] < KILL_TRAIN_SIZE, progress
 
     run_to_end(processes, kill_args(long_data_dir, out, *extra, "--resume"), tmp_path)
     expected, actual = read_weights(tmp_path / "reference"), read_weights(out)
@@ -150,7 +151,7 @@ def test_failed_model_save_leaves_previous_model_intact(tmp_path: Path, disk_ful
     path = tmp_path / "model.pth"
     torch.save(NeuralNetwork().state_dict(), path)
     before = files_in(tmp_path)
-    with pytest.raises((OSError, RuntimeError)):
+    with pytest.raises(UsageError, match=f"could not write {path}: no space left on device"):
         save_state_dict(NeuralNetwork().state_dict(), path)
     assert files_in(tmp_path) == before  # byte-identical, and no temporary file left behind
     load_model(path)
@@ -160,7 +161,7 @@ def test_failed_metrics_append_leaves_previous_metrics_intact(tmp_path: Path, di
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"epoch": 1}) + "\n")
     before = files_in(tmp_path)
-    with pytest.raises(OSError):
+    with pytest.raises(UsageError, match=f"could not write {path}: no space left on device"):
         MetricsLog(path, [{"epoch": 1}]).append({"epoch": 2, "note": "x" * 10000})
     assert files_in(tmp_path) == before
     assert MetricsLog.read(path) == [{"epoch": 1}]

@@ -3,8 +3,8 @@
     accelerate launch --config_file launch/cpu.yaml tests/helpers/fast_path_batches.py DATA_DIR OUT_DIR \
         --batch-size B --epochs E
 
-Builds the job's Accelerator (`build_accelerator`, so the seedable sampler deals the batches), then two
-training loaders made by the job's `make_loader` and prepared by Accelerate: one over the fast in-memory split
+Builds the job's Accelerator (`build_accelerator`, which splits each global batch between the processes), then
+two training loaders made by the job's `ordered_loader` and prepared by Accelerate: one over the fast in-memory split
 (`load_split` without transforms) and one over torchvision's FashionMNIST with `transform=ToTensor()`
 (`load_split(..., transform=ToTensor())`). Both are iterated in step for every epoch; each rank writes what it
 saw to OUT_DIR/rank<N>.json: per batch, whether the two agree exactly and the fast batch's dtype, shape and
@@ -22,8 +22,9 @@ import torch
 from torchvision.transforms import ToTensor
 
 from fmnist_dist.config import TrainConfig
-from fmnist_dist.data import InMemoryFashionMNIST, load_split, make_loader
+from fmnist_dist.data import InMemoryFashionMNIST, load_split, ordered_loader
 from fmnist_dist.job import build_accelerator
+from fmnist_dist.sampling import GlobalOrderBatchSampler
 
 
 def compare_batches(data_dir: Path, batch_size: int, epochs: int, seed: int) -> dict:
@@ -34,14 +35,16 @@ def compare_batches(data_dir: Path, batch_size: int, epochs: int, seed: int) -> 
     fast_set = load_split(data_dir, train=True, download=False)
     torchvision_set = load_split(data_dir, train=True, download=False, transform=ToTensor())
     assert isinstance(fast_set, InMemoryFashionMNIST) and not isinstance(torchvision_set, InMemoryFashionMNIST)
+    # The job's loaders: global micro-batches of each epoch's order, split between the processes by Accelerate.
+    samplers = [GlobalOrderBatchSampler(len(fast_set), batch_size * accelerator.num_processes, seed) for _ in "ab"]
     fast_loader, torchvision_loader = accelerator.prepare(
-        make_loader(fast_set, batch_size, True, num_workers=0, pin_memory=False),
-        make_loader(torchvision_set, batch_size, True, num_workers=0, pin_memory=False),
+        ordered_loader(fast_set, samplers[0], num_workers=0, pin_memory=False),
+        ordered_loader(torchvision_set, samplers[1], num_workers=0, pin_memory=False),
     )
     batches = []
     for epoch in range(epochs):
-        fast_loader.set_epoch(epoch)
-        torchvision_loader.set_epoch(epoch)
+        for sampler in samplers:
+            sampler.set_position(epoch, 0)
         for (images, labels), (expected_images, expected_labels) in zip(fast_loader, torchvision_loader, strict=True):
             batches.append({
                 "epoch": epoch,

@@ -1,0 +1,59 @@
+"""`fmnist-dist` as usual, recording which training images each process trains on, in order.
+
+    accelerate launch --config_file launch/cpu.yaml tests/helpers/record_trained_indices.py RECORD_DIR train ...
+
+The model is the job's NeuralNetwork with a forward pass that, in training mode, notes the images it is given
+(after the Trainer has dropped Accelerate's padding) and finds their indices in the training set by content.
+Training itself is unchanged. Each process writes RECORD_DIR/rank-<R>.json: for each epoch it trained (or
+resumed), the indices it trained, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import fmnist_dist.job
+from fmnist_dist.cli import main
+from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.training import Trainer
+
+trained: list[list[bytes]] = []
+train_epoch = Trainer._train_epoch
+
+
+def recording_epoch(self: Trainer):
+    trained.append([])
+    return train_epoch(self)
+
+
+class RecordingNetwork(NeuralNetwork):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            pixels = (x * 255).round().to(torch.uint8).cpu()
+            trained[-1].extend(image.numpy().tobytes() for image in pixels)
+        return super().forward(x)
+
+
+def indices_by_content(data_dir: Path) -> dict[bytes, int]:
+    from fmnist_dist.data import load_split
+
+    images = load_split(data_dir, train=True, download=False).images.unsqueeze(1)
+    index = {image.numpy().tobytes(): i for i, image in enumerate(images)}
+    assert len(index) == len(images), "the training images must be unique to be told apart"
+    return index
+
+
+if __name__ == "__main__":
+    record_dir, argv = Path(sys.argv[1]), sys.argv[2:]
+    fmnist_dist.job.NeuralNetwork = RecordingNetwork
+    Trainer._train_epoch = recording_epoch
+    code = main(argv)
+    index = indices_by_content(Path(argv[argv.index("--data-dir") + 1]))
+    rank = os.environ.get("RANK", "0")
+    (record_dir / f"rank-{rank}.json").write_text(json.dumps([[index[image] for image in epoch] for epoch in trained]))
+    sys.exit(code)
