@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 import torch
 from torch import nn
 
-from fmnist_dist.errors import UsageError
+from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.model import NeuralNetwork
 
 
@@ -24,23 +26,80 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     `write` fills a hidden temporary file in the same directory, which is flushed to disk and then renamed over
     `path` (a rename within one file system is atomic). The new file gets the old one's permissions, or, for a
     new file, those a plain `open` would give it.
+
+    Raises:
+        UsageError: the file system refused (a full disk, no permission); the temporary file is removed.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open applies the umask as open() does (tempfile.mkstemp would make the file private to its owner).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.exists():
-                os.chmod(f.fileno(), stat.S_IMODE(path.stat().st_mode))
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with reporting_write_errors(path, f"the previous {path.name}, if any, is unchanged; free some space or fix "
+                                      "the file system, then run again"):
+        # os.open applies the umask as open() does (tempfile.mkstemp would make the file private to its owner).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if path.exists():
+                    os.chmod(f.fileno(), stat.S_IMODE(path.stat().st_mode))
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     _fsync_directory(path.parent)  # make the rename itself survive a power loss
+
+
+@contextmanager
+def reporting_write_errors(path: Path, advice: str) -> Iterator[None]:
+    """Turn a failure to write `path` (a file or a directory) into a UsageError naming it, the cause and `advice`.
+
+    Only failures of the file system are turned: an OSError anywhere in the exception's chain, or any error
+    while the file system is full (writers such as torch.save and safetensors report a full disk in their
+    own words, "unexpected pos 1280 vs 1174"). Any other error (a bug) passes through unchanged.
+    """
+    try:
+        yield
+    except Exception as error:
+        cause = write_failure_cause(error, Path(path))
+        if cause is None:
+            raise
+        raise UsageError(f"could not write {path}: {cause}; {advice}") from error
+
+
+def write_failure_cause(error: BaseException, path: Path) -> str | None:
+    """Why writing `path` failed, in the system's words ("no space left on device"), or None for a bug."""
+    chain = _exception_chain(error)
+    for link in chain:
+        if isinstance(link, OSError):
+            return (link.strerror or first_line(link)).lower()
+    text = " ".join(str(link) for link in chain)
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if os.strerror(code) in text:
+            return os.strerror(code).lower()
+    if _free_bytes(path) == 0:
+        return os.strerror(errno.ENOSPC).lower()
+    return None
+
+
+def _exception_chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    return chain
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer can still use on the file system of `path` (or of its nearest parent)."""
+    for candidate in (path, *path.parents):
+        try:
+            stats = os.statvfs(candidate)
+        except OSError:
+            continue
+        return stats.f_bavail * stats.f_frsize
+    return None
 
 
 def _fsync_directory(directory: Path) -> None:

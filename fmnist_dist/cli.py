@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -20,12 +19,13 @@ from pathlib import Path
 from typing import NoReturn
 
 import fmnist_dist
-from fmnist_dist import CLASSES
+from fmnist_dist import CLASSES, strict_json
 from fmnist_dist.config import (
     DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MOMENTUM, LR_SCHEDULES, REFERENCE_BATCH_SIZE, RESUME_LATEST, TrainConfig,
     check_at_most, check_positive, check_seed,
 )
 from fmnist_dist.errors import UsageError
+from fmnist_dist.lifecycle import stop_with_launcher
 from fmnist_dist.preemption import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
 
 USAGE_ERROR = 2
@@ -61,6 +61,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; a UsageError becomes one line on stderr and exit code 2, a requested stop exit 75."""
+    stop_with_launcher()  # first: a launcher killed from now on takes this process with it
     argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, so that the message points to its --help
@@ -203,8 +204,10 @@ def _train(args: argparse.Namespace) -> int:
     # exits, so that a signal after training has finished does not turn a finished run into a killed one.
     stop = StopRequest().install()
     from fmnist_dist.job import run_training  # heavy imports only for the commands that need them
+    from fmnist_dist.rank_errors import lost_peers_reported
 
-    run_training(cfg, given_flags(args.argv), stop)
+    with lost_peers_reported():
+        run_training(cfg, given_flags(args.argv), stop)
     return 0
 
 
@@ -229,8 +232,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     # None (JSON null) for a class the test set lacks: NaN is not valid JSON.
     per_class = {name: None if math.isnan(a) else a for name, a in zip(CLASSES, result.per_class_accuracy())}
     if args.json:
-        print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "samples": result.samples,
-                          "per_class_accuracy": per_class}))
+        print(strict_json.dumps({"accuracy": result.accuracy, "loss": result.loss, "samples": result.samples,
+                                 "per_class_accuracy": per_class}))
         return 0
     print(f"test accuracy {100 * result.accuracy:.2f}%, loss {result.loss:.4f} ({result.samples} images)")
     for name, accuracy in per_class.items():
@@ -281,5 +284,12 @@ def _is_main_process() -> bool:
 
 
 def _report(message: str) -> None:
-    if _is_main_process():
-        print(f"fmnist-dist: error: {message}", file=sys.stderr)
+    """Print an error, one line per line of `message`, once per node.
+
+    Where several processes share a node they hit the same error (the same flags, files and data), or one
+    process hit it and `rank_errors.fail_together` brought its message to them all: the node's first process
+    (LOCAL_RANK 0, set by the launcher; absent in a plain run) prints it.
+    """
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for line in message.splitlines():
+            print(f"fmnist-dist: error: {line}", file=sys.stderr)

@@ -96,6 +96,8 @@ class TrainConfig:
         check_at_least_zero("--warmup-epochs", self.warmup_epochs)
         if self.warmup_steps and self.warmup_epochs:
             raise UsageError("--warmup-steps and --warmup-epochs exclude each other; pass only one of them")
+        if self.overwrite and self.resume is not None:
+            raise UsageError("--overwrite (start afresh) and --resume (continue) exclude each other; pass only one")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UsageError(f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         check_seed("--seed", self.seed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import accelerate
 import torch
 import torchvision
-from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 
@@ -25,11 +24,13 @@ import fmnist_dist
 from fmnist_dist.checkpoint import save_state_dict
 from fmnist_dist.config import TrainConfig
 from fmnist_dist.data import first_images, is_on_device, load_split, make_loader, ordered_loader, place_on_device
-from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.errors import UsageError
 from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.output_dir import OutputDirLock, claim_output_dir, remove_earlier_run
 from fmnist_dist.plots import plot_run
 from fmnist_dist.position import BatchPlan, steps_per_epoch
 from fmnist_dist.preemption import StopRequest, TrainingStopped
+from fmnist_dist.rank_errors import fail_together, main_process_first
 from fmnist_dist.resume import check_resumable, describe_resume, plan_start, record_setup
 from fmnist_dist.sampling import GlobalOrderBatchSampler
 from fmnist_dist.schedule import build_scheduler, peak_lr
@@ -55,19 +56,24 @@ def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset(), stop: St
         UsageError: bad settings, data or state; or training diverged.
         TrainingStopped: a stop signal arrived; a state was saved where every process stopped.
     """
-    return _train(cfg, given, stop or StopRequest())
+    with OutputDirLock(cfg.output_dir) as output_lock:
+        return _train(cfg, given, stop or StopRequest(), output_lock)
 
 
-def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest) -> dict[str, Any]:
-    check_output_dir(cfg.output_dir)
-    start = plan_start(cfg, given)  # a resumed run's settings decide everything below, the Accelerator included
+def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lock: OutputDirLock) -> dict[str, Any]:
+    processes = join_processes(cfg)
+    check_all_processes_joined(processes)
+    claim_output_dir(processes, output_lock, cfg.resume, cfg.overwrite)  # before anything there is read
+    with fail_together(processes):
+        start = plan_start(cfg, given)  # a resumed run's settings decide everything below, the Accelerator included
     cfg, progress = start.cfg, start.progress
     accelerator = build_accelerator(cfg)
-    check_all_processes_joined(accelerator)
     set_seed(cfg.seed)  # the same initial weights on every process, and reproducible ones
     train_set, test_set = load_datasets(cfg, accelerator)
     plan = BatchPlan.from_config(cfg, accelerator.num_processes)
     check_resumable(start, len(train_set))
+    if cfg.overwrite:  # only now that the settings, data and state have passed their checks
+        remove_earlier_run(accelerator, cfg.output_dir)
     accelerator.print(describe_setup(accelerator, plan))
     if start.state_dir is not None:
         accelerator.print(describe_resume(start, plan))
@@ -104,16 +110,9 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest) -> dict[s
     return progress.metrics[-1]
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """Refuse an output directory that cannot be created or written, before any work is done."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as error:
-        raise UsageError(
-            f"cannot write to output directory {output_dir} ({first_line(error)}); choose another --output-dir"
-        ) from error
+def join_processes(cfg: TrainConfig) -> PartialState:
+    """Join the job's processes in one process group first, so that any later error can reach them all."""
+    return PartialState(cpu=wants_cpu(cfg.cpu), timeout=COLLECTIVE_TIMEOUT)
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -134,7 +133,6 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         # One schedule step per optimizer step (without this, Accelerate steps it once per process).
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
     )
 
 
@@ -143,13 +141,13 @@ def wants_cpu(cpu_flag: bool) -> bool:
     return cpu_flag or parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
-def check_all_processes_joined(accelerator: Accelerator) -> None:
+def check_all_processes_joined(processes: PartialState) -> None:
     """Refuse a launch whose processes did not form one job (each would train alone and overwrite the others)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
+    if launched != processes.num_processes:
         raise UsageError(
             f"accelerate launch started {launched} processes but they did not join one job "
-            f"({accelerator.num_processes} process(es) on {accelerator.device}); on a machine without a GPU per "
+            f"({processes.num_processes} process(es) on {processes.device}); on a machine without a GPU per "
             "process pass --cpu (or set ACCELERATE_USE_CPU=1) to run them on the CPU over gloo"
         )
 
@@ -165,10 +163,15 @@ def describe_setup(accelerator: Accelerator, plan: BatchPlan) -> str:
 
 
 def load_datasets(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
-    """Both splits; the main process downloads first so that processes never race on the files."""
-    with accelerator.main_process_first():
-        train_set = load_split(cfg.data_dir, train=True, download=cfg.download)
-        test_set = load_split(cfg.data_dir, train=False, download=cfg.download)
+    """Both splits; the main process downloads first so that processes never race on the files.
+
+    Raises:
+        UsageError: on every process, when the data is missing or damaged on any (say on one node only).
+    """
+    train_set, test_set = main_process_first(accelerator, lambda: (
+        load_split(cfg.data_dir, train=True, download=cfg.download),
+        load_split(cfg.data_dir, train=False, download=cfg.download),
+    ))
     return (place_on_device(train_set, accelerator, cfg.data_on_device),
             place_on_device(test_set, accelerator, cfg.data_on_device))
 

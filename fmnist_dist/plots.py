@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fmnist_dist import CLASSES  # noqa: E402
+from fmnist_dist.checkpoint import atomic_write  # noqa: E402
 from fmnist_dist.errors import UsageError, first_line  # noqa: E402
 from fmnist_dist.tracking import MetricsLog  # noqa: E402
 
@@ -74,6 +75,9 @@ def records_for_plot(metrics_path: Path) -> list[dict[str, Any]]:
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    """Write the figure as PNG atomically: a failed redraw leaves the previous plot whole."""
+    try:
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

@@ -14,10 +14,12 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from fmnist_dist.checkpoint import atomic_write
+from fmnist_dist import strict_json
+from fmnist_dist.checkpoint import atomic_write, reporting_write_errors
 from fmnist_dist.config import RESUME_AUTO, RESUME_LATEST
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.position import TrainingPosition
+from fmnist_dist.rank_errors import fail_together
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
@@ -69,23 +71,35 @@ class Progress:
 
 
 def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Progress, keep: int) -> Path:
-    """Save model, optimizer, RNG states and `progress` (all processes call this); keep the newest `keep` states."""
+    """Save model, optimizer, RNG states and `progress` (all processes call this); keep the newest `keep` states.
+
+    Raises:
+        UsageError: on every process, when any process could not write its part (a full disk, say); the
+            unfinished state is removed and the earlier states are left as they were.
+    """
     root = Path(output_dir) / STATE_DIR
     final = root / f"{STATE_PREFIX}{progress.global_step:09d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    if accelerator.is_main_process:
-        _remove_unfinished(root)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        text = json.dumps(asdict(progress), indent=1)
-        atomic_write(tmp / PROGRESS_FILE, lambda f: f.write(text.encode()))
-        shutil.rmtree(final, ignore_errors=True)  # a state of the same step from a replayed stretch
-        tmp.rename(final)
-        _prune(root, keep)
-    accelerator.wait_for_everyone()
+    advice = "the earlier states are intact; free some space, then continue with --resume"
+    try:
+        # Each stretch ends with an exchange of errors, which is also the barrier between the stretches.
+        with fail_together(accelerator), reporting_write_errors(final, advice):
+            if accelerator.is_main_process:
+                _remove_unfinished(root)
+                tmp.mkdir(parents=True)
+        with fail_together(accelerator), reporting_write_errors(final, advice):
+            accelerator.save_state(str(tmp))
+        with fail_together(accelerator), reporting_write_errors(final, advice):
+            if accelerator.is_main_process:
+                text = strict_json.dumps(asdict(progress), indent=1)
+                atomic_write(tmp / PROGRESS_FILE, lambda f: f.write(text.encode()))
+                shutil.rmtree(final, ignore_errors=True)  # a state of the same step from a replayed stretch
+                tmp.rename(final)
+                _prune(root, keep)
+    except Exception:
+        if accelerator.is_main_process:  # after the exchange: no process writes into it any more
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

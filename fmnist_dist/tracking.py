@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 from accelerate import Accelerator
 
-from fmnist_dist import CLASSES
+from fmnist_dist import CLASSES, strict_json
 from fmnist_dist.checkpoint import atomic_write
 from fmnist_dist.errors import first_line
 
@@ -28,7 +28,7 @@ WANDB = "wandb"
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per epoch, rewritten whole and atomically at every append."""
+    """`metrics.jsonl`: one strict JSON object per epoch (non-finite values as null), rewritten atomically."""
 
     def __init__(self, path: Path, records: Sequence[dict[str, Any]] = ()) -> None:
         self.path = Path(path)
@@ -36,7 +36,7 @@ class MetricsLog:
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        lines = "".join(json.dumps(r) + "\n" for r in self.records)
+        lines = "".join(strict_json.dumps(r) + "\n" for r in self.records)
         atomic_write(self.path, lambda f: f.write(lines.encode()))
 
     @staticmethod

@@ -132,7 +132,8 @@ def test_damaged_dataset_file_is_refused(
     damage: Callable[[Path], str], problem: str, corrupt_data_dir: Path, output_dir: Path
 ) -> None:
     name = damage(corrupt_data_dir / "FashionMNIST" / "raw")
-    train_refused(corrupt_data_dir, output_dir, named=(name, problem, "download again"))
+    # --overwrite: even a run allowed to replace the earlier run leaves it alone when its data is damaged.
+    train_refused(corrupt_data_dir, output_dir, "--overwrite", named=(name, problem, "download again"))
 
 
 # ----------------------------------------------------------------------------------- output dir and resume

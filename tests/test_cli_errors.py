@@ -60,7 +60,8 @@ def test_bad_train_flag_is_refused_with_one_line(flags, culprit, data_dir: Path,
 def test_missing_dataset_with_no_download_is_refused_with_one_line(tmp_path: Path, previous_results: Path) -> None:
     missing = tmp_path / "no-data"
 
-    assert_refused(train_args(missing, previous_results), tmp_path, str(missing), previous_results)
+    # --overwrite: even a run allowed to replace the earlier results leaves them alone when its data is missing.
+    assert_refused(train_args(missing, previous_results, "--overwrite"), tmp_path, str(missing), previous_results)
 
 
 def test_missing_checkpoint_is_refused_with_one_line(data_dir: Path, previous_results: Path) -> None:
@@ -73,6 +74,6 @@ def test_missing_checkpoint_is_refused_with_one_line(data_dir: Path, previous_re
 def test_failed_download_is_refused_with_one_line(tmp_path: Path, previous_results: Path) -> None:
     # No network here (and none needed): the download of a fresh, empty data directory fails.
     empty = tmp_path / "empty-data"
-    args = [arg for arg in train_args(empty, previous_results) if arg != "--no-download"]
+    args = [arg for arg in train_args(empty, previous_results, "--overwrite") if arg != "--no-download"]
 
     assert_refused(args, tmp_path, str(empty), previous_results)

@@ -1,0 +1,219 @@
+"""The output directory belongs to one job at a time, and an earlier run in it is never replaced by accident.
+
+The main process locks `<output-dir>/.fmnist-dist.lock` (flock) before anything there is read or written and
+holds it for the whole run; the OS releases it when the process dies, even by SIGKILL. A new run refuses a
+directory that holds an earlier run unless it continues it (`--resume`) or replaces it (`--overwrite`, which
+removes only what fmnist-dist wrote). On several nodes every process checks that it sees the main process's
+lock file, that is, that `--output-dir` is one directory shared by every node.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.rank_errors import fail_together
+from fmnist_dist.state import STATE_DIR, STATE_PREFIX, TMP_PREFIX, complete_states
+from fmnist_dist.training import output_paths
+
+LOCK_FILE = ".fmnist-dist.lock"
+
+
+class OutputDirLock:
+    """An exclusive lock on an output directory; `acquire` takes it, leaving the `with` block releases it."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / LOCK_FILE
+        self.token: str | None = None  # written into the lock file, for other processes to recognise it
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputDirLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock without waiting, creating the directory, and record this process in the lock file.
+
+        Raises:
+            UsageError: another job holds the lock, or the directory cannot be created, written or locked.
+        """
+        with _refusing_unwritable(self.output_dir):
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            while self._fd is None:
+                self._fd = self._try_lock()
+            self.token = secrets.token_hex(16)
+            holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token})
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, holder.encode())
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (nothing happens when it is not held)."""
+        if self._fd is None:
+            return
+        # Removed while still locked: a job that opened the file meanwhile sees that it is gone once it gets the
+        # lock, and retries on a fresh file (see _try_lock), so that two jobs never hold two different files.
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def _try_lock(self) -> int | None:
+        """A locked descriptor of the file now at `self.path`, or None when that file was replaced meanwhile."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _describe(read_holder(self.path))
+            raise UsageError(
+                f"--output-dir {self.output_dir} is in use by another fmnist-dist job ({holder}); wait for it to "
+                "end, or choose another --output-dir"
+            ) from None
+        except OSError:
+            os.close(fd)
+            raise
+        if _same_file(fd, self.path):
+            return fd
+        os.close(fd)
+        return None
+
+
+def read_holder(lock_path: Path) -> dict[str, Any] | None:
+    """The pid, host and token recorded in a lock file, or None if it is missing or not (yet) written."""
+    try:
+        holder = json.loads(Path(lock_path).read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def claim_output_dir(processes: PartialState, lock: OutputDirLock, resume: str | None, overwrite: bool) -> None:
+    """Lock the output directory for this job and check that it may train there (every process calls this).
+
+    Args:
+        processes: the job's processes (the main one takes the lock).
+        lock: the output directory's lock, held until the caller's `with lock` block ends.
+        resume: `--resume` (None for a new run).
+        overwrite: `--overwrite` (a new run may replace an earlier one).
+
+    Raises:
+        UsageError: on every process, when another job holds the directory; it holds an earlier run and this
+            run neither resumes nor overwrites it; it cannot be written; or some process, on another node, does
+            not see the same directory.
+    """
+    with fail_together(processes):
+        if processes.is_main_process:
+            lock.acquire()
+            if resume is None and not overwrite:
+                refuse_earlier_run(lock.output_dir)
+    (token,) = broadcast_object_list([lock.token])
+    with fail_together(processes):
+        if not processes.is_main_process:
+            check_shared(lock, token, processes.process_index)
+
+
+def refuse_earlier_run(output_dir: Path) -> None:
+    """Refuse a new run into a directory that holds an earlier run's results.
+
+    Raises:
+        UsageError: naming what is there and the three ways on.
+    """
+    found = earlier_run(output_dir)
+    if found:
+        raise UsageError(
+            f"--output-dir {output_dir} holds an earlier run ({', '.join(found)}); continue it with --resume "
+            "(or --resume auto), replace it with --overwrite, or choose another --output-dir"
+        )
+
+
+def earlier_run(output_dir: Path) -> list[str]:
+    """What of an earlier run `output_dir` holds: its complete states, metrics.jsonl, model.pth."""
+    found = []
+    if states := complete_states(output_dir / STATE_DIR):
+        found.append(f"{len(states)} saved state(s) in {STATE_DIR}/")
+    paths = output_paths(output_dir)
+    found += [paths[key].name for key in ("metrics", "model") if paths[key].exists()]
+    return found
+
+
+def check_shared(lock: OutputDirLock, token: str | None, process_index: int) -> None:
+    """Refuse to go on where this process does not see the main process's lock file, or cannot write there.
+
+    Raises:
+        UsageError: `--output-dir` is another directory here than on the main process's node, or not writable.
+    """
+    holder = read_holder(lock.path)
+    if holder is None or holder.get("token") != token:
+        raise UsageError(
+            f"--output-dir {lock.output_dir} is not the same directory on every node: process {process_index} on "
+            f"{socket.gethostname()} does not see the lock file the main process wrote there; on several nodes "
+            "pass an --output-dir on storage that every node shares"
+        )
+    with _refusing_unwritable(lock.output_dir), tempfile.TemporaryFile(dir=lock.output_dir):
+        pass
+
+
+def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
+    """`--overwrite`: delete what an earlier fmnist-dist run wrote in `output_dir`, and nothing else.
+
+    That is its complete states and unfinished `.tmp-step-*` states under `state/`, metrics.jsonl, model.pth and
+    the plots. Every process calls this; the main process deletes.
+
+    Raises:
+        UsageError: on every process, when a file cannot be deleted.
+    """
+    with fail_together(processes), _refusing_unwritable(output_dir):
+        if processes.is_main_process:
+            root = output_dir / STATE_DIR
+            for state in [*complete_states(root), *_unfinished_states(root)]:
+                shutil.rmtree(state)
+            for path in output_paths(output_dir).values():
+                path.unlink(missing_ok=True)
+
+
+def _unfinished_states(root: Path) -> list[Path]:
+    """The `.tmp-step-*` directories an interrupted save leaves (those that hold a state's files)."""
+    if not root.is_dir():
+        return []
+    return [p for p in root.glob(f"{TMP_PREFIX}{STATE_PREFIX}*") if p.is_dir()]
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "its pid is not recorded yet"
+    return f"pid {holder.get('pid')} on {holder.get('host')}"
+
+
+@contextmanager
+def _refusing_unwritable(output_dir: Path) -> Iterator[None]:
+    """Turn an OSError on the output directory into the one-line refusal that names it."""
+    try:
+        yield
+    except OSError as error:
+        raise UsageError(
+            f"cannot write to output directory {output_dir} ({first_line(error)}); choose another --output-dir"
+        ) from error

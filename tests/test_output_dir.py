@@ -1,0 +1,132 @@
+"""Output directories are owned, not overwritten: a new run refuses an earlier run's directory unless told to
+resume or overwrite; --overwrite removes only what fmnist-dist wrote; one job at a time holds the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, run_cli, train_args
+
+from fmnist_dist.output_dir import LOCK_FILE
+from fmnist_dist.state import PROGRESS_FILE, STATE_DIR
+from fmnist_dist.synthetic import write_synthetic_dataset
+
+PREFIX = "fmnist-dist: error: "
+QUIET = {"OMP_NUM_THREADS": "1"}
+
+
+def hashes(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (hidden ones included), by relative path, with its SHA-256."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The refusal's only stderr line, after checking exit code 2 and no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), result.stderr
+    return lines[0]
+
+
+def states(output_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in (output_dir / STATE_DIR).glob(f"*/{PROGRESS_FILE}"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch run: two states, metrics.jsonl with two epochs, model.pth and the plots."""
+    work = tmp_path_factory.mktemp("finished")
+    result = run_cli(train_args(data_dir, work / "out", "--no-progress"), cwd=work, **QUIET)
+    assert result.returncode == 0, result.stderr
+    return work / "out"
+
+
+@pytest.fixture
+def earlier_run(finished_run: Path, tmp_path: Path) -> Path:
+    """A copy of the finished run's output directory, for one test to run into."""
+    return Path(shutil.copytree(finished_run, tmp_path / "out"))
+
+
+def test_rerun_without_resume_is_refused_and_changes_nothing(data_dir: Path, earlier_run: Path) -> None:
+    before = hashes(earlier_run)
+    result = run_cli(train_args(data_dir, earlier_run, "--epochs", "1"), cwd=earlier_run.parent, **QUIET)
+    line = one_error_line(result)
+    for word in (str(earlier_run), "holds an earlier run", "saved state", "metrics.jsonl", "model.pth",
+                 "--resume", "--overwrite"):
+        assert word in line, (word, line)
+    assert hashes(earlier_run) == before  # byte for byte, and nothing added (not even the lock file)
+
+
+def test_overwrite_starts_afresh_and_removes_only_what_fmnist_dist_wrote(data_dir: Path, earlier_run: Path) -> None:
+    assert states(earlier_run) == ["step-000000032", "step-000000064"]
+    unrelated = {earlier_run / "notes.txt": b"mine", earlier_run / STATE_DIR / "README": b"mine too",
+                 earlier_run / STATE_DIR / "step-000000099" / "data.bin": b"not a state: no progress.json"}
+    for path, content in unrelated.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    unfinished = earlier_run / STATE_DIR / ".tmp-step-000000077"  # left by a save that was killed
+    unfinished.mkdir()
+    (unfinished / "model.safetensors").write_bytes(b"partial")
+
+    result = run_cli(train_args(data_dir, earlier_run, "--epochs", "1", "--overwrite", "--no-progress"),
+                     cwd=earlier_run.parent, **QUIET)
+
+    assert result.returncode == 0, result.stderr
+    assert states(earlier_run) == ["step-000000032"]  # the earlier step-64 is gone: a fresh history
+    assert len((earlier_run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not unfinished.exists()
+    assert {path: path.read_bytes() for path in unrelated} == unrelated
+    assert not (earlier_run / LOCK_FILE).exists()
+
+
+def test_an_unrelated_state_folder_survives_a_new_run(data_dir: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    own = {output_dir / STATE_DIR / "plan.txt": b"my notes", output_dir / STATE_DIR / "old" / "x.bin": b"\0" * 10}
+    for path, content in own.items():
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+
+    result = run_cli(train_args(data_dir, output_dir, "--epochs", "1", "--no-progress"), cwd=tmp_path, **QUIET)
+
+    assert result.returncode == 0, result.stderr  # a folder that holds no fmnist-dist state is no earlier run
+    assert {path: path.read_bytes() for path in own} == own
+    assert states(output_dir) == ["step-000000032"]
+
+
+# ------------------------------------------------------------------------------------------- one job at a time
+
+BUSY_TRAIN_SIZE = 6000
+
+
+@pytest.fixture(scope="module")
+def busy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough small batches that a job still trains while another one, started with it, starts up."""
+    root = tmp_path_factory.mktemp("busy")
+    write_synthetic_dataset(root, BUSY_TRAIN_SIZE, 100, seed=3)
+    return root
+
+
+@pytest.mark.slow
+def test_two_jobs_started_together_one_runs_the_other_refuses(busy_data_dir: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    args = train_args(busy_data_dir, output_dir, "--batch-size", "8", "--no-progress", "--seed")
+    jobs = [subprocess.Popen([sys.executable, "-m", "fmnist_dist", *map(str, args), str(seed)], cwd=tmp_path,
+                             env=cli_env(**QUIET), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for seed in (1, 2)]
+    results = [(job.pid, *job.communicate(timeout=300), job.returncode) for job in jobs]
+
+    assert sorted(returncode for *_, returncode in results) == [0, 2], results
+    (winner,) = [pid for pid, *_, returncode in results if returncode == 0]
+    (refused,) = [subprocess.CompletedProcess([], returncode, out, err)
+                  for _, out, err, returncode in results if returncode == 2]
+    line = one_error_line(refused)
+    assert f"{output_dir} is in use by another fmnist-dist job (pid {winner} on " in line, line
+    assert states(output_dir) and not (output_dir / LOCK_FILE).exists()

@@ -1,0 +1,122 @@
+"""Every process's error reaches the user, and the job ends promptly: two nodes emulated on this machine (two
+`accelerate launch --num_machines 2`, one CPU process each, on the loopback address)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args
+from processes import children
+
+from fmnist_dist.state import PROGRESS_FILE, STATE_DIR
+from fmnist_dist.synthetic import write_synthetic_dataset
+
+pytestmark = pytest.mark.slow
+
+PROMPT_S = 60  # well under the 10-minute collective timeout a waiting process would otherwise sit out
+QUIET = {"OMP_NUM_THREADS": "1"}
+ERROR = "fmnist-dist: error: "
+
+
+def node_command(machine_rank: int, port: int, args: Sequence) -> list[str]:
+    """`accelerate launch` of node `machine_rank` of two, one process each, meeting on 127.0.0.1:`port`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
+            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "-m", "fmnist_dist", *map(str, args)]
+
+
+def start_two_nodes(node_args: Sequence[Sequence], cwd: Path) -> list[subprocess.Popen]:
+    """Both nodes' launchers, each in a session of its own, output (stdout and stderr together) piped."""
+    port = free_port()
+    return [subprocess.Popen(node_command(rank, port, args), cwd=cwd, env=cli_env(**QUIET), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            for rank, args in enumerate(node_args)]
+
+
+def finish(nodes: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """Each node's exit code and output; fails the test if a node is still running after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for node in nodes:
+            output, _ = node.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((node.returncode, output))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a node still ran {timeout} s after the job failed")
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.communicate()
+    return results
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith(ERROR)]
+
+
+def no_traceback_through_fmnist_dist(output: str) -> bool:
+    # The launcher prints its own report (ChildFailedError) of a failed process; no process prints a traceback.
+    return "fmnist_dist/" not in output.replace("-m fmnist_dist", "")
+
+
+def test_missing_data_on_the_second_node_is_reported_there_and_ends_both(data_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "not-copied-here"
+    common = ("--cpu", "--epochs", "1", "--no-progress")
+    nodes = start_two_nodes([train_args(data_dir, tmp_path / "out", *common),
+                             train_args(missing, tmp_path / "out", *common)], tmp_path)
+    (code0, output0), (code1, output1) = finish(nodes, PROMPT_S)
+
+    assert code0 != 0 and code1 != 0
+    (line1,) = error_lines(output1)
+    assert str(missing) in line1 and "--no-download" in line1, line1
+    (line0,) = error_lines(output0)
+    assert "process 1 on" in line0 and str(missing) in line0, line0  # the first node says which process failed
+    assert no_traceback_through_fmnist_dist(output0 + output1), output0 + output1
+    assert not (tmp_path / "out" / "model.pth").exists()
+
+
+def test_an_output_dir_not_shared_by_the_nodes_is_refused_before_training(data_dir: Path, tmp_path: Path) -> None:
+    common = ("--cpu", "--epochs", "1", "--no-progress")
+    nodes = start_two_nodes([train_args(data_dir, tmp_path / "node0-out", *common),
+                             train_args(data_dir, tmp_path / "node1-out", *common)], tmp_path)
+    (code0, output0), (code1, output1) = finish(nodes, PROMPT_S)
+
+    assert code0 != 0 and code1 != 0
+    (line1,) = error_lines(output1)
+    assert "not the same directory on every node" in line1 and "shares" in line1, line1
+    assert len(error_lines(output0)) == 1
+    assert not list(tmp_path.rglob("model.pth")) and not list(tmp_path.rglob(PROGRESS_FILE))
+
+
+@pytest.fixture(scope="module")
+def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("long")
+    write_synthetic_dataset(root, 20000, 100, seed=5)
+    return root
+
+
+def test_a_process_whose_peer_died_mid_training_ends_with_one_line(long_data_dir: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    args = train_args(long_data_dir, output_dir, "--cpu", "--epochs", "20", "--batch-size", "8",
+                      "--checkpoint-every", "50", "--no-progress")
+    nodes = start_two_nodes([args, args], tmp_path)
+    deadline = time.monotonic() + 120
+    while not list(output_dir.glob(f"{STATE_DIR}/*/{PROGRESS_FILE}")):  # both are training
+        assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), "no state saved"
+        time.sleep(0.1)
+    (second_nodes_rank,) = children(nodes[1].pid)
+    os.kill(second_nodes_rank, signal.SIGKILL)
+    (code0, output0), _ = finish(nodes, PROMPT_S)
+
+    assert code0 != 0
+    (line0,) = error_lines(output0)
+    assert "another process of this job failed" in line0 and "by peer" in line0, line0
+    assert no_traceback_through_fmnist_dist(output0), output0
