@@ -20,7 +20,7 @@ from fmnist_dist.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 
-PROMPT_S = 60  # well under the 10-minute collective timeout a waiting process would otherwise sit out
+PROMPT_S = 120  # well under the 10-minute collective timeout a waiting process would otherwise sit out
 QUIET = {"OMP_NUM_THREADS": "1"}
 ERROR = "fmnist-dist: error: "
 
