@@ -67,3 +67,74 @@ def train_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     """`train` on the synthetic data, quick and offline (override any flag by repeating it in `extra`)."""
     return ["train", "--data-dir", data_dir, "--no-download", "--output-dir", output_dir,
             "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "64", "--tracker", "none", *extra]
+
+
+MULTI_NODE_LAUNCH_CONFIG = REPO / "launch" / "multi-node.yaml"
+
+
+def launch_two_nodes(node_args: list[list[str]], cwd: Path, timeout: float = 300,
+                     **env: str) -> list[subprocess.CompletedProcess]:
+    """Two machines of one job on this one, as the README's multi-node section runs them: for each machine rank
+    i, `accelerate launch --config_file launch/multi-node.yaml --num_machines 2 --num_processes 2 --machine_rank i
+    --main_process_ip 127.0.0.1 --main_process_port P -m fmnist_dist ARGS`, all started together.
+
+    Args:
+        node_args: `fmnist_dist` arguments of each machine rank (for example `train_args(...)` plus `--cpu`).
+        timeout: seconds for the whole job; past it every process of both launches is killed and
+            `subprocess.TimeoutExpired` raised.
+
+    Returns:
+        One finished process per machine rank, with its stdout and stderr.
+    """
+    import signal
+    import tempfile
+    import time
+
+    port = str(free_port())
+    commands = [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_NODE_LAUNCH_CONFIG),
+                 "--num_machines", str(len(node_args)), "--num_processes", str(len(node_args)),
+                 "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                 "-m", "fmnist_dist", *map(str, args)] for rank, args in enumerate(node_args)]
+    # Output goes to files, not pipes: a node blocked on a full pipe would stall the other in a collective.
+    outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
+    # A session per node, so that a timeout kills its ranks too and not only the launcher.
+    nodes = [subprocess.Popen(command, cwd=cwd, env=cli_env(**env), stdout=out, stderr=err, text=True,
+                              start_new_session=True) for command, (out, err) in zip(commands, outputs)]
+    deadline = time.monotonic() + timeout
+    try:
+        for node in nodes:
+            node.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    results = []
+    for command, node, files in zip(commands, nodes, outputs):
+        stdout, stderr = (_read_and_close(file) for file in files)
+        results.append(subprocess.CompletedProcess(command, node.returncode, stdout, stderr))
+    return results
+
+
+def _read_and_close(file) -> str:
+    with file:
+        file.seek(0)
+        return file.read()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cluster: runs a real SLURM cluster or a real two-node launch")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name every cluster test with its outcome, passes included, so that CI shows they ran rather than skipped."""
+    lines = []
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "cluster" in getattr(report, "keywords", {}):
+                reason = f" ({report.longrepr[2]})" if outcome == "skipped" and isinstance(report.longrepr, tuple) else ""
+                lines.append(f"{outcome.upper()} {report.nodeid}{reason}")
+    if lines:
+        terminalreporter.section("cluster tests (SLURM, two-node launches)")
+        for line in lines:
+            terminalreporter.line(line)

@@ -1,0 +1,266 @@
+"""`launch/slurm.sbatch` on a real two-node SLURM cluster (`.ci/slurm-cluster.sh`: slurmctld and two slurmd on
+this machine, nodes n1 and n2): CPU nodes train as one job, a preempted job requeues itself and continues, a
+node that never starts ends the job within the rendezvous bound, and GPU nodes get one process per GPU.
+
+The cluster is the one `.ci/slurm-cluster.sh up` started, else one started here for this module (root, SLURM
+installed or apt-get present). Where neither works the tests are skipped with the reason; with
+FMNIST_DIST_REQUIRE_SLURM=1 (as `.ci/run` sets) they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cli_env, launch_cli, train_args
+
+from fmnist_dist.synthetic import write_synthetic_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
+SBATCH_SCRIPT = REPO / "launch" / "slurm.sbatch"
+SLURM_CONF = Path(os.environ.get("FMNIST_DIST_SLURM_DIR", "/tmp/fmnist-dist-slurm")) / "slurm.conf"
+# Long enough (3 epochs of ~190 steps of 2 x 16 images) that a signal sent after epoch 1 lands mid-run.
+TRAIN_IMAGES = 6000
+TEST_IMAGES = 200
+EPOCHS = 3
+JOB_FLAGS = ("--epochs", str(EPOCHS), "--batch-size", "16", "--no-progress")
+RDZV_TIMEOUT_S = 15
+# The rendezvous bound, plus start-up and SLURM's bookkeeping on 2 busy cores.
+NEVER_STARTS_BOUND_S = 60
+
+
+def slurm_unavailable(reason: str) -> None:
+    if os.environ.get("FMNIST_DIST_REQUIRE_SLURM") == "1":
+        pytest.fail(f"FMNIST_DIST_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
+
+def why_slurm_cannot_start() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "the SLURM test cluster runs on Linux only"
+    if os.geteuid() != 0:
+        return "no SLURM test cluster is up, and starting one needs root (`sudo .ci/slurm-cluster.sh up`)"
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        return "SLURM is not installed and there is no apt-get to install it (Debian's slurmctld slurmd slurm-client munge)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """The environment for sbatch and friends: this cluster's SLURM_CONF, this venv's `accelerate` on PATH."""
+    started_here = False
+    if subprocess.run([CLUSTER_SCRIPT, "status"], capture_output=True).returncode != 0:
+        reason = why_slurm_cannot_start()
+        if reason:
+            slurm_unavailable(reason)
+        up = subprocess.run([CLUSTER_SCRIPT, "up"], capture_output=True, text=True, timeout=600)
+        if up.returncode != 0:
+            slurm_unavailable(f"`.ci/slurm-cluster.sh up` failed: {up.stderr.strip() or up.stdout.strip()}")
+        started_here = True
+    # Nothing of an enclosing SLURM job (when pytest itself runs under one) may leak into these jobs.
+    env = {k: v for k, v in cli_env().items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env.update(SLURM_CONF=str(SLURM_CONF), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    yield env
+    if started_here:
+        subprocess.run([CLUSTER_SCRIPT, "down"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def job_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("slurm-data")
+    write_synthetic_dataset(root, TRAIN_IMAGES, TEST_IMAGES, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(job_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The same training as the SLURM jobs, as two processes on one node (launch/cpu.yaml)."""
+    output_dir = tmp_path_factory.mktemp("single-node") / "out"
+    result = launch_cli(train_args(job_data, output_dir, *JOB_FLAGS, "--cpu"), cwd=output_dir.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_weights(output_dir / "model.pth")
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[key] - b[key]).abs().max().item() for key in a)
+
+
+def sbatch_command(log_dir: Path, job_name: str, *options: str) -> list[str]:
+    """`sbatch --wait` of launch/slurm.sbatch on both nodes, one CPU each; the output in log_dir/slurm-<job id>.out."""
+    return ["sbatch", "--wait", f"--job-name={job_name}", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
+            f"--output={log_dir}/slurm-%j.out", *options, str(SBATCH_SCRIPT)]
+
+
+def job_log(log_dir: Path) -> tuple[str, str]:
+    """(job id, the job's output) of the one job that wrote to log_dir."""
+    [log] = log_dir.glob("slurm-*.out")
+    return log.stem.removeprefix("slurm-"), log.read_text()
+
+
+def cancel(job_name: str, env: dict[str, str]) -> None:
+    subprocess.run(["scancel", f"--name={job_name}"], env=env, capture_output=True)
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cpu_job(slurm_env: dict[str, str], job_data: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, str]:
+    """`FMNIST_DIST_CPU=1 sbatch --wait launch/slurm.sbatch` on n1 and n2, one process each, run to the end."""
+    log_dir = tmp_path_factory.mktemp("cpu-job")
+    output_dir = log_dir / "out"
+    flags = train_args(job_data, output_dir, *JOB_FLAGS)[1:]
+    try:
+        result = subprocess.run([*sbatch_command(log_dir, "fmnist-test-cpu"), *map(str, flags)], cwd=REPO,
+                                env={**slurm_env, "FMNIST_DIST_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    finally:
+        cancel("fmnist-test-cpu", slurm_env)
+    return result, output_dir, job_log(log_dir)[1]
+
+
+def test_cpu_job_on_two_nodes_exits_0(cpu_job) -> None:
+    result, _, log = cpu_job
+
+    assert result.returncode == 0, log[-3000:]
+
+
+def test_cpu_job_on_two_nodes_writes_one_model_trained_by_two_processes(cpu_job) -> None:
+    _, output_dir, log = cpu_job
+
+    assert list(output_dir.parent.rglob("model.pth")) == [output_dir / "model.pth"], log[-3000:]
+    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["world_size"] for record in metrics] == [2] * EPOCHS
+
+
+def test_cpu_job_on_two_nodes_matches_two_processes_on_one_node(cpu_job, uninterrupted_weights) -> None:
+    _, output_dir, _ = cpu_job
+
+    assert max_difference(load_weights(output_dir / "model.pth"), uninterrupted_weights) <= 1e-6
+
+
+def test_preempted_job_requeues_itself_and_ends_with_the_uninterrupted_weights(
+        slurm_env: dict[str, str], job_data: Path, uninterrupted_weights, tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    flags = train_args(job_data, output_dir, *JOB_FLAGS)[1:]
+    with (tmp_path / "sbatch.txt").open("w") as sbatch_output:
+        sbatch = subprocess.Popen([*sbatch_command(tmp_path, "fmnist-test-preempt"), *map(str, flags)], cwd=REPO,
+                                  env={**slurm_env, "FMNIST_DIST_CPU": "1"}, stdout=sbatch_output,
+                                  stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: list(tmp_path.glob("slurm-*.out")) and f"epoch 1/{EPOCHS}:" in job_log(tmp_path)[1],
+                   180, "the job did not finish its first epoch in time")
+        job_id = job_log(tmp_path)[0]
+        # What `#SBATCH --signal=B:USR1@120` does ahead of the time limit: USR1 to the batch shell only.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True)
+
+        def requeued() -> bool:
+            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=slurm_env,
+                                   capture_output=True, text=True).stdout.strip()
+            return state == "PENDING"
+
+        wait_until(requeued, 90, f"job {job_id} was not requeued:\n{job_log(tmp_path)[1][-3000:]}")
+        # SLURM holds a requeued job for about two minutes (its credential lifetime); start it now.
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_env, check=True)
+        assert sbatch.wait(timeout=240) == 0, job_log(tmp_path)[1][-3000:]
+    finally:
+        sbatch.kill()
+        cancel("fmnist-test-preempt", slurm_env)
+
+    log = job_log(tmp_path)[1]
+    first_run, _, second_run = log.partition(f"job {job_id} (restart 1)")
+    assert second_run, log[-3000:]
+    assert "requeueing job" in first_run
+    # The second run continued the first one's state: it never trained epoch 1 again.
+    assert f"epoch 1/{EPOCHS}:" not in second_run and f"epoch {EPOCHS}/{EPOCHS}:" in second_run, log[-3000:]
+    assert max_difference(load_weights(output_dir / "model.pth"), uninterrupted_weights) <= 1e-6
+
+
+def fake_accelerate(bin_dir: Path, body: str) -> None:
+    """An `accelerate` first on PATH that runs `body` (bash) on each node, in place of the real launcher."""
+    bin_dir.mkdir()
+    script = bin_dir / "accelerate"
+    script.write_text(f"#!/bin/bash\nset -euo pipefail\n{body}\n")
+    script.chmod(0o755)
+
+
+def test_node_that_never_starts_ends_the_job_within_the_bound_with_a_clear_message(
+        slurm_env: dict[str, str], job_data: Path, tmp_path: Path) -> None:
+    # n2's task never gets to `accelerate launch` (as on a node with a hung file system); n1's launches for real.
+    fake_accelerate(tmp_path / "bin", f'[[ $SLURMD_NODENAME == n2 ]] && exec sleep 600\n'
+                                      f'exec {Path(sys.executable).parent / "accelerate"} "$@"')
+    env = {**slurm_env, "FMNIST_DIST_CPU": "1", "FMNIST_DIST_RDZV_TIMEOUT": str(RDZV_TIMEOUT_S),
+           "PATH": f"{tmp_path / 'bin'}{os.pathsep}{slurm_env['PATH']}"}
+    flags = train_args(job_data, tmp_path / "out", *JOB_FLAGS)[1:]
+    started = time.monotonic()
+    try:
+        result = subprocess.run([*sbatch_command(tmp_path, "fmnist-test-never"), *map(str, flags)], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        cancel("fmnist-test-never", slurm_env)
+    elapsed = time.monotonic() - started
+
+    log = job_log(tmp_path)[1]
+    assert result.returncode != 0, log[-3000:]
+    assert elapsed < NEVER_STARTS_BOUND_S, f"took {elapsed:.0f} s"
+    assert "1/2 clients joined" in log, log[-3000:]  # torch's rendezvous: who showed up
+    assert "fmnist-dist: error: the training step failed" in log
+
+
+def test_gpu_nodes_by_default_one_process_per_gpu(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    # The test cluster's nodes declare 2 (fake) GPUs each; the fake launcher records what it was asked to run.
+    fake_accelerate(tmp_path / "bin", f'printf "%s\\n" "$@" >{tmp_path}/"$SLURMD_NODENAME".args\n'
+                                      f'echo "$SLURM_CPUS_PER_TASK" >{tmp_path}/"$SLURMD_NODENAME".cpus')
+    env = {**slurm_env, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{slurm_env['PATH']}"}
+    try:
+        result = subprocess.run(
+            ["sbatch", "--wait", "--job-name=fmnist-test-gpu", "--gpus-per-node=2", "--cpus-per-task=2",
+             f"--output={tmp_path}/slurm-%j.out", str(SBATCH_SCRIPT), "--epochs", "1"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        cancel("fmnist-test-gpu", slurm_env)
+
+    assert result.returncode == 0, job_log(tmp_path)[1]
+    launches = {node: (tmp_path / f"{node}.args").read_text().splitlines() for node in ("n1", "n2")}
+    for rank, node in enumerate(("n1", "n2")):
+        args = launches[node]
+        option = dict(zip(args, args[1:]))
+        assert args[:3] == ["launch", "--machine_rank", str(rank)]
+        assert option["--config_file"] == str(REPO / "launch" / "multi-node.yaml")
+        assert (option["--num_machines"], option["--num_processes"]) == ("2", "4")  # 2 nodes x 2 GPUs
+        assert (option["--main_process_ip"], option["--num_cpu_threads_per_process"]) == ("n1", "1")
+        assert args[args.index("-m"):] == ["-m", "fmnist_dist", "train", "--resume", "auto", "--epochs", "1"]
+        assert (tmp_path / f"{node}.cpus").read_text().strip() == "2"  # srun got --cpus-per-task
+    assert launches["n1"][launches["n1"].index("--main_process_port") + 1] == \
+        launches["n2"][launches["n2"].index("--main_process_port") + 1]
+
+
+def test_gpu_job_without_gpus_is_refused_in_one_line(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    try:
+        result = subprocess.run(sbatch_command(tmp_path, "fmnist-test-nogpu"), cwd=REPO, env=slurm_env,
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        cancel("fmnist-test-nogpu", slurm_env)
+
+    log = job_log(tmp_path)[1]
+    assert result.returncode == 2, log
+    assert log.count("fmnist-dist: error:") == 1 and "FMNIST_DIST_CPU=1" in log, log
