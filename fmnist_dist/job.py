@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader
 
 import fmnist_dist
 from fmnist_dist.checkpoint import save_state_dict
+from fmnist_dist.compute import apply_threads, check_precision_runs, precision_in_effect, precision_refusals_as_usage_errors
 from fmnist_dist.config import TrainConfig
+from fmnist_dist.dataset_files import describe_dataset
 from fmnist_dist.data import first_images, is_on_device, load_split, make_loader, ordered_loader, place_on_device
 from fmnist_dist.errors import UsageError
 from fmnist_dist.model import NeuralNetwork
@@ -36,7 +38,7 @@ from fmnist_dist.sampling import GlobalOrderBatchSampler
 from fmnist_dist.schedule import build_scheduler, peak_lr
 from fmnist_dist.state import restore_state
 from fmnist_dist.tracking import (
-    WANDB, MetricsLog, choose_wandb_mode, finish_run, log_model_artifact, mark_preempting, start_run,
+    WANDB, MetricsLog, finish_run, log_model_artifact, mark_preempting, start_run,
 )
 from fmnist_dist.training import Trainer, TrainingData, output_paths
 
@@ -61,6 +63,7 @@ def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset(), stop: St
 
 
 def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lock: OutputDirLock) -> dict[str, Any]:
+    apply_threads(cfg.threads)  # before any parallel work; a per-invocation setting, so a resume does not change it
     processes = join_processes(cfg)
     check_all_processes_joined(processes)
     claim_output_dir(processes, output_lock, cfg.resume, cfg.overwrite)  # before anything there is read
@@ -74,7 +77,7 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
     check_resumable(start, len(train_set))
     if cfg.overwrite:  # only now that the settings, data and state have passed their checks
         remove_earlier_run(accelerator, cfg.output_dir)
-    accelerator.print(describe_setup(accelerator, plan))
+    accelerator.print(describe_setup(accelerator, plan, cfg.data_dir))
     if start.state_dir is not None:
         accelerator.print(describe_resume(start, plan))
     record_setup(progress, plan, len(train_set))
@@ -121,19 +124,20 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     Gradient accumulation is the Trainer's own (each step's gradient is the mean over exactly its images, also
     for an epoch's short last step), so Accelerate's stays at 1.
     """
-    if cfg.tracker == WANDB:
-        choose_wandb_mode()
-    return Accelerator(
-        cpu=wants_cpu(cfg.cpu),
-        mixed_precision=cfg.mixed_precision,
-        log_with=WANDB if cfg.tracker == WANDB else None,
-        project_dir=str(cfg.output_dir),
-        # The samplers yield global batches and Accelerate gives each process its slice of every one, so the
-        # images of an optimizer step do not depend on the number of processes.
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        # One schedule step per optimizer step (without this, Accelerate steps it once per process).
-        step_scheduler_with_optimizer=False,
-    )
+    with precision_refusals_as_usage_errors():
+        accelerator = Accelerator(
+            cpu=wants_cpu(cfg.cpu),
+            mixed_precision=cfg.mixed_precision,
+            log_with=WANDB if cfg.tracker == WANDB else None,
+            project_dir=str(cfg.output_dir),
+            # The samplers yield global batches and Accelerate gives each process its slice of every one, so the
+            # images of an optimizer step do not depend on the number of processes.
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            # One schedule step per optimizer step (without this, Accelerate steps it once per process).
+            step_scheduler_with_optimizer=False,
+        )
+    check_precision_runs(accelerator, flag_given=cfg.mixed_precision is not None)
+    return accelerator
 
 
 def wants_cpu(cpu_flag: bool) -> bool:
@@ -152,13 +156,16 @@ def check_all_processes_joined(processes: PartialState) -> None:
         )
 
 
-def describe_setup(accelerator: Accelerator, plan: BatchPlan) -> str:
-    """The line the main process prints once: device, process count, backend, precision, how a batch is split."""
+def describe_setup(accelerator: Accelerator, plan: BatchPlan, data_dir: Path) -> str:
+    """The line the main process prints once: device, process count, backend, precision in effect, CPU threads
+    per process, how a batch is split, and the data when it is not the real FashionMNIST files."""
+    data = describe_dataset(data_dir)
     return (
         f"fmnist-dist: {accelerator.num_processes} process(es) on {accelerator.device} "
-        f"({accelerator.distributed_type.value}, mixed precision: {accelerator.mixed_precision}, global batch "
+        f"({accelerator.distributed_type.value}, mixed precision: {precision_in_effect(accelerator)}, "
+        f"{torch.get_num_threads()} CPU thread(s) per process, global batch "
         f"{plan.global_batch} = {plan.processes} process(es) x {plan.per_process} images x "
-        f"{plan.accumulation} accumulation step(s))"
+        f"{plan.accumulation} accumulation step(s))" + (f"; data: {data}" if data else "")
     )
 
 
@@ -209,7 +216,8 @@ def run_config(cfg: TrainConfig, accelerator: Accelerator, plan: BatchPlan) -> d
         "per_process_batch_size": plan.per_process,
         "device": str(accelerator.device),
         "distributed_type": accelerator.distributed_type.value,
-        "mixed_precision": accelerator.mixed_precision,
+        "mixed_precision": precision_in_effect(accelerator),
+        "cpu_threads": torch.get_num_threads(),
         "versions": {
             "fmnist_dist": fmnist_dist.__version__,
             "torch": torch.__version__,

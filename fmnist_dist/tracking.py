@@ -1,21 +1,21 @@
 """Run tracking: Weights & Biases through Accelerate's tracker API, and the local metrics.jsonl.
 
-Tracking must never stop training: without W&B credentials the run is recorded offline (sync it later with
-`wandb sync`), and a tracker that fails to start or to log is reported once and then left out.
+Tracking must never stop training: without W&B credentials (found the way wandb itself finds them), or when
+the W&B server cannot be reached within INIT_TIMEOUT_SECONDS, the run is recorded offline (upload it later with
+`wandb sync`); a tracker that fails to start or to log is reported once and then left out. wandb never prompts
+for a key here: the credentials are looked up before `wandb.init`, which then runs online only with them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import netrc
 import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +25,12 @@ from fmnist_dist.checkpoint import atomic_write
 from fmnist_dist.errors import first_line
 
 WANDB = "wandb"
+OFFLINE = "offline"
+# WANDB_MODE values that need the W&B server (unset means online too).
+ONLINE_MODES = frozenset({"online", "run", "shared"})
+# How long wandb.init may wait for the W&B server (wandb's own default is 90 s) before the run is recorded offline
+# instead. A working connection starts a run in a few seconds; WANDB_INIT_TIMEOUT (wandb's variable) overrides it.
+INIT_TIMEOUT_SECONDS = 10.0
 
 
 class MetricsLog:
@@ -45,21 +51,53 @@ class MetricsLog:
         return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def choose_wandb_mode() -> str | None:
-    """Record offline when no W&B credentials are found and the user did not choose a mode; return the mode."""
-    if "WANDB_MODE" not in os.environ and not _has_wandb_credentials():
-        os.environ["WANDB_MODE"] = "offline"
-    return os.environ.get("WANDB_MODE")
-
-
-def _has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+def choose_wandb_mode() -> str:
+    """The mode to start the W&B run in: offline unless online was asked for (or left unset) and wandb finds
+    credentials; the user's own WANDB_MODE otherwise. Says so when a mode asked for cannot be had."""
+    asked = os.environ.get("WANDB_MODE") or None  # empty counts as unset
+    if asked is not None and asked not in ONLINE_MODES:
+        return asked
+    prepare_wandb()
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
+        if has_wandb_credentials():
+            return asked or "online"
+    except Exception as error:  # noqa: BLE001 - e.g. a malformed WANDB_API_KEY: record offline, never fail training
+        _warn(f"W&B credentials are unusable ({first_line(error)}); recording the run offline")
+        return OFFLINE
+    if asked is not None:
+        _warn(f"WANDB_MODE={asked} but no W&B credentials were found (run `wandb login` or set WANDB_API_KEY); "
+              "recording the run offline")
+    return OFFLINE
+
+
+def prepare_wandb() -> None:
+    """Bound how long starting an online run can take, before wandb is first used in this process.
+
+    `init_timeout` bounds wandb.init's wait for the server (unless WANDB_INIT_TIMEOUT says otherwise).
+    `x_disable_viewer` skips the account lookup wandb makes to greet a logged-in user: it is bounded by a fixed
+    5 s per try, tried twice, whatever init_timeout says, and changes nothing about the run (an experimental
+    setting, so tests/test_wandb_credentials.py times the whole start).
+    """
+    import wandb
+
+    settings: dict[str, Any] = {"x_disable_viewer": True}
+    if wandb.env.INIT_TIMEOUT not in os.environ:
+        settings["init_timeout"] = INIT_TIMEOUT_SECONDS
+    wandb.setup(settings=wandb.Settings(**settings))
+
+
+def has_wandb_credentials() -> bool:
+    """Whether wandb finds credentials for its server, as `wandb.init` would, without asking or going online.
+
+    wandb looks in WANDB_API_KEY, its settings files and the .netrc entry `wandb login` wrote (for the host it
+    uses now), in that order. `prompt=False` never asks; `verify=False` does not contact the server.
+
+    Raises:
+        wandb.errors.AuthenticationError: a key is there but malformed.
+    """
+    import wandb
+
+    return wandb.login(prompt=False, verify=False)
 
 
 def start_run(
@@ -70,6 +108,9 @@ def start_run(
 ) -> str | None:
     """Start the job's one W&B run (on the main process; Accelerate makes it a no-op elsewhere); return its id.
 
+    An online run that cannot start (a wrong key, no network: wandb gives up after its init timeout) is
+    recorded offline instead.
+
     Args:
         accelerator: built with `log_with="wandb"`, or without trackers (then nothing happens).
         project: the W&B project.
@@ -78,12 +119,38 @@ def start_run(
     """
     if not accelerator.log_with:
         return None
+    mode = choose_wandb_mode() if accelerator.is_main_process else OFFLINE  # wandb starts on the main process only
     try:
-        accelerator.init_trackers(project, config=run_config, init_kwargs={WANDB: wandb_kwargs})
+        _init_trackers(accelerator, project, run_config, {**wandb_kwargs, "mode": mode})
     except Exception as error:  # noqa: BLE001 - any tracker failure must leave training running
-        reason = f"W&B could not start ({first_line(error)}; check the WANDB_* environment variables)"
-        _drop_trackers(accelerator, reason)
+        if mode not in ONLINE_MODES:  # offline, or a mode of the user's own: there is nothing else to try
+            _drop_trackers(accelerator, f"W&B could not start ({first_line(error)}; check the WANDB_* "
+                                        "environment variables)")
+            return None
+        _warn(f"W&B could not start {mode} ({first_line(error)}); recording the run offline instead "
+              "(`wandb sync` uploads it later)")
+        return start_run_offline(accelerator, project, run_config, wandb_kwargs)
+    return _run_id(accelerator)
+
+
+def start_run_offline(
+    accelerator: Accelerator, project: str, run_config: dict[str, Any], wandb_kwargs: dict[str, Any]
+) -> str | None:
+    """Start the run offline after an online start failed (same arguments as `start_run`); return its id."""
+    try:
+        _init_trackers(accelerator, project, run_config, {**wandb_kwargs, "mode": OFFLINE})
+    except Exception as error:  # noqa: BLE001
+        _drop_trackers(accelerator, f"W&B could not start offline either ({first_line(error)})")
         return None
+    return _run_id(accelerator)
+
+
+def _init_trackers(accelerator: Accelerator, project: str, run_config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    _close_trackers(accelerator)  # a failed start leaves its tracker in the list
+    accelerator.init_trackers(project, config=run_config, init_kwargs={WANDB: kwargs})
+
+
+def _run_id(accelerator: Accelerator) -> str | None:
     run = wandb_run(accelerator)
     return run.id if run is not None else None
 
@@ -166,11 +233,15 @@ def finish_run(accelerator: Accelerator) -> None:
 
 
 def _drop_trackers(accelerator: Accelerator, reason: str) -> None:
+    _close_trackers(accelerator)
+    _warn(f"{reason}; training goes on without W&B tracking")
+
+
+def _close_trackers(accelerator: Accelerator) -> None:
     for tracker in accelerator.trackers:
         with contextlib.suppress(Exception):  # close a half-started run; there may be none to close
             tracker.finish()
     accelerator.trackers = []
-    _warn(f"{reason}; training goes on without W&B tracking")
 
 
 def _warn(message: str) -> None:

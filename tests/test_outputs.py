@@ -49,12 +49,13 @@ def summary_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip().startswith("epoch ") and "train loss" in line]
 
 
-def run_on_terminal(command: Sequence[str], cwd: Path, timeout: float = 300) -> tuple[int, str]:
-    """Run `command` with stdin, stdout and stderr on a pseudo-terminal (120x40); return its exit code and output."""
+def run_on_terminal(command: Sequence[str], cwd: Path, timeout: float = 300, **env: str) -> tuple[int, str]:
+    """Run `command` with stdin, stdout and stderr on a pseudo-terminal (120x40), in `cli_env(**env)`; return its
+    exit code and output."""
     controller, terminal = pty.openpty()
     # A new pty is 0x0, and tqdm draws nothing on a zero-width terminal.
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", TERMINAL_ROWS, TERMINAL_COLUMNS, 0, 0))
-    process = subprocess.Popen(command, cwd=cwd, env=cli_env(), stdin=terminal, stdout=terminal, stderr=terminal)
+    process = subprocess.Popen(command, cwd=cwd, env=cli_env(**env), stdin=terminal, stdout=terminal, stderr=terminal)
     os.close(terminal)
     chunks, deadline = [], time.monotonic() + timeout
     try:
