@@ -1,0 +1,228 @@
+"""Results that do not depend on the number of processes: the global training position, the global batch size,
+exact resume on another world size, gradient accumulation over exactly a step's images, and resumed settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, run_cli, train_args
+
+from fmnist_dist.config import TrainConfig
+from fmnist_dist.errors import UsageError
+from fmnist_dist.position import BatchPlan, TrainingPosition
+from fmnist_dist.sampling import epoch_order
+from fmnist_dist.state import STATE_DIR, complete_states
+
+RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
+GLOBAL_BATCH = 48  # divides by 1, 2 and 3 processes
+STATE_STEP = 10  # a mid-epoch state: 480 of the 1003 images of epoch 1 trained
+
+
+def weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(output_dir / "model.pth", map_location="cpu", weights_only=True)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[key] - b[key]).abs().max().item() for key in a)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(data_dir: Path, output_dir: Path, processes: int, *extra: str,
+          record: bool = False) -> subprocess.CompletedProcess:
+    """`train` on `processes` gloo processes (or one plain process); with `record`, through the index recorder."""
+    args = [str(a) for a in train_args(data_dir, output_dir, "--no-progress")]
+    if "--global-batch-size" in extra or "--resume" in extra:  # exclusive flags; a resume keeps the saved batch
+        del args[args.index("--batch-size"):args.index("--batch-size") + 2]
+    args += map(str, extra)
+    if processes > 1:
+        args.append("--cpu")
+    command = [sys.executable, "-m", "fmnist_dist"]
+    if record:
+        (output_dir.parent / f"{output_dir.name}-records").mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, str(RECORDER), str(output_dir.parent / f"{output_dir.name}-records")]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
+                    "--num_processes", str(processes), "--main_process_port", str(free_port())]
+        command = [*launcher, *(command[1:] if record else ["-m", "fmnist_dist"])]
+    result = subprocess.run([*command, *args], cwd=output_dir.parent, env=cli_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def trained_indices(output_dir: Path) -> list[list[int]]:
+    """Per recorded epoch, the indices every process trained (concatenated over processes)."""
+    records = output_dir.parent / f"{output_dir.name}-records"
+    per_rank = [json.loads(path.read_text()) for path in sorted(records.glob("rank-*.json"))]
+    return [sum(epoch, []) for epoch in zip(*per_rank)]
+
+
+# ------------------------------------------------------------------------------------------- the position
+
+
+def test_seeds_never_share_an_epoch_order() -> None:
+    orders = {seed: [tuple(epoch_order(100, seed, epoch).tolist()) for epoch in range(20)] for seed in (0, 1)}
+
+    assert not set(orders[0]) & set(orders[1])
+    assert len(set(orders[0])) == 20  # every epoch of one seed differs too
+    assert torch.equal(epoch_order(100, 3, 2), epoch_order(100, 3, 2))  # and it is reproducible
+
+
+def test_global_batch_that_does_not_split_evenly_is_refused() -> None:
+    with pytest.raises(UsageError, match="--global-batch-size 50 does not split evenly over 3 process"):
+        BatchPlan.from_config(TrainConfig(global_batch_size=50), processes=3)
+    with pytest.raises(UsageError, match="exclude each other"):
+        TrainConfig(batch_size=16, global_batch_size=64)
+
+
+def test_a_step_splits_its_images_over_micro_batches_then_processes() -> None:
+    plan = BatchPlan.from_config(TrainConfig(global_batch_size=96, gradient_accumulation_steps=3), processes=2)
+
+    assert (plan.per_process, plan.micro_batch, plan.global_batch) == (16, 32, 96)
+    assert plan.micro_batch_sizes(96) == [32, 32, 32]
+    assert plan.micro_batch_sizes(40) == [32, 8]  # an epoch's short last step: fewer, shorter micro-batches
+    assert [plan.process_share(8, rank) for rank in (0, 1)] == [8, 0]
+
+
+def test_the_position_counts_images_of_the_global_order() -> None:
+    position = TrainingPosition()
+    while not position.epoch_finished(100):
+        position.advance(position.step_samples(32, 100))
+
+    assert (position.samples_done, position.global_step) == (100, 4)  # 32 + 32 + 32 + 4
+    assert position.epoch_fraction(100) == 1.0
+
+
+# ---------------------------------------------------------------------------------- the same on any world size
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, global batch 48, 2 epochs, every state kept, every trained index recorded."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    train(data_dir, out, 1, "--global-batch-size", GLOBAL_BATCH, "--checkpoint-every", STATE_STEP,
+          "--keep-states", 100, record=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "out"
+    train(data_dir, out, 2, "--global-batch-size", GLOBAL_BATCH, "--checkpoint-every", STATE_STEP, "--keep-states", 100)
+    return out
+
+
+@pytest.mark.slow
+def test_global_batch_size_gives_the_same_model_on_1_2_and_3_processes(
+    data_dir: Path, reference: Path, two_process_run: Path, tmp_path: Path
+) -> None:
+    three = tmp_path / "three"
+    train(data_dir, three, 3, "--global-batch-size", GLOBAL_BATCH)
+
+    assert max_difference(weights(reference), weights(two_process_run)) < 1e-5
+    assert max_difference(weights(reference), weights(three)) < 1e-5
+    assert [r["global_batch_size"] for r in metrics(three)] == [GLOBAL_BATCH] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved_by", "resumed_on"), [(1, 2), (2, 1), (2, 3)], ids=["1-on-2", "2-on-1", "2-on-3"])
+def test_a_mid_epoch_state_resumes_exactly_on_another_world_size(
+    saved_by: int, resumed_on: int, data_dir: Path, reference: Path, two_process_run: Path, tmp_path: Path
+) -> None:
+    source = reference if saved_by == 1 else two_process_run
+    out = tmp_path / "resumed"
+    state = complete_states(source / STATE_DIR)[0]
+    assert state.name == f"step-{STATE_STEP:09d}"
+    shutil.copytree(state, out / STATE_DIR / state.name)
+
+    result = train(data_dir, out, resumed_on, "--resume", record=True)
+
+    assert f"world size {saved_by} -> {resumed_on}" in result.stdout
+    before_state = trained_indices(reference)[0][: STATE_STEP * GLOBAL_BATCH]
+    after_state = trained_indices(out)[0]  # the rest of the interrupted epoch
+    assert sorted(before_state + after_state) == list(range(TRAIN_SIZE))  # each image exactly once
+    assert metrics(out)[0]["train_samples"] == TRAIN_SIZE
+    assert max_difference(weights(reference), weights(out)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------- gradient accumulation
+
+
+@pytest.mark.slow
+def test_accumulating_3_batches_of_64_equals_a_batch_of_192(data_dir: Path, tmp_path: Path) -> None:
+    # 1003 images: neither 64 nor 192 divides them, so the last step has 43 images in one short micro-batch.
+    accumulated = tmp_path / "accumulated"
+    train(data_dir, accumulated, 1, "--epochs", "1", "--batch-size", "64", "--gradient-accumulation-steps", "3")
+    large = tmp_path / "large"
+    train(data_dir, large, 1, "--epochs", "1", "--batch-size", "192")
+
+    assert max_difference(weights(accumulated), weights(large)) < 1e-6
+    assert metrics(accumulated)[0]["global_step"] == metrics(large)[0]["global_step"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resume_from_every_state_with_accumulation_is_bit_identical(
+    processes: int, data_dir: Path, tmp_path: Path
+) -> None:
+    flags = ("--batch-size", "8", "--gradient-accumulation-steps", "3", "--checkpoint-every", "5",
+             "--keep-states", "100")
+    straight = tmp_path / "straight"
+    train(data_dir, straight, processes, *flags)
+    states = complete_states(straight / STATE_DIR)[:-1]  # all but the final one
+    # With 2 processes, a mid-epoch state of each epoch keeps the test short.
+    chosen = states if processes == 1 else [states[0], states[-2]]
+    for state in chosen:
+        out = tmp_path / f"from-{state.name}"
+        shutil.copytree(state, out / STATE_DIR / state.name)
+        train(data_dir, out, processes, "--resume")
+        assert all(torch.equal(a, b) for a, b in zip(weights(straight).values(), weights(out).values())), state.name
+        assert metrics(out) == metrics(straight) or [r["train_loss"] for r in metrics(out)] == [
+            r["train_loss"] for r in metrics(straight)
+        ]
+
+
+# ---------------------------------------------------------------------------------------- resumed settings
+
+
+@pytest.fixture(scope="module")
+def warmup_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cosine schedule with a 30-step warm-up, lr 0.05: the state of step 10 is mid-warm-up."""
+    out = tmp_path_factory.mktemp("warmup") / "out"
+    train(data_dir, out, 1, "--lr", "0.05", "--lr-schedule", "cosine", "--warmup-steps", "30",
+          "--checkpoint-every", STATE_STEP, "--keep-states", 100)
+    return out
+
+
+def resume_copy(run: Path, work: Path, data_dir: Path, *flags: str) -> tuple[Path, subprocess.CompletedProcess]:
+    state = complete_states(run / STATE_DIR)[0]
+    shutil.copytree(state, work / STATE_DIR / state.name)
+    return work, train(data_dir, work, 1, "--resume", *flags)
+
+
+@pytest.mark.slow
+def test_resume_without_flags_continues_with_the_saved_settings(warmup_run: Path, data_dir: Path,
+                                                                tmp_path: Path) -> None:
+    out, result = resume_copy(warmup_run, tmp_path / "resumed", data_dir)
+
+    assert "same settings" in result.stdout
+    assert all(torch.equal(a, b) for a, b in zip(weights(warmup_run).values(), weights(out).values()))
+    assert [r["lr"] for r in metrics(out)] == [r["lr"] for r in metrics(warmup_run)]
+
+
+@pytest.mark.slow
+def test_resume_with_a_new_lr_applies_it_and_says_so(warmup_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    out, result = resume_copy(warmup_run, tmp_path / "resumed", data_dir, "--lr", "1e-9", "--lr-schedule", "constant")
+
+    assert "lr 0.05 -> 1e-09" in result.stdout and "lr_schedule cosine -> constant" in result.stdout
+    assert [r["lr"] for r in metrics(out)] == [pytest.approx(1e-9)] * 2
+    assert max_difference(weights(warmup_run), weights(out)) > 1e-3
