@@ -124,10 +124,10 @@ def find_state(output_dir: Path, resume: str) -> Path | None:
 
 
 def _named_state(path: Path, root: Path) -> Path:
-    if (path / PROGRESS_FILE).is_file():
-        return path
     if path.name.startswith(TMP_PREFIX):
         problem = "is an unfinished state (its save was interrupted)"
+    elif (path / PROGRESS_FILE).is_file():
+        return path
     elif not path.exists():
         problem = "does not exist"
     else:

@@ -3,7 +3,7 @@
     accelerate launch --config_file launch/cpu.yaml tests/helpers/fail_on_rank.py train --cpu ...
 
 FAIL_RANK (default 1) raises RuntimeError at its training step FAIL_AT_STEP (default 3). The fault is injected
-here, by wrapping `Trainer._train_step`, so the package carries no test hooks.
+here, by wrapping `Trainer._optimizer_step`, so the package carries no test hooks.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from fmnist_dist.training import Trainer
 
 FAIL_RANK = int(os.environ.get("FAIL_RANK", "1"))
 FAIL_AT_STEP = int(os.environ.get("FAIL_AT_STEP", "3"))
-real_train_step = Trainer._train_step
+real_optimizer_step = Trainer._optimizer_step
 
 
-def failing_train_step(self: Trainer, images, targets, step: int):
-    if self.accelerator.process_index == FAIL_RANK and self.progress.global_step == FAIL_AT_STEP:
+def failing_optimizer_step(self: Trainer, batches, step_samples: int):
+    if self.accelerator.process_index == FAIL_RANK and self.position.global_step == FAIL_AT_STEP:
         raise RuntimeError(f"injected failure on rank {FAIL_RANK} at step {FAIL_AT_STEP}")
-    return real_train_step(self, images, targets, step)
+    return real_optimizer_step(self, batches, step_samples)
 
 
-Trainer._train_step = failing_train_step
+Trainer._optimizer_step = failing_optimizer_step
 
 if __name__ == "__main__":
     raise SystemExit(main())
