@@ -169,10 +169,11 @@ def check_shared(lock: OutputDirLock, token: str | None, process_index: int) -> 
 
 
 def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
-    """`--overwrite`: delete what an earlier fmnist-dist run wrote in `output_dir`, and nothing else.
+    """`--overwrite`: delete the earlier run's states in `output_dir` (so nothing resumes them), and nothing else.
 
-    That is its complete states and unfinished `.tmp-step-*` states under `state/`, metrics.jsonl, model.pth and
-    the plots. Every process calls this; the main process deletes.
+    That is its complete states and unfinished `.tmp-step-*` states under `state/`. Its metrics.jsonl, model.pth
+    and plots stay until the new run replaces them (atomically), so a new run that fails, or diverges, leaves
+    the earlier results as they were. Every process calls this; the main process deletes.
 
     Raises:
         UsageError: on every process, when a file cannot be deleted.
@@ -182,8 +183,6 @@ def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
             root = output_dir / STATE_DIR
             for state in [*complete_states(root), *_unfinished_states(root)]:
                 shutil.rmtree(state)
-            for path in output_paths(output_dir).values():
-                path.unlink(missing_ok=True)
 
 
 def _unfinished_states(root: Path) -> list[Path]:

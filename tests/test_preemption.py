@@ -1,0 +1,157 @@
+"""Preemption-safe training with real signals: SIGTERM, SIGUSR1 and SIGINT to a run, to one rank or to the
+launcher make every process stop at one optimizer step, save a complete state there, say how to continue and
+exit 75; continuing ends bit-identical to an uninterrupted run. A diverged run saves nothing of itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, train_args
+from processes import children
+
+from fmnist_dist.preemption import PREEMPTED_EXIT_CODE
+from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, complete_states
+from fmnist_dist.synthetic import write_synthetic_dataset
+
+LONG_TRAIN_SIZE = 12000  # 375 steps of 32 per epoch: a signal after the first epoch lands mid-way in the second
+FIRST_EPOCH_LINE = "epoch 1/2:"
+USAGE_ERROR = 2
+
+
+@pytest.fixture(scope="module")
+def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("long")
+    write_synthetic_dataset(root, LONG_TRAIN_SIZE, 200, seed=5)
+    return root
+
+
+def command(processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "fmnist_dist"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
+            "--main_process_port", str(free_port()), "-m", "fmnist_dist"]
+
+
+def args(data_dir: Path, output_dir: Path, processes: int, *extra: str) -> list[str]:
+    flags = train_args(data_dir, output_dir, "--no-progress", "--resume", "auto", *extra)
+    return [str(a) for a in (*flags, *(["--cpu"] if processes > 1 else []))]
+
+
+def weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(output_dir / "model.pth", map_location="cpu", weights_only=True)
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def run_to_end(data_dir: Path, output_dir: Path, processes: int) -> subprocess.CompletedProcess:
+    result = subprocess.run([*command(processes), *args(data_dir, output_dir, processes)], cwd=output_dir.parent,
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_and_signal(data_dir: Path, output_dir: Path, processes: int, signum: int, target: str,
+                   after: str = FIRST_EPOCH_LINE) -> tuple[int, str]:
+    """Start the run; once a line starts with `after`, send `signum` to `target` ("run", "rank" 1 or "launcher")."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([*command(processes), *args(data_dir, output_dir, processes)], cwd=output_dir.parent,
+                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith(after):
+                os.kill(sorted(children(process.pid))[-1] if target == "rank" else process.pid, signum)
+                break
+        lines += process.stdout.readlines()
+        return process.wait(timeout=120), "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(long_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The same runs without a stop, on 1 and 2 processes."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    for processes in (1, 2):
+        run_to_end(long_data_dir, work / f"p{processes}", processes)
+    return {processes: work / f"p{processes}" for processes in (1, 2)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("processes", "signum", "target"),
+    [(1, signal.SIGTERM, "run"), (1, signal.SIGUSR1, "run"), (1, signal.SIGINT, "run"),
+     (2, signal.SIGTERM, "rank"), (2, signal.SIGUSR1, "rank"), (2, signal.SIGTERM, "launcher")],
+    ids=["SIGTERM", "SIGUSR1", "SIGINT", "SIGTERM-one-rank", "SIGUSR1-one-rank", "SIGTERM-launcher"],
+)
+def test_a_signal_stops_every_process_at_one_step_with_a_state_and_resume_is_bit_identical(
+    processes: int, signum: int, target: str, long_data_dir: Path, uninterrupted: dict[int, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    code, output = run_and_signal(long_data_dir, out, processes, signum, target)
+
+    if processes == 1:
+        assert code == PREEMPTED_EXIT_CODE, output
+    elif target == "launcher":  # torch's launcher forwards the signal to the ranks and reports it as its own
+        assert code != 0, output
+    else:  # torch's launcher exits 1 and reports each rank's own exit code
+        assert code != 0 and f"exitcode  : {PREEMPTED_EXIT_CODE}" in output, output
+    stop_lines = [line for line in output.splitlines() if "fmnist-dist: stopped by" in line]
+    assert len(stop_lines) == 1 and "--resume auto" in stop_lines[0], output
+    assert "Traceback" not in output.split("fmnist-dist: stopped by")[0]
+    state = complete_states(out / STATE_DIR)[-1]
+    position = json.loads((state / PROGRESS_FILE).read_text())["position"]
+    assert position["epoch"] == 1 and 0 < position["samples_done"] < LONG_TRAIN_SIZE, position
+    assert not (out / "model.pth").exists()
+
+    run_to_end(long_data_dir, out, processes)
+    assert_bit_identical(weights(uninterrupted[processes]), weights(out))
+
+
+@pytest.mark.slow
+def test_the_same_command_after_two_preemptions_ends_with_the_uninterrupted_model(
+    long_data_dir: Path, uninterrupted: dict[int, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    for after in (FIRST_EPOCH_LINE, "fmnist-dist: resuming from"):
+        code, output = run_and_signal(long_data_dir, out, 1, signal.SIGTERM, "run", after)
+        assert code == PREEMPTED_EXIT_CODE, output
+    run_to_end(long_data_dir, out, 1)
+
+    assert_bit_identical(weights(uninterrupted[1]), weights(out))
+    assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".fmnist-dist.lock"}
+
+
+@pytest.mark.slow
+def test_a_diverged_run_keeps_the_good_model_and_valid_json(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    good = run_cli(train_args(data_dir, out, "--epochs", "1"), cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    model_before = (out / "model.pth").read_bytes()
+
+    diverged = run_cli(train_args(data_dir, out, "--epochs", "1", "--lr", "1000", "--overwrite"), cwd=tmp_path)
+
+    assert diverged.returncode == USAGE_ERROR
+    errors = diverged.stderr.strip().splitlines()
+    assert len(errors) == 1 and "diverged" in errors[0] and "optimizer step" in errors[0] and "--lr" in errors[0]
+    assert (out / "model.pth").read_bytes() == model_before
+    for path in [*out.rglob("*.json"), *out.rglob("*.jsonl")]:
+        for line in path.read_text().splitlines():
+            json.loads(line, parse_constant=lambda name: pytest.fail(f"{path} holds {name}"))
