@@ -63,6 +63,8 @@ write_config() {
     mkdir -p "$DIR/state"
     chmod 700 "$DIR"
     : >"$DIR/plugstack.conf"  # no SPANK plugins, whatever /etc/slurm holds
+    # Two GPUs per node as empty files: enough for SLURM to allocate them (--gpus-per-node, SLURM_GPUS_ON_NODE),
+    # so that the tests can check what launch/slurm.sbatch asks of GPU nodes; nothing ever opens them.
     touch "$DIR/gpu0" "$DIR/gpu1"
     echo "Name=gpu File=$DIR/gpu[0-1]" >"$DIR/gres.conf"
     cat >"$SLURM_CONF" <<EOF
@@ -73,7 +75,8 @@ SlurmctldPort=$PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$DIR/munge.socket
+# cred_expire: a requeued job waits this long before it starts again (default 120 s).
+AuthInfo=socket=$DIR/munge.socket,cred_expire=10
 PlugStackConfig=$DIR/plugstack.conf
 StateSaveLocation=$DIR/state
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -92,8 +95,10 @@ SelectTypeParameters=CR_CPU
 MpiDefault=none
 GresTypes=gpu
 ReturnToService=2
-# Finished jobs leave the controller after 5 s, so that \`sbatch --wait\` notices within seconds.
+# Finished jobs leave the controller after 5 s, so that \`sbatch --wait\` notices within seconds; a job that
+# becomes eligible (a requeued one, once cred_expire has passed) starts within a second, not on the next 60 s pass.
 MinJobAge=5
+SchedulerParameters=sched_interval=1
 NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 1)) CPUs=$cpus Gres=gpu:2 State=UNKNOWN
 NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 2)) CPUs=$cpus Gres=gpu:2 State=UNKNOWN
 PartitionName=ci Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
@@ -101,7 +106,8 @@ EOF
 }
 
 start_daemons() {
-    [[ -f $DIR/munge.key ]] || { dd if=/dev/urandom of="$DIR/munge.key" bs=1024 count=1 status=none; chmod 400 "$DIR/munge.key"; }
+    dd if=/dev/urandom of="$DIR/munge.key" bs=1024 count=1 status=none
+    chmod 400 "$DIR/munge.key"
     # --force: munged refuses to run as root otherwise.
     munged --force --socket="$DIR/munge.socket" --key-file="$DIR/munge.key" --pid-file="$DIR/munged.pid" \
         --log-file="$DIR/munged.log" --seed-file="$DIR/munged.seed"
@@ -112,16 +118,20 @@ start_daemons() {
     done
 }
 
-nodes_idle() {
-    local states
+# Whether every node's state (sinfo's short form) matches the regular expression $1. A trailing * (idle*,
+# down*) means the node does not answer, so it never matches.
+nodes_in_state() {
+    local states node
     states=$(sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
-    [[ $states == *"n1 idle"* && $states == *"n2 idle"* ]]
+    for node in "${NODES[@]}"; do
+        grep -Eq "^$node ($1)\$" <<<"$states" || return 1
+    done
 }
 
 wait_until_idle() {
     local i
     for ((i = 0; i < 60; i++)); do
-        nodes_idle && return
+        nodes_in_state idle && return
         sleep 0.5
     done
     echo "--- sinfo:" >&2; sinfo -N >&2 || true
@@ -159,8 +169,8 @@ up() {
         echo "slurm-cluster: already up (SLURM_CONF=$SLURM_CONF)"
         return
     fi
-    [[ ! -e $DIR ]] || down  # leftovers of a cluster that died: start clean
     [[ $(id -u) == 0 ]] || die "needs root (the daemons run as root, and n1/n2 may need /etc/hosts entries)"
+    [[ ! -e $DIR ]] || down  # leftovers of a cluster that died: start clean
     install_packages
     add_host_entries
     write_config
@@ -170,6 +180,7 @@ up() {
 }
 
 down() {
+    [[ ! -e $DIR || $(id -u) == 0 ]] || die "needs root (the cluster's daemons run as root)"
     cancel_jobs
     local node
     for node in "${NODES[@]}"; do
@@ -184,13 +195,8 @@ down() {
 
 status() {
     [[ -f $SLURM_CONF ]] || { echo "slurm-cluster: not up (no $SLURM_CONF)"; return 1; }
-    local states node
-    states=$(sinfo -h -N -o '%N %t' 2>&1) || { echo "slurm-cluster: slurmctld does not answer: $states"; return 1; }
-    echo "$states"
-    # A trailing * (idle*, down*) means the node does not answer.
-    for node in "${NODES[@]}"; do
-        grep -Eq "^$node (idle|alloc|mix|comp)$" <<<"$states" || return 1
-    done
+    sinfo -N -o '%N %t' || return 1
+    nodes_in_state 'idle|alloc|mix|comp'
 }
 
 case ${1:-} in

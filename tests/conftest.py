@@ -132,7 +132,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     for outcome in ("passed", "failed", "error", "skipped"):
         for report in terminalreporter.stats.get(outcome, []):
             if "cluster" in getattr(report, "keywords", {}):
-                reason = f" ({report.longrepr[2]})" if outcome == "skipped" and isinstance(report.longrepr, tuple) else ""
+                skipped = outcome == "skipped" and isinstance(report.longrepr, tuple)
+                reason = f" ({report.longrepr[2]})" if skipped else ""
                 lines.append(f"{outcome.upper()} {report.nodeid}{reason}")
     if lines:
         terminalreporter.section("cluster tests (SLURM, two-node launches)")

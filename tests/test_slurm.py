@@ -29,14 +29,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
 SBATCH_SCRIPT = REPO / "launch" / "slurm.sbatch"
 SLURM_CONF = Path(os.environ.get("FMNIST_DIST_SLURM_DIR", "/tmp/fmnist-dist-slurm")) / "slurm.conf"
-# Long enough (3 epochs of ~190 steps of 2 x 16 images) that a signal sent after epoch 1 lands mid-run.
-TRAIN_IMAGES = 6000
+# Long enough (3 epochs of 125 steps of 2 x 16 images) that a signal sent after epoch 1 lands mid-run.
+TRAIN_IMAGES = 4000
 TEST_IMAGES = 200
 EPOCHS = 3
 JOB_FLAGS = ("--epochs", str(EPOCHS), "--batch-size", "16", "--no-progress")
 RDZV_TIMEOUT_S = 15
 # The rendezvous bound, plus start-up and SLURM's bookkeeping on 2 busy cores.
 NEVER_STARTS_BOUND_S = 60
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 def slurm_unavailable(reason: str) -> None:
@@ -51,7 +52,7 @@ def why_slurm_cannot_start() -> str | None:
     if os.geteuid() != 0:
         return "no SLURM test cluster is up, and starting one needs root (`sudo .ci/slurm-cluster.sh up`)"
     if not shutil.which("sbatch") and not shutil.which("apt-get"):
-        return "SLURM is not installed and there is no apt-get to install it (Debian's slurmctld slurmd slurm-client munge)"
+        return "SLURM is not installed and there is no apt-get to install it (slurmctld slurmd slurm-client munge)"
     return None
 
 
@@ -101,8 +102,8 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def sbatch_command(log_dir: Path, job_name: str, *options: str) -> list[str]:
-    """`sbatch --wait` of launch/slurm.sbatch on both nodes, one CPU each; the output in log_dir/slurm-<job id>.out."""
-    return ["sbatch", "--wait", f"--job-name={job_name}", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
+    """`sbatch` of launch/slurm.sbatch on both nodes, one CPU each; the output in log_dir/slurm-<job id>.out."""
+    return ["sbatch", f"--job-name={job_name}", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
             f"--output={log_dir}/slurm-%j.out", *options, str(SBATCH_SCRIPT)]
 
 
@@ -131,7 +132,7 @@ def cpu_job(slurm_env: dict[str, str], job_data: Path,
     output_dir = log_dir / "out"
     flags = train_args(job_data, output_dir, *JOB_FLAGS)[1:]
     try:
-        result = subprocess.run([*sbatch_command(log_dir, "fmnist-test-cpu"), *map(str, flags)], cwd=REPO,
+        result = subprocess.run([*sbatch_command(log_dir, "fmnist-test-cpu", "--wait"), *map(str, flags)], cwd=REPO,
                                 env={**slurm_env, "FMNIST_DIST_CPU": "1"}, capture_output=True, text=True, timeout=300)
     finally:
         cancel("fmnist-test-cpu", slurm_env)
@@ -158,40 +159,42 @@ def test_cpu_job_on_two_nodes_matches_two_processes_on_one_node(cpu_job, uninter
     assert max_difference(load_weights(output_dir / "model.pth"), uninterrupted_weights) <= 1e-6
 
 
+def job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
+    """`scontrol show job`'s fields (JobState, Restarts, ExitCode, ...); {} once the controller has forgotten it."""
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return dict(field.split("=", 1) for field in shown.split() if "=" in field)
+
+
 def test_preempted_job_requeues_itself_and_ends_with_the_uninterrupted_weights(
         slurm_env: dict[str, str], job_data: Path, uninterrupted_weights, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     flags = train_args(job_data, output_dir, *JOB_FLAGS)[1:]
-    with (tmp_path / "sbatch.txt").open("w") as sbatch_output:
-        sbatch = subprocess.Popen([*sbatch_command(tmp_path, "fmnist-test-preempt"), *map(str, flags)], cwd=REPO,
-                                  env={**slurm_env, "FMNIST_DIST_CPU": "1"}, stdout=sbatch_output,
-                                  stderr=subprocess.STDOUT)
+    env = {**slurm_env, "FMNIST_DIST_CPU": "1"}
+    # Not `sbatch --wait`: it returns as soon as the job is requeued (SLURM reports it as ended for a moment).
+    submitted = subprocess.run([*sbatch_command(tmp_path, "fmnist-test-preempt", "--parsable"), *map(str, flags)],
+                               cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    job_id = submitted.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job_id}.out"
     try:
-        wait_until(lambda: list(tmp_path.glob("slurm-*.out")) and f"epoch 1/{EPOCHS}:" in job_log(tmp_path)[1],
-                   180, "the job did not finish its first epoch in time")
-        job_id = job_log(tmp_path)[0]
+        wait_until(lambda: log.exists() and f"epoch 1/{EPOCHS}:" in log.read_text(), 180,
+                   "the job did not finish its first epoch in time")
         # What `#SBATCH --signal=B:USR1@120` does ahead of the time limit: USR1 to the batch shell only.
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True)
-
-        def requeued() -> bool:
-            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=slurm_env,
-                                   capture_output=True, text=True).stdout.strip()
-            return state == "PENDING"
-
-        wait_until(requeued, 90, f"job {job_id} was not requeued:\n{job_log(tmp_path)[1][-3000:]}")
-        # SLURM holds a requeued job for about two minutes (its credential lifetime); start it now.
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_env, check=True)
-        assert sbatch.wait(timeout=240) == 0, job_log(tmp_path)[1][-3000:]
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+        # SLURM holds a requeued job for its credential lifetime (120 s by default; 10 s on the test cluster).
+        # Starting it sooner (`scontrol update StartTime=now`) can fail: "Job credential revoked".
+        wait_until(lambda: job_fields(job_id, env).get("Restarts") == "1", 90,
+                   f"job {job_id} was not requeued:\n{log.read_text()[-3000:]}")
+        wait_until(lambda: job_fields(job_id, env).get("JobState") in ENDED, 240,
+                   f"job {job_id} did not end:\n{log.read_text()[-3000:]}")
+        ended = job_fields(job_id, env)
     finally:
-        sbatch.kill()
-        cancel("fmnist-test-preempt", slurm_env)
+        cancel("fmnist-test-preempt", env)
 
-    log = job_log(tmp_path)[1]
-    first_run, _, second_run = log.partition(f"job {job_id} (restart 1)")
-    assert second_run, log[-3000:]
-    assert "requeueing job" in first_run
+    first_run, _, second_run = log.read_text().partition(f"job {job_id} (restart 1)")
+    assert (ended["JobState"], ended["Restarts"], ended["ExitCode"]) == ("COMPLETED", "1", "0:0"), second_run[-3000:]
+    assert "requeueing job" in first_run, first_run[-3000:]
     # The second run continued the first one's state: it never trained epoch 1 again.
-    assert f"epoch 1/{EPOCHS}:" not in second_run and f"epoch {EPOCHS}/{EPOCHS}:" in second_run, log[-3000:]
+    assert f"epoch 1/{EPOCHS}:" not in second_run and f"epoch {EPOCHS}/{EPOCHS}:" in second_run, second_run[-3000:]
     assert max_difference(load_weights(output_dir / "model.pth"), uninterrupted_weights) <= 1e-6
 
 
@@ -213,8 +216,8 @@ def test_node_that_never_starts_ends_the_job_within_the_bound_with_a_clear_messa
     flags = train_args(job_data, tmp_path / "out", *JOB_FLAGS)[1:]
     started = time.monotonic()
     try:
-        result = subprocess.run([*sbatch_command(tmp_path, "fmnist-test-never"), *map(str, flags)], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run([*sbatch_command(tmp_path, "fmnist-test-never", "--wait"), *map(str, flags)],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     finally:
         cancel("fmnist-test-never", slurm_env)
     elapsed = time.monotonic() - started
@@ -256,7 +259,7 @@ def test_gpu_nodes_by_default_one_process_per_gpu(slurm_env: dict[str, str], tmp
 
 def test_gpu_job_without_gpus_is_refused_in_one_line(slurm_env: dict[str, str], tmp_path: Path) -> None:
     try:
-        result = subprocess.run(sbatch_command(tmp_path, "fmnist-test-nogpu"), cwd=REPO, env=slurm_env,
+        result = subprocess.run(sbatch_command(tmp_path, "fmnist-test-nogpu", "--wait"), cwd=REPO, env=slurm_env,
                                 capture_output=True, text=True, timeout=120)
     finally:
         cancel("fmnist-test-nogpu", slurm_env)
