@@ -31,11 +31,14 @@ def default_threads() -> int:
 def apply_threads(threads: int | None) -> int:
     """Set torch's intra-op CPU threads to `threads` (None: `default_threads()`); return the number set.
 
-    Inter-op threads are left alone: this model runs one operator at a time, and torch allows setting them only
-    before the first parallel work.
+    OMP_NUM_THREADS is set to the same number, as Lightning does: Accelerate, when it joins CPU processes with
+    OMP_NUM_THREADS unset, sets its own count (physical cores / local processes) over ours; and child processes
+    inherit it. Inter-op threads are left alone: this model runs one operator at a time, and torch allows
+    setting them only before the first parallel work.
     """
     count = threads or default_threads()
     torch.set_num_threads(count)
+    os.environ["OMP_NUM_THREADS"] = str(count)
     return count
 
 

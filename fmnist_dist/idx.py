@@ -132,4 +132,6 @@ def _corrupt(path: Path, problem: str) -> None:
 
 
 def _unreadable(path: Path, error: OSError) -> UsageError:
-    return UsageError(f"cannot read {path} ({first_line(error)}); check its permissions, or delete it and download again")
+    return UsageError(
+        f"cannot read {path} ({first_line(error)}); check its permissions, or delete it and download again"
+    )

@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader
 
 import fmnist_dist
 from fmnist_dist.checkpoint import save_state_dict
-from fmnist_dist.compute import apply_threads, check_precision_runs, precision_in_effect, precision_refusals_as_usage_errors
+from fmnist_dist.compute import (
+    apply_threads, check_precision_runs, precision_in_effect, precision_refusals_as_usage_errors,
+)
 from fmnist_dist.config import TrainConfig
 from fmnist_dist.dataset_files import describe_dataset
 from fmnist_dist.data import first_images, is_on_device, load_split, make_loader, ordered_loader, place_on_device

@@ -51,7 +51,8 @@ def one_error_line(returncode: int | None, err: str, *named: str) -> str:
 def predict_index(data: Path, *flags: str) -> int | None:
     """`predict --index 0` on `data`: it reads the test split before the (absent) checkpoint."""
     try:
-        return main(["predict", "--checkpoint", str(data / "none.pth"), "--index", "0", "--data-dir", str(data), *flags])
+        return main(["predict", "--checkpoint", str(data / "none.pth"), "--index", "0", "--data-dir", str(data),
+                     *flags])
     except SystemExit as leaving:
         return leaving.code
 
@@ -139,7 +140,8 @@ def test_a_file_the_user_may_not_read_is_refused(data_dir: Path) -> None:
             path.chmod(0o755 if path.is_dir() else 0o644)
         (raw_dir(data) / TEST_LABELS).chmod(0)
         message = check_dataset_as_nobody(data)
-    assert message.startswith(f"cannot read {raw_dir(data) / TEST_LABELS} (") and "Permission denied" in message, message
+    assert message.startswith(f"cannot read {raw_dir(data) / TEST_LABELS} ("), message
+    assert "Permission denied" in message
     assert "check its permissions" in message and "\n" not in message
 
 
@@ -178,14 +180,17 @@ def test_a_dataset_with_no_images_is_refused(data: Path, capsys: pytest.CaptureF
 # ------------------------------------------------------------------------------------ torchvision's old cache
 
 
-def write_legacy_cache(data: Path, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> None:
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def write_legacy_cache(data: Path, train: Pair, test: Pair) -> None:
     """processed/training.pt and test.pt as old torchvision versions wrote them: (uint8 images, int64 labels)."""
     processed_dir(data).mkdir(parents=True)
     for name, pair in zip(LEGACY_FILES.values(), (train, test)):
         torch.save(pair, processed_dir(data) / name)
 
 
-def good_pair(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def good_pair(n: int, seed: int = 0) -> Pair:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
             torch.randint(0, 10, (n,), generator=generator))

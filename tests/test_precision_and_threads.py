@@ -6,11 +6,14 @@ W&B report, and each process takes its share of the cores unless told otherwise.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, train_args
+from conftest import cli_env, free_port, run_cli, train_args
 from test_tracking import read_wandb_log
 
 from fmnist_dist.compute import apply_threads, default_threads
@@ -51,14 +54,36 @@ def test_bf16_and_the_thread_count_are_reported_as_in_effect(data_dir: Path, tmp
 
 
 @pytest.fixture
-def restore_threads():
+def restore_threads(monkeypatch: pytest.MonkeyPatch):
     before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored by monkeypatch afterwards
     yield
     torch.set_num_threads(before)
 
 
-def test_threads_flag_is_applied(restore_threads) -> None:
+def test_threads_flag_is_applied_and_exported(restore_threads) -> None:
     assert apply_threads(3) == 3 and torch.get_num_threads() == 3
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_threads_flag_holds_in_processes_a_launcher_started_without_omp_num_threads(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Two ranks started as srun starts them (rank variables, no OMP_NUM_THREADS): Accelerate would set its own
+    thread count when it joins them, over --threads."""
+    port = str(free_port())
+    env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
+    ranks = [subprocess.Popen(
+        [sys.executable, "-m", "fmnist_dist",
+         *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--threads", "2", "--no-progress"))],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+    ) for rank in range(2)]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][1][-3000:]
+    start_up = outputs[0][0].splitlines()[0]
+    assert start_up.startswith("fmnist-dist: 2 process(es)") and "2 CPU thread(s) per process" in start_up
 
 
 @pytest.mark.parametrize(("omp", "local_processes", "cores", "expected"), [
