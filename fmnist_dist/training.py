@@ -22,6 +22,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fmnist_dist.compute import precision_in_effect
 from fmnist_dist.config import TrainConfig
 from fmnist_dist.errors import UsageError
 from fmnist_dist.evaluation import EvalResult, evaluate
@@ -271,6 +272,8 @@ class Trainer:
             "train_samples_per_second": stats.samples / stats.seconds,
             "world_size": self.accelerator.num_processes,
             "global_batch_size": self.train.plan.global_batch,
+            "mixed_precision": precision_in_effect(self.accelerator),
+            "cpu_threads": torch.get_num_threads(),
             "confusion_matrix": result.confusion_matrix().tolist(),
         }
         self.progress.finish_epoch(record)
