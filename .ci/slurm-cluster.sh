@@ -57,10 +57,9 @@ remove_host_entries() {
 }
 
 write_config() {
-    local host cpus
+    local host
     host=$(hostname)
-    cpus=$(nproc)
-    mkdir -p "$DIR/state"
+    mkdir -p "$DIR/state" "${NODES[@]/#/$DIR/spool-}"
     chmod 700 "$DIR"
     : >"$DIR/plugstack.conf"  # no SPANK plugins, whatever /etc/slurm holds
     # Two GPUs per node as empty files: enough for SLURM to allocate them (--gpus-per-node, SLURM_GPUS_ON_NODE),
@@ -94,13 +93,15 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
 GresTypes=gpu
+# Each node declares 4 CPUs whatever this machine has, so that the tests can ask for several per task.
+SlurmdParameters=config_overrides
 ReturnToService=2
 # Finished jobs leave the controller after 5 s, so that \`sbatch --wait\` notices within seconds; a job that
 # becomes eligible (a requeued one, once cred_expire has passed) starts within a second, not on the next 60 s pass.
 MinJobAge=5
 SchedulerParameters=sched_interval=1
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 1)) CPUs=$cpus Gres=gpu:2 State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 2)) CPUs=$cpus Gres=gpu:2 State=UNKNOWN
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 1)) CPUs=4 Gres=gpu:2 State=UNKNOWN
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 2)) CPUs=4 Gres=gpu:2 State=UNKNOWN
 PartitionName=ci Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 EOF
 }

@@ -113,8 +113,13 @@ def job_log(log_dir: Path) -> tuple[str, str]:
     return log.stem.removeprefix("slurm-"), log.read_text()
 
 
-def cancel(job_name: str, env: dict[str, str]) -> None:
-    subprocess.run(["scancel", f"--name={job_name}"], env=env, capture_output=True)
+def job_name(test: str) -> str:
+    """Unique to this pytest process, so that cleaning up never cancels another session's job on a shared cluster."""
+    return f"fmnist-test-{os.getpid()}-{test}"
+
+
+def cancel(name: str, env: dict[str, str]) -> None:
+    subprocess.run(["scancel", f"--name={name}"], env=env, capture_output=True)
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -132,10 +137,10 @@ def cpu_job(slurm_env: dict[str, str], job_data: Path,
     output_dir = log_dir / "out"
     flags = train_args(job_data, output_dir, *JOB_FLAGS)[1:]
     try:
-        result = subprocess.run([*sbatch_command(log_dir, "fmnist-test-cpu", "--wait"), *map(str, flags)], cwd=REPO,
+        result = subprocess.run([*sbatch_command(log_dir, job_name("cpu"), "--wait"), *map(str, flags)], cwd=REPO,
                                 env={**slurm_env, "FMNIST_DIST_CPU": "1"}, capture_output=True, text=True, timeout=300)
     finally:
-        cancel("fmnist-test-cpu", slurm_env)
+        cancel(job_name("cpu"), slurm_env)
     return result, output_dir, job_log(log_dir)[1]
 
 
@@ -171,7 +176,7 @@ def test_preempted_job_requeues_itself_and_ends_with_the_uninterrupted_weights(
     flags = train_args(job_data, output_dir, *JOB_FLAGS)[1:]
     env = {**slurm_env, "FMNIST_DIST_CPU": "1"}
     # Not `sbatch --wait`: it returns as soon as the job is requeued (SLURM reports it as ended for a moment).
-    submitted = subprocess.run([*sbatch_command(tmp_path, "fmnist-test-preempt", "--parsable"), *map(str, flags)],
+    submitted = subprocess.run([*sbatch_command(tmp_path, job_name("preempt"), "--parsable"), *map(str, flags)],
                                cwd=REPO, env=env, capture_output=True, text=True, check=True)
     job_id = submitted.stdout.strip().split(";")[0]
     log = tmp_path / f"slurm-{job_id}.out"
@@ -188,7 +193,7 @@ def test_preempted_job_requeues_itself_and_ends_with_the_uninterrupted_weights(
                    f"job {job_id} did not end:\n{log.read_text()[-3000:]}")
         ended = job_fields(job_id, env)
     finally:
-        cancel("fmnist-test-preempt", env)
+        cancel(job_name("preempt"), env)
 
     first_run, _, second_run = log.read_text().partition(f"job {job_id} (restart 1)")
     assert (ended["JobState"], ended["Restarts"], ended["ExitCode"]) == ("COMPLETED", "1", "0:0"), second_run[-3000:]
@@ -216,10 +221,10 @@ def test_node_that_never_starts_ends_the_job_within_the_bound_with_a_clear_messa
     flags = train_args(job_data, tmp_path / "out", *JOB_FLAGS)[1:]
     started = time.monotonic()
     try:
-        result = subprocess.run([*sbatch_command(tmp_path, "fmnist-test-never", "--wait"), *map(str, flags)],
+        result = subprocess.run([*sbatch_command(tmp_path, job_name("never"), "--wait"), *map(str, flags)],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     finally:
-        cancel("fmnist-test-never", slurm_env)
+        cancel(job_name("never"), slurm_env)
     elapsed = time.monotonic() - started
 
     log = job_log(tmp_path)[1]
@@ -229,40 +234,46 @@ def test_node_that_never_starts_ends_the_job_within_the_bound_with_a_clear_messa
     assert "fmnist-dist: error: the training step failed" in log
 
 
-def test_gpu_nodes_by_default_one_process_per_gpu(slurm_env: dict[str, str], tmp_path: Path) -> None:
-    # The test cluster's nodes declare 2 (fake) GPUs each; the fake launcher records what it was asked to run.
-    fake_accelerate(tmp_path / "bin", f'printf "%s\\n" "$@" >{tmp_path}/"$SLURMD_NODENAME".args\n'
-                                      f'echo "$SLURM_CPUS_PER_TASK" >{tmp_path}/"$SLURMD_NODENAME".cpus')
-    env = {**slurm_env, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{slurm_env['PATH']}"}
+@pytest.mark.parametrize(("variables", "sbatch_options", "processes", "device_flags"), [
+    ({}, ["--gpus-per-node=2"], 2, []),  # GPU nodes by default, one process per allocated GPU
+    ({"FMNIST_DIST_CPU": "1", "FMNIST_DIST_PROCESSES_PER_NODE": "2"}, ["--gpus-per-node=0"], 2, ["--cpu"]),
+], ids=["gpu-nodes", "cpu-nodes"])
+def test_each_node_launches_one_process_per_gpu_or_as_many_as_asked_on_cpu_nodes(
+        slurm_env: dict[str, str], tmp_path: Path, variables: dict[str, str], sbatch_options: list[str],
+        processes: int, device_flags: list[str]) -> None:
+    # The test cluster's nodes declare 4 CPUs and 2 (fake) GPUs each; the fake launcher records its arguments.
+    fake_accelerate(tmp_path / "bin", f'printf "%s\\n" "$@" >{tmp_path}/"$SLURMD_NODENAME".args')
+    env = {**slurm_env, **variables, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{slurm_env['PATH']}"}
     try:
         result = subprocess.run(
-            ["sbatch", "--wait", "--job-name=fmnist-test-gpu", "--gpus-per-node=2", "--cpus-per-task=2",
+            ["sbatch", "--wait", f"--job-name={job_name('launch')}", "--nodes=2", "--cpus-per-task=4", *sbatch_options,
              f"--output={tmp_path}/slurm-%j.out", str(SBATCH_SCRIPT), "--epochs", "1"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     finally:
-        cancel("fmnist-test-gpu", slurm_env)
+        cancel(job_name("launch"), slurm_env)
 
     assert result.returncode == 0, job_log(tmp_path)[1]
-    launches = {node: (tmp_path / f"{node}.args").read_text().splitlines() for node in ("n1", "n2")}
-    for rank, node in enumerate(("n1", "n2")):
-        args = launches[node]
+    launches = [(tmp_path / f"{node}.args").read_text().splitlines() for node in ("n1", "n2")]
+    ports = set()
+    for rank, args in enumerate(launches):
         option = dict(zip(args, args[1:]))
         assert args[:3] == ["launch", "--machine_rank", str(rank)]
         assert option["--config_file"] == str(REPO / "launch" / "multi-node.yaml")
-        assert (option["--num_machines"], option["--num_processes"]) == ("2", "4")  # 2 nodes x 2 GPUs
-        assert (option["--main_process_ip"], option["--num_cpu_threads_per_process"]) == ("n1", "1")
-        assert args[args.index("-m"):] == ["-m", "fmnist_dist", "train", "--resume", "auto", "--epochs", "1"]
-        assert (tmp_path / f"{node}.cpus").read_text().strip() == "2"  # srun got --cpus-per-task
-    assert launches["n1"][launches["n1"].index("--main_process_port") + 1] == \
-        launches["n2"][launches["n2"].index("--main_process_port") + 1]
+        assert (option["--num_machines"], option["--num_processes"]) == ("2", str(2 * processes))
+        assert option["--main_process_ip"] == "n1"
+        assert option["--num_cpu_threads_per_process"] == str(4 // processes)  # the task's CPUs, shared
+        assert args[args.index("-m"):] == ["-m", "fmnist_dist", "train", *device_flags, "--resume", "auto",
+                                           "--epochs", "1"]
+        ports.add(option["--main_process_port"])
+    assert len(ports) == 1
 
 
 def test_gpu_job_without_gpus_is_refused_in_one_line(slurm_env: dict[str, str], tmp_path: Path) -> None:
     try:
-        result = subprocess.run(sbatch_command(tmp_path, "fmnist-test-nogpu", "--wait"), cwd=REPO, env=slurm_env,
+        result = subprocess.run(sbatch_command(tmp_path, job_name("nogpu"), "--wait"), cwd=REPO, env=slurm_env,
                                 capture_output=True, text=True, timeout=120)
     finally:
-        cancel("fmnist-test-nogpu", slurm_env)
+        cancel(job_name("nogpu"), slurm_env)
 
     log = job_log(tmp_path)[1]
     assert result.returncode == 2, log
