@@ -3,6 +3,7 @@
     python benchmarks/epoch_benchmark.py                       # all rows, 3 interleaved repeats
     python benchmarks/epoch_benchmark.py --repeats 5 --skip-multiprocess
     python benchmarks/epoch_benchmark.py --device cuda         # single-process rows on the GPU
+    python benchmarks/epoch_benchmark.py --threads 1 --skip-multiprocess   # steadier on a shared machine
 
 Rows (all train the quickstart's MLP with the quickstart's SGD, lr 1e-3, no momentum, so only the data and
 step path differ):
@@ -11,16 +12,22 @@ step path differ):
                   DataLoader(batch_size=64, shuffle=True) and the tutorial's `train` loop, which reads
                   `loss.item()` and prints every 100 batches (printed into a buffer to keep stdout a table).
   b. fmnist-dist  the package's own training path, built with the functions `fmnist-dist train` uses
-                  (`build_accelerator`, `load_datasets`, `loader_for`, `accelerator.prepare`, `Trainer`),
-                  timing `Trainer._train_epoch`, the call `Trainer.fit` makes for every epoch.
+                  (`build_accelerator`, `load_datasets`, `BatchPlan`, `GlobalOrderBatchSampler`,
+                  `train_loader_for`, `accelerator.prepare`, `build_scheduler`, `Trainer`), timing
+                  `Trainer._train_epoch`, the call `Trainer.fit` makes for every epoch.
   c. floor        the same SGD steps on preloaded float tensors, batches indexed by a random permutation,
                   no DataLoader: what any data path costs at least.
+  d. end to end   the real command, `fmnist-dist train` in its own process (quickstart SGD, constant rate,
+                  no tracker, no progress bar), `train_seconds` from its metrics.jsonl for the epochs after
+                  the first; beside it (c') the floor's steps in a separate process too, timed the same way
+                  (the first epoch is the warm-up), so that d/c' compares two fresh processes.
   2-process CPU   `accelerate launch --config_file launch/cpu.yaml -m fmnist_dist train --cpu ...`, the job
                   as a whole; `train_samples_per_second` from its metrics.jsonl (all processes together).
 
 The data is a FashionMNIST-sized synthetic set (60,000 / 10,000 images in the real IDX format, read by
 torchvision's FashionMNIST class) unless --data-dir points at a real copy. Rows are warmed up, then measured
-in interleaved rounds (a, b, c, a, b, c, ...) so that machine noise hits them alike; the table gives medians.
+in interleaved rounds (a, b, c, d, c', a, b, ...) so that machine noise hits them alike; the table gives
+medians. Every row, the processes of d and c' included, runs with the same number of torch CPU threads.
 """
 
 from __future__ import annotations
@@ -47,12 +54,16 @@ from torchvision import datasets
 from torchvision.transforms import ToTensor
 
 from fmnist_dist.config import TrainConfig
-from fmnist_dist.job import build_accelerator, load_datasets, loader_for
+from fmnist_dist.job import build_accelerator, load_datasets, test_loader_for, train_loader_for
 from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.position import BatchPlan, steps_per_epoch
+from fmnist_dist.preemption import StopRequest
+from fmnist_dist.sampling import GlobalOrderBatchSampler
+from fmnist_dist.schedule import build_scheduler
 from fmnist_dist.state import Progress
 from fmnist_dist.synthetic import write_synthetic_dataset
 from fmnist_dist.tracking import MetricsLog
-from fmnist_dist.training import Trainer
+from fmnist_dist.training import Trainer, TrainingData
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 64
@@ -66,19 +77,33 @@ EpochFn = Callable[[int], tuple[float, int]]
 Round = tuple[float, int, float]
 
 
+# Row keys, in the order of the table and of every round.
+QUICKSTART, PACKAGE, FLOOR, END_TO_END, FLOOR_PROCESS = "a", "b", "c", "d", "c'"
+ROW_NAMES = {
+    QUICKSTART: "a. quickstart (torchvision + ToTensor, per-sample DataLoader)",
+    PACKAGE: "b. fmnist-dist (Trainer._train_epoch, Accelerate-prepared loader)",
+    FLOOR: "c. floor (preloaded tensors, permutation slices, no loader)",
+    END_TO_END: "d. end to end (`fmnist-dist train` in its own process, metrics.jsonl train_seconds)",
+    FLOOR_PROCESS: "c'. floor in its own process (timed as d: epochs after the first)",
+}
+SEPARATE_PROCESS_ROWS = (END_TO_END, FLOOR_PROCESS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    args.threads = torch.get_num_threads()  # the child processes of rows d and c' get the same count
+    if args.floor_process:
+        return floor_process(args.data_dir, device, args.floor_process)
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
         data_dir = args.data_dir or make_data(Path(tmp) / "data")
         rows = {
-            "a. quickstart (torchvision + ToTensor, per-sample DataLoader)": quickstart_row(data_dir, device),
-            "b. fmnist-dist (Trainer._train_epoch, Accelerate-prepared loader)": package_row(
-                data_dir, device, Path(tmp) / "run"
-            ),
-            "c. floor (preloaded tensors, permutation slices, no loader)": floor_row(data_dir, device),
+            QUICKSTART: quickstart_row(data_dir, device),
+            PACKAGE: package_row(data_dir, device, Path(tmp) / "run"),
+            FLOOR: floor_row(data_dir, device),
+            END_TO_END: end_to_end_row(data_dir, device, Path(tmp) / "e2e", args),
+            FLOOR_PROCESS: floor_process_row(data_dir, device, args),
         }
         results = measure(rows, args.repeats, args.epochs_per_measure)
         multiprocess = None if args.skip_multiprocess else two_process_cpu(data_dir, Path(tmp) / "mp", args.repeats)
@@ -97,8 +122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the single-process rows (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for the single-process rows (default: torch's choice); 1 is "
-                        "steadier on a machine shared with other jobs")
+                        help="torch CPU threads of every single-process row, rows d and c' included (default: "
+                        "torch's choice); 1 is steadier on a machine shared with other jobs")
+    parser.add_argument("--process-epochs", type=int, default=2,
+                        help="epochs of each process of rows d and c' (the first is the warm-up; median of the rest)")
+    parser.add_argument("--floor-process", type=int, default=0, help=argparse.SUPPRESS)  # row c' runs itself so
     parser.add_argument("--skip-multiprocess", action="store_true", help="leave out the 2-process CPU row")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="a torchvision FashionMNIST root to use instead of the synthetic set")
@@ -159,29 +187,83 @@ def quickstart_row(data_dir: Path, device: torch.device) -> EpochFn:
 def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> EpochFn:
     """The objects `run_training` builds, made by the same functions, around the Trainer's real epoch."""
     cfg = TrainConfig(
-        data_dir=data_dir, download=False, batch_size=BATCH_SIZE, lr=LR, momentum=0.0, output_dir=output_dir,
-        cpu=device.type == "cpu", tracker="none", progress=False, epochs=1_000_000,
+        data_dir=data_dir, download=False, batch_size=BATCH_SIZE, lr=LR, momentum=0.0, lr_schedule="constant",
+        output_dir=output_dir, cpu=device.type == "cpu", tracker="none", progress=False, epochs=1_000_000,
     )
     output_dir.mkdir(parents=True)
     accelerator = build_accelerator(cfg)
     train_set, test_set = load_datasets(cfg, accelerator)
+    plan = BatchPlan.from_config(cfg, accelerator.num_processes)
     model = NeuralNetwork()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    sampler = GlobalOrderBatchSampler(len(train_set), plan.micro_batch, cfg.seed)
     model, optimizer, train_loader, test_loader = accelerator.prepare(
-        model, optimizer, loader_for(train_set, cfg, cfg.batch_size, True),
-        loader_for(test_set, cfg, cfg.eval_batch_size, False),
+        model, optimizer, train_loader_for(train_set, cfg, sampler), test_loader_for(test_set, cfg, plan.processes)
     )
-    trainer = Trainer(cfg, accelerator, model, optimizer, train_loader, test_loader, len(train_set),
-                      Progress(batch_size=cfg.batch_size), MetricsLog(output_dir / "metrics.jsonl"),
-                      torch.empty(0))
+    scheduler = accelerator.prepare(build_scheduler(
+        optimizer.optimizer, cfg, plan.global_batch, steps_per_epoch(plan.global_batch, len(train_set))
+    ))
+    progress = Progress()
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, TrainingData(train_loader, sampler, plan, len(train_set)),
+                      test_loader, progress, MetricsLog(output_dir / "metrics.jsonl"), torch.empty(0), StopRequest())
 
-    def run_epoch(epoch: int, first_step: int = 0) -> tuple[float, int]:
-        trainer.progress = Progress(epoch=epoch, step_in_epoch=first_step, batch_size=cfg.batch_size)
-        stats = trainer._train_epoch(epoch)
+    def run_epoch(epoch: int, samples_done: int = 0) -> tuple[float, int]:
+        # The Trainer reads and advances this one position object (`fit` would move to the next epoch).
+        progress.position.epoch, progress.position.samples_done = epoch, samples_done
+        stats = trainer._train_epoch()
         return stats.seconds, stats.samples
 
-    run_epoch(0, first_step=len(train_loader) - WARMUP_BATCHES)  # warm-up: the epoch's last batches only
+    run_epoch(0, samples_done=len(train_set) - WARMUP_BATCHES * BATCH_SIZE)  # warm-up: the epoch's last batches
     return run_epoch
+
+
+# --- d. the real command, end to end ---------------------------------------------------------------------
+
+def end_to_end_row(data_dir: Path, device: torch.device, output_dir: Path, args: argparse.Namespace) -> EpochFn:
+    """`fmnist-dist train` in its own process; the `train_seconds` it reports for the epochs after the first."""
+    command = [
+        sys.executable, "-m", "fmnist_dist", "train", "--data-dir", str(data_dir), "--no-download",
+        "--output-dir", str(output_dir), "--epochs", str(args.process_epochs), "--threads", str(args.threads),
+        "--batch-size", str(BATCH_SIZE), "--lr", str(LR), "--momentum", "0", "--lr-schedule", "constant",
+        "--tracker", "none", "--no-progress", "--overwrite",
+    ] + (["--cpu"] if device.type == "cpu" else [])
+    args.end_to_end_command = "fmnist-dist " + " ".join(command[3:])
+
+    def epoch(_: int) -> tuple[float, int]:
+        run_child(command, "fmnist-dist train")
+        records = MetricsLog.read(output_dir / "metrics.jsonl")[1:]
+        return statistics.median(r["train_seconds"] for r in records), records[0]["train_samples"]
+
+    return epoch
+
+
+def floor_process_row(data_dir: Path, device: torch.device, args: argparse.Namespace) -> EpochFn:
+    """Row c's steps in a process of their own, started and timed as row d's (epochs after the first)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--floor-process", str(args.process_epochs),
+               "--data-dir", str(data_dir), "--device", str(device), "--threads", str(args.threads)]
+
+    def epoch(_: int) -> tuple[float, int]:
+        seconds = json.loads(run_child(command, "the floor process").splitlines()[-1])
+        return statistics.median(seconds), TRAIN_SIZE
+
+    return epoch
+
+
+def floor_process(data_dir: Path, device: torch.device, epochs: int) -> int:
+    """Row c' inside its own process: print the seconds of each epoch after the first, as one JSON list."""
+    epoch = floor_row(data_dir, device)
+    seconds = [epoch(e)[0] for e in range(epochs)][1:]
+    print(json.dumps(seconds))
+    return 0
+
+
+def run_child(command: list[str], what: str) -> str:
+    """Run a row's process (no inherited launcher settings, so it is one process); return its stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
 
 
 # --- c. the floor --------------------------------------------------------------------------------------------
@@ -231,7 +313,7 @@ def measure(rows: dict[str, EpochFn], repeats: int, epochs_per_measure: int) -> 
             runs = [epoch_fn(1 + round_ * epochs_per_measure + e) for e in range(epochs_per_measure)]
             seconds, samples = sum(r[0] for r in runs), sum(r[1] for r in runs)
             results[name].append((seconds, samples, time.process_time() - cpu_start))
-            print(f"round {round_ + 1}/{repeats}: {name.split(' (')[0]}: {seconds:.2f} s", file=sys.stderr)
+            print(f"round {round_ + 1}/{repeats}: {name}: {seconds:.2f} s", file=sys.stderr)
     return results
 
 
@@ -273,29 +355,29 @@ def free_port() -> int:
 # --- the report ----------------------------------------------------------------------------------------------
 
 def render(args: argparse.Namespace, device: torch.device, results: dict, multiprocess: dict | None) -> str:
-    medians = {name: statistics.median(run[0] for run in runs) for name, runs in results.items()}
-    cpu = {name: statistics.median(run[2] for run in runs) for name, runs in results.items()}
-    samples = {name: runs[0][1] for name, runs in results.items()}
-    a, b, c = medians.values()
-    ca, cb, cc = cpu.values()
+    per_epoch = {key: [run[0] / args.epochs_per_measure for run in runs] for key, runs in results.items()}
+    medians = {key: statistics.median(seconds) for key, seconds in per_epoch.items()}
+    cpu = {key: statistics.median(run[2] for run in runs) / args.epochs_per_measure for key, runs in results.items()}
+    samples = {key: runs[0][1] for key, runs in results.items()}
+    steps = steps_per_epoch(BATCH_SIZE, samples[END_TO_END])
+    a, b, c, d, c_process = (medians[key] for key in ROW_NAMES)
     lines = [
         f"## One training epoch, batch {BATCH_SIZE} ({datetime.now():%Y-%m-%d %H:%M})",
         "",
         machine(device),
         "",
         f"Median of {args.repeats} interleaved rounds of {args.epochs_per_measure} epoch(s) each; "
-        f"{samples[next(iter(samples))]:,} training images per epoch; SGD lr {LR}, no momentum, every row.",
+        f"{samples[PACKAGE]:,} training images per epoch ({steps} steps); SGD lr {LR}, no momentum, every row; "
+        f"{args.threads} torch thread(s) in every single-process row.",
         "",
         "| row | processes | device | epoch seconds (median) | all rounds | samples/s | process CPU s (median) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, runs in results.items():
-        per_epoch = [run[0] / args.epochs_per_measure for run in runs]
-        rounds = ", ".join(f"{s:.2f}" for s in per_epoch)
-        lines.append(
-            f"| {name} | 1 | {device} | {medians[name] / args.epochs_per_measure:.2f} | {rounds} | "
-            f"{samples[name] / medians[name]:,.0f} | {cpu[name] / args.epochs_per_measure:.2f} |"
-        )
+    for key, name in ROW_NAMES.items():
+        rounds = ", ".join(f"{seconds:.2f}" for seconds in per_epoch[key])
+        cpu_seconds = "" if key in SEPARATE_PROCESS_ROWS else f"{cpu[key]:.2f}"
+        lines.append(f"| {name} | 1 | {device} | {medians[key]:.2f} | {rounds} | "
+                     f"{samples[key] / medians[key]:,.0f} | {cpu_seconds} |")
     if multiprocess:
         lines.append(
             f"| 2-process CPU job (`accelerate launch`, metrics.jsonl, median of {multiprocess['epochs']} epochs "
@@ -306,8 +388,11 @@ def render(args: argparse.Namespace, device: torch.device, results: dict, multip
         "",
         f"- a/b (quickstart time / fmnist-dist time): **{a / b:.2f}x**",
         f"- b/c (fmnist-dist time / floor time): **{b / c:.2f}x**",
-        f"- the same ratios in process CPU time: a/b {ca / cb:.2f}x, b/c {cb / cc:.2f}x",
+        f"- d/c' (end to end / floor, each in its own process): **{d / c_process:.2f}x**; d/c **{d / c:.2f}x**",
+        f"- host time per step outside the model, (d - c') / {steps} steps: **{(d - c_process) / steps * 1e6:.0f} µs**",
+        f"- process CPU time, rows a-c: a/b {cpu[QUICKSTART] / cpu[PACKAGE]:.2f}x, b/c {cpu[PACKAGE] / cpu[FLOOR]:.2f}x",
         f"- a/c (quickstart / floor) bounds a/b from above: **{a / c:.2f}x**",
+        f"- d: `{args.end_to_end_command}`",
     ]
     if multiprocess:
         lines.append(f"- 2-process job: `{multiprocess['command']}`")
