@@ -204,8 +204,9 @@ def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> Epoch
         optimizer.optimizer, cfg, plan.global_batch, steps_per_epoch(plan.global_batch, len(train_set))
     ))
     progress = Progress()
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, TrainingData(train_loader, sampler, plan, len(train_set)),
-                      test_loader, progress, MetricsLog(output_dir / "metrics.jsonl"), torch.empty(0), StopRequest())
+    train = TrainingData(train_loader, sampler, plan, len(train_set))
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, train, test_loader, progress,
+                      MetricsLog(output_dir / "metrics.jsonl"), torch.empty(0), StopRequest())
 
     def run_epoch(epoch: int, samples_done: int = 0) -> tuple[float, int]:
         # The Trainer reads and advances this one position object (`fit` would move to the next epoch).
@@ -389,8 +390,10 @@ def render(args: argparse.Namespace, device: torch.device, results: dict, multip
         f"- a/b (quickstart time / fmnist-dist time): **{a / b:.2f}x**",
         f"- b/c (fmnist-dist time / floor time): **{b / c:.2f}x**",
         f"- d/c' (end to end / floor, each in its own process): **{d / c_process:.2f}x**; d/c **{d / c:.2f}x**",
-        f"- host time per step outside the model, (d - c') / {steps} steps: **{(d - c_process) / steps * 1e6:.0f} µs**",
-        f"- process CPU time, rows a-c: a/b {cpu[QUICKSTART] / cpu[PACKAGE]:.2f}x, b/c {cpu[PACKAGE] / cpu[FLOOR]:.2f}x",
+        f"- host time per step outside the model, (d - c') / {steps} steps: "
+        f"**{(d - c_process) / steps * 1e6:.0f} µs**",
+        f"- process CPU time, rows a-c: a/b {cpu[QUICKSTART] / cpu[PACKAGE]:.2f}x, "
+        f"b/c {cpu[PACKAGE] / cpu[FLOOR]:.2f}x",
         f"- a/c (quickstart / floor) bounds a/b from above: **{a / c:.2f}x**",
         f"- d: `{args.end_to_end_command}`",
     ]
