@@ -13,7 +13,8 @@ step path differ):
                   `loss.item()` and prints every 100 batches (printed into a buffer to keep stdout a table).
   b. fmnist-dist  the package's own training path, built with the functions `fmnist-dist train` uses
                   (`build_accelerator`, `load_datasets`, `BatchPlan`, `GlobalOrderBatchSampler`,
-                  `train_loader_for`, `accelerator.prepare`, `build_scheduler`, `Trainer`), timing
+                  `train_loader_for`, `accelerator.prepare` with `loader_placement`, `build_scheduler`,
+                  `Trainer`), timing
                   `Trainer._train_epoch`, the call `Trainer.fit` makes for every epoch.
   c. floor        the same SGD steps on preloaded float tensors, batches indexed by a random permutation,
                   no DataLoader: what any data path costs at least.
@@ -54,7 +55,9 @@ from torchvision import datasets
 from torchvision.transforms import ToTensor
 
 from fmnist_dist.config import TrainConfig
-from fmnist_dist.job import build_accelerator, load_datasets, test_loader_for, train_loader_for
+from fmnist_dist.job import (
+    build_accelerator, load_datasets, loader_placement, test_loader_for, train_loader_for,
+)
 from fmnist_dist.model import NeuralNetwork
 from fmnist_dist.position import BatchPlan, steps_per_epoch
 from fmnist_dist.preemption import StopRequest
@@ -198,7 +201,9 @@ def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> Epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     sampler = GlobalOrderBatchSampler(len(train_set), plan.micro_batch, cfg.seed)
     model, optimizer, train_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader_for(train_set, cfg, sampler), test_loader_for(test_set, cfg, plan.processes)
+        model, optimizer, train_loader_for(train_set, cfg, sampler), test_loader_for(test_set, cfg, plan.processes),
+        device_placement=[None, None, loader_placement(train_set, accelerator),
+                          loader_placement(test_set, accelerator)],
     )
     scheduler = accelerator.prepare(build_scheduler(
         optimizer.optimizer, cfg, plan.global_batch, steps_per_epoch(plan.global_batch, len(train_set))

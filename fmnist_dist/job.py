@@ -87,7 +87,9 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = GlobalOrderBatchSampler(len(train_set), plan.micro_batch, cfg.seed)
     model, optimizer, train_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader_for(train_set, cfg, sampler), test_loader_for(test_set, cfg, plan.processes)
+        model, optimizer, train_loader_for(train_set, cfg, sampler), test_loader_for(test_set, cfg, plan.processes),
+        device_placement=[None, None, loader_placement(train_set, accelerator),
+                          loader_placement(test_set, accelerator)],
     )
     if start.state_dir is not None:
         restore_state(accelerator, start.state_dir)
@@ -200,6 +202,16 @@ def _loading_options(dataset, cfg: TrainConfig) -> dict[str, Any]:
     on_device = is_on_device(dataset)
     return {"num_workers": 0 if on_device else cfg.num_workers,
             "pin_memory": not on_device and torch.cuda.is_available() and not cfg.cpu}
+
+
+def loader_placement(dataset, accelerator: Accelerator) -> bool | None:
+    """`accelerator.prepare`'s `device_placement` for a loader of `dataset`: False where its batches are made on
+    the device already (on the CPU, or from a split placed on the device), else None (Accelerate's default).
+
+    Placing such batches changes nothing but costs Accelerate's walk through every batch (`send_to_device`), a
+    few µs per step on the CPU and more on a GPU, where an optimizer step of this MLP takes well under a ms.
+    """
+    return False if accelerator.device.type == "cpu" or is_on_device(dataset) else None
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
