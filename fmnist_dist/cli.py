@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fmnist-dist: {stopped}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
-        _report("interrupted; with saved states, `fmnist-dist train --resume` continues the run")
+        _report("interrupted at once, without saving (a second Ctrl-C); `fmnist-dist train --resume auto` continues "
+                "from the newest complete state, if there is one")
         return 130
 
 
@@ -119,12 +120,13 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     add("--scale-lr", action="store_true",
         help=f"linear scaling rule: multiply --lr by global batch size / {REFERENCE_BATCH_SIZE} (with a warm-up)")
     add("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
-        help="after the warm-up: constant, cosine (CosineAnnealingLR to 0) or onecycle (OneCycleLR)")
+        help="after the warm-up: constant, cosine (CosineAnnealingLR to 0) or onecycle (OneCycleLR); the "
+             "tutorial's is constant")
     warmup = parser.add_mutually_exclusive_group()
     warmup.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
-                        help="optimizer steps of linear warm-up from lr/100 to lr")
+                        help="optimizer steps of linear warm-up from lr/10 to lr")
     warmup.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs,
-                        help="linear warm-up over this many epochs (fractions allowed)")
+                        help="linear warm-up over this many epochs (fractions allowed; the tutorial's is 0)")
     add("--seed", type=int, default=defaults.seed, help="initial weights and the shuffling of every epoch")
     add("--threads", type=int, default=None,
         help="CPU threads per process (default: OMP_NUM_THREADS if set, as `accelerate launch` and torchrun set it "
@@ -199,6 +201,9 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    given = given_flags(args.argv)
+    if "warmup_steps" in given:  # --warmup-steps replaces the default --warmup-epochs (the two exclude each other)
+        fields["warmup_epochs"] = 0.0
     cfg = TrainConfig(**{**fields, "tags": tuple(args.tags)})  # a bad value fails here, before the slow imports
     # Before the slow imports, so that a preemption during start-up is not lost either; kept until the process
     # exits, so that a signal after training has finished does not turn a finished run into a killed one.
@@ -207,7 +212,7 @@ def _train(args: argparse.Namespace) -> int:
     from fmnist_dist.rank_errors import lost_peers_reported
 
     with lost_peers_reported():
-        run_training(cfg, given_flags(args.argv), stop)
+        run_training(cfg, given, stop)
     return 0
 
 

@@ -19,11 +19,11 @@ class StopRequest:
     """Records a stop signal; a second Ctrl-C interrupts at once (as Python does by default)."""
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
+        self.signal_number = 0  # 0: none yet
 
     @property
     def requested(self) -> bool:
-        return self.signal_name is not None
+        return self.signal_number != 0
 
     def install(self) -> StopRequest:
         """Handle the stop signals from now on (main thread only, as Python's signal module requires)."""
@@ -34,7 +34,7 @@ class StopRequest:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self.signal_number = signum
 
 
 class TrainingStopped(Exception):

@@ -71,6 +71,9 @@ def describe_resume(start: Start, plan: BatchPlan) -> str:
                            ("global batch", saved.global_batch_size, plan.global_batch)):
         if old != new:
             changes.append(f"{name} {old} -> {new}")
+    if position.epoch >= start.cfg.epochs:
+        return (f"fmnist-dist: {start.state_dir} has trained {position.epoch} epoch(s), --epochs is "
+                f"{start.cfg.epochs}: nothing to train (pass a larger --epochs to train on)")
     return (f"fmnist-dist: resuming from {start.state_dir} at epoch {position.epoch + 1}, image "
             f"{position.samples_done}/{saved.dataset_size}, optimizer step {position.global_step}; "
             + (f"changed: {', '.join(changes)}" if changes else "same settings"))

@@ -54,7 +54,9 @@ def build_scheduler(
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = peak
     total = cfg.epochs * steps_per_epoch
-    warmup = min(warmup_steps(cfg, steps_per_epoch), total)
+    # At least one step is left after the warm-up (a schedule of no steps is undefined): a warm-up as long as
+    # the run or longer ramps up over all but its last step.
+    warmup = min(warmup_steps(cfg, steps_per_epoch), total - 1)
     scheduler = _schedule(optimizer, cfg, total, warmup, min(WARMUP_START_FACTOR, 1 / lr_scale(cfg, global_batch_size)))
     with warnings.catch_warnings():  # replaying steps before any optimizer.step() is intended here
         warnings.simplefilter("ignore", UserWarning)

@@ -9,6 +9,7 @@ training diverged, so a stop happens at the same step everywhere and nothing non
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class EpochStats:
     loss: float
     samples: int
     seconds: float
+    trained_now: int  # images this process group trained in `seconds` (fewer than `samples` in a resumed epoch)
 
 
 class EpochTotals:
@@ -130,6 +132,7 @@ class Trainer:
             and accelerator.distributed_type != DistributedType.XLA
         )
         self._last_agreed_step = self.position.global_step
+        self._stop_signal: str | None = None
         self.last_eval: EvalResult | None = None
 
     def fit(self) -> None:
@@ -139,6 +142,9 @@ class Trainer:
             TrainingStopped: a stop signal arrived; a state was saved at the step where every process stopped.
             UsageError: the loss or the weights became non-finite (nothing of that is saved).
         """
+        if self._agree_on_stop(torch.zeros(())):  # a stop asked for during start-up: no step is trained
+            self._save_state()
+            self._stopped()
         while self.position.epoch < self.cfg.epochs:
             stats = self._train_epoch()
             eval_start = time.perf_counter()
@@ -150,6 +156,7 @@ class Trainer:
 
     def _train_epoch(self) -> EpochStats:
         position, size = self.position, self.train.size
+        first_sample = position.samples_done
         self.model.train()
         self.train.sampler.set_position(position.epoch, position.samples_done)
         batches = iter(self.train.loader)
@@ -168,7 +175,8 @@ class Trainer:
         finally:
             bar.close()
         total_loss, total_samples = totals.fold(self.accelerator)
-        return EpochStats(total_loss / total_samples, round(total_samples), time.perf_counter() - start)
+        return EpochStats(total_loss / total_samples, round(total_samples), time.perf_counter() - start,
+                          size - first_sample)
 
     def _optimizer_step(self, batches, step_samples: int) -> tuple[torch.Tensor, int]:
         """One optimizer step over the next `step_samples` images; returns this process's loss sum and images."""
@@ -229,25 +237,28 @@ class Trainer:
             UsageError: on any process the loss or a weight is not finite (so no state with them is saved).
         """
         finite = torch.isfinite(loss.to(self.accelerator.device)) & _weights_finite(self.model)
-        flags = torch.stack([torch.tensor(float(self.stop.requested), device=finite.device), (~finite).float()])
-        stop, diverged = (self.accelerator.reduce(flags, "sum") > 0).tolist()
-        if diverged:
+        signal_number = torch.tensor(float(self.stop.signal_number), device=finite.device)
+        # Every process's (signal, diverged) pair, so that all name the signal that one of them received.
+        flags = self.accelerator.gather(torch.stack([signal_number, (~finite).float()]).unsqueeze(0))
+        if flags[:, 1].any():
             self._diverged()
         self._last_agreed_step = self.position.global_step
-        return stop
+        received = flags[:, 0][flags[:, 0] > 0]
+        self._stop_signal = signal.Signals(int(received[0])).name if len(received) else None
+        return self._stop_signal is not None
 
     def _diverged(self) -> None:
         raise UsageError(
             f"training diverged: the loss became non-finite (NaN or infinite) at or before optimizer step "
-            f"{self.position.global_step} (it was finite at step {self._last_agreed_step}); nothing of it was "
-            f"saved and the last good state and model.pth are unchanged; lower --lr (now {self.cfg.lr:g}) "
-            "or add a warm-up (--warmup-epochs 1)"
+            f"{self.position.global_step} (it was finite at step {self._last_agreed_step}); no state or model with "
+            f"non-finite values was saved (model.pth and the states in {self.cfg.output_dir} are from before); "
+            f"lower --lr (now {self.cfg.lr:g}) or lengthen the warm-up (--warmup-epochs)"
         )
 
     def _stopped(self) -> None:
         position = self.position
         raise TrainingStopped(
-            f"stopped by {self.stop.signal_name} at optimizer step {position.global_step} (epoch "
+            f"stopped by {self._stop_signal} at optimizer step {position.global_step} (epoch "
             f"{position.epoch + 1}, {position.samples_done}/{self.train.size} images); its state is saved in "
             f"{self.cfg.output_dir}; run the same command with --resume auto to continue"
         )
@@ -268,7 +279,7 @@ class Trainer:
             "train_samples": stats.samples,
             "train_seconds": stats.seconds,
             "eval_seconds": eval_seconds,
-            "train_samples_per_second": stats.samples / stats.seconds,
+            "train_samples_per_second": stats.trained_now / stats.seconds,
             "world_size": self.accelerator.num_processes,
             "global_batch_size": self.train.plan.global_batch,
             "mixed_precision": precision_in_effect(self.accelerator),

@@ -14,7 +14,7 @@ import torch
 
 import fmnist_dist
 from fmnist_dist.cli import MAX_SYNTHETIC_IMAGES, build_parser, main
-from fmnist_dist.config import MAX_SEED
+from fmnist_dist.config import DEFAULT_LR, MAX_SEED
 from fmnist_dist.model import NeuralNetwork
 
 PREFIX = "fmnist-dist: error: "
@@ -46,7 +46,7 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
 
 @pytest.mark.parametrize(("command", "shown"), [
     ("train", ["--epochs EPOCHS       passes over the training set (default: 5)", "(default: data)",
-               "(default: checkpoints)", "(default: 0.02)", "(default: fmnist-dist)"]),
+               "(default: checkpoints)", f"(default: {DEFAULT_LR})", "(default: fmnist-dist)"]),
     ("evaluate", ["(default: checkpoints/model.pth)", "(default: data)", "(default: 1000)"]),
     ("predict", ["(default: checkpoints/model.pth)", "(default: data)"]),
     ("synthetic-data", ["(default: 60000)", "(default: 10000)", "(default: 0)"]),
