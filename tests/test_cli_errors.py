@@ -50,8 +50,12 @@ def assert_refused(args: list, cwd: Path, culprit: str, output_dir: Path) -> Non
         (["--batch-size", "0"], "--batch-size"),
         (["--epochs", "0"], "--epochs"),
         (["--epochs", "abc"], "--epochs"),
+        (["--num-workers", "100000"], "--num-workers"),
+        (["--eval-batch-size", "99999999999999999999"], "--eval-batch-size"),
+        (["--threads", "99999999999999999999"], "--threads"),
     ],
-    ids=["lr-zero", "lr-negative", "batch-size-zero", "epochs-zero", "epochs-not-a-number"],
+    ids=["lr-zero", "lr-negative", "batch-size-zero", "epochs-zero", "epochs-not-a-number", "workers-huge",
+         "eval-batch-huge", "threads-huge"],
 )
 def test_bad_train_flag_is_refused_with_one_line(flags, culprit, data_dir: Path, previous_results: Path) -> None:
     assert_refused(train_args(data_dir, previous_results, *flags), previous_results.parent, culprit, previous_results)

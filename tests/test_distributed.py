@@ -96,7 +96,8 @@ def test_scale_lr_scales_the_learning_rate_with_the_global_batch(data_dir: Path,
     output_dir = tmp_path / "out"
     # 2 processes x 64 images: a global batch of 128, twice the reference batch of 64.
     result = launch_cli(train_args(data_dir, output_dir, "--epochs", "1", "--lr", "0.03", "--scale-lr",
-                                   "--batch-size", "64", "--cpu"), cwd=tmp_path)
+                                   "--batch-size", "64", "--lr-schedule", "constant", "--warmup-epochs", "0",
+                                   "--cpu"), cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
     # The optimizer's own learning rate, as Accelerate saved it with the end-of-epoch training state.

@@ -110,6 +110,7 @@ def test_a_signal_stops_every_process_at_one_step_with_a_state_and_resume_is_bit
         assert code != 0 and f"exitcode  : {PREEMPTED_EXIT_CODE}" in output, output
     stop_lines = [line for line in output.splitlines() if "fmnist-dist: stopped by" in line]
     assert len(stop_lines) == 1 and "--resume auto" in stop_lines[0], output
+    assert f"stopped by {signal.Signals(signum).name} at" in stop_lines[0]  # named even when another rank got it
     assert "Traceback" not in output.split("fmnist-dist: stopped by")[0]
     state = complete_states(out / STATE_DIR)[-1]
     position = json.loads((state / PROGRESS_FILE).read_text())["position"]
