@@ -191,7 +191,8 @@ def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> Epoch
     """The objects `run_training` builds, made by the same functions, around the Trainer's real epoch."""
     cfg = TrainConfig(
         data_dir=data_dir, download=False, batch_size=BATCH_SIZE, lr=LR, momentum=0.0, lr_schedule="constant",
-        output_dir=output_dir, cpu=device.type == "cpu", tracker="none", progress=False, epochs=1_000_000,
+        warmup_epochs=0.0, output_dir=output_dir, cpu=device.type == "cpu", tracker="none", progress=False,
+        epochs=1_000_000,
     )
     output_dir.mkdir(parents=True)
     accelerator = build_accelerator(cfg)
@@ -231,7 +232,7 @@ def end_to_end_row(data_dir: Path, device: torch.device, output_dir: Path, args:
         sys.executable, "-m", "fmnist_dist", "train", "--data-dir", str(data_dir), "--no-download",
         "--output-dir", str(output_dir), "--epochs", str(args.process_epochs), "--threads", str(args.threads),
         "--batch-size", str(BATCH_SIZE), "--lr", str(LR), "--momentum", "0", "--lr-schedule", "constant",
-        "--tracker", "none", "--no-progress", "--overwrite",
+        "--warmup-epochs", "0", "--tracker", "none", "--no-progress", "--overwrite",
     ] + (["--cpu"] if device.type == "cpu" else [])
     args.end_to_end_command = "fmnist-dist " + " ".join(command[3:])
 
@@ -332,7 +333,8 @@ def two_process_cpu(data_dir: Path, output_dir: Path, repeats: int) -> dict:
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml"),
         "--main_process_port", str(free_port()), "-m", "fmnist_dist", "train", "--cpu",
         "--data-dir", str(data_dir), "--no-download", "--output-dir", str(output_dir), "--epochs", str(epochs),
-        "--batch-size", str(BATCH_SIZE), "--lr", str(LR), "--momentum", "0", "--tracker", "none", "--no-progress",
+        "--batch-size", str(BATCH_SIZE), "--lr", str(LR), "--momentum", "0", "--lr-schedule", "constant",
+        "--warmup-epochs", "0", "--tracker", "none", "--no-progress",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "LOCAL_RANK"))}
     env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_DISABLE_RICH="1", WANDB_MODE="offline")
