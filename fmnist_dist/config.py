@@ -171,12 +171,6 @@ def check_positive(flag: str, value: float) -> None:
         raise UsageError(f"{flag} must be greater than 0 (got {value}); pass a positive value")
 
 
-def check_at_most(flag: str, value: float, limit: int) -> None:
-    """Refuse a flag value above what can make sense (huge values overflow or stall the machine)."""
-    if value > limit:
-        raise UsageError(f"{flag} must be at most {limit} (got {value}); pass a smaller value")
-
-
 def check_at_least_zero(flag: str, value: float) -> None:
     """Refuse a flag value that must not be negative (and finite)."""
     if not 0 <= value < math.inf:

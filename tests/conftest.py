@@ -22,8 +22,14 @@ TEST_SIZE = 301
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic FashionMNIST root (TRAIN_SIZE / TEST_SIZE images), read by torchvision's real loader."""
-    root = tmp_path_factory.mktemp("fmnist")
-    write_synthetic_dataset(root, TRAIN_SIZE, TEST_SIZE, seed=0)
+    return synthetic_data(tmp_path_factory, "fmnist", TRAIN_SIZE, TEST_SIZE, seed=0)
+
+
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory, name: str, train_size: int, test_size: int,
+                   seed: int) -> Path:
+    """A synthetic FashionMNIST root of the given sizes in a new temporary directory (torchvision reads it)."""
+    root = tmp_path_factory.mktemp(name)
+    write_synthetic_dataset(root, train_size, test_size, seed=seed)
     return root
 
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
 
 from fmnist_dist.checkpoint import atomic_write, load_model, save_state_dict
 from fmnist_dist.errors import UsageError
 from fmnist_dist.model import NeuralNetwork
 from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, find_state
-from fmnist_dist.synthetic import write_synthetic_dataset
 from fmnist_dist.tracking import MetricsLog
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -44,9 +43,7 @@ KILL_CHECKPOINT_EVERY = 40
 @pytest.fixture(scope="module")
 def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Enough small batches per epoch that a kill right after the first saved state lands mid-epoch."""
-    root = tmp_path_factory.mktemp("long")
-    write_synthetic_dataset(root, KILL_TRAIN_SIZE, 200, seed=1)
-    return root
+    return synthetic_data(tmp_path_factory, "long", KILL_TRAIN_SIZE, 200, seed=1)
 
 
 def kill_args(data_dir: Path, output_dir: Path, *extra: str) -> list:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, run_cli, train_args
+from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, train_args
 
 from fmnist_dist.config import TrainConfig
 from fmnist_dist.errors import UsageError

@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
 from processes import alive, children
 
 from fmnist_dist.lifecycle import LAUNCHER_MARK, stop_with_launcher
 from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, STATE_PREFIX
-from fmnist_dist.synthetic import write_synthetic_dataset
 
 QUIET = {"OMP_NUM_THREADS": "1"}
 GONE_WITHIN_S = 15
@@ -32,9 +31,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Far more batches than the test waits for: the ranks are still training when the launcher is killed."""
-    root = tmp_path_factory.mktemp("long")
-    write_synthetic_dataset(root, 20000, 100, seed=4)
-    return root
+    return synthetic_data(tmp_path_factory, "long", 20000, 100, seed=4)
 
 
 @pytest.mark.slow

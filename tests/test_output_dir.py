@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli, train_args
+from conftest import cli_env, run_cli, synthetic_data, train_args
 
 from fmnist_dist.output_dir import LOCK_FILE
 from fmnist_dist.state import PROGRESS_FILE, STATE_DIR
-from fmnist_dist.synthetic import write_synthetic_dataset
 
 PREFIX = "fmnist-dist: error: "
 QUIET = {"OMP_NUM_THREADS": "1"}
@@ -109,9 +108,7 @@ BUSY_TRAIN_SIZE = 6000
 @pytest.fixture(scope="module")
 def busy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Enough small batches that a job still trains while another one, started with it, starts up."""
-    root = tmp_path_factory.mktemp("busy")
-    write_synthetic_dataset(root, BUSY_TRAIN_SIZE, 100, seed=3)
-    return root
+    return synthetic_data(tmp_path_factory, "busy", BUSY_TRAIN_SIZE, 100, seed=3)
 
 
 @pytest.mark.slow

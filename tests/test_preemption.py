@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, train_args
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, synthetic_data, train_args
 from processes import children
 
 from fmnist_dist.preemption import PREEMPTED_EXIT_CODE
 from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, complete_states
-from fmnist_dist.synthetic import write_synthetic_dataset
 
 LONG_TRAIN_SIZE = 12000  # 375 steps of 32 per epoch: a signal after the first epoch lands mid-way in the second
 FIRST_EPOCH_LINE = "epoch 1/2:"
@@ -28,9 +27,7 @@ USAGE_ERROR = 2
 
 @pytest.fixture(scope="module")
 def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("long")
-    write_synthetic_dataset(root, LONG_TRAIN_SIZE, 200, seed=5)
-    return root
+    return synthetic_data(tmp_path_factory, "long", LONG_TRAIN_SIZE, 200, seed=5)
 
 
 def command(processes: int) -> list[str]:

@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
 from processes import children
 
 from fmnist_dist.state import PROGRESS_FILE, STATE_DIR
-from fmnist_dist.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -98,9 +97,7 @@ def test_an_output_dir_not_shared_by_the_nodes_is_refused_before_training(data_d
 
 @pytest.fixture(scope="module")
 def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("long")
-    write_synthetic_dataset(root, 20000, 100, seed=5)
-    return root
+    return synthetic_data(tmp_path_factory, "long", 20000, 100, seed=5)
 
 
 def test_a_process_whose_peer_died_mid_training_ends_with_one_line(long_data_dir: Path, tmp_path: Path) -> None:

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env, launch_cli, train_args
+from conftest import REPO, cli_env, launch_cli, synthetic_data, train_args
 
-from fmnist_dist.synthetic import write_synthetic_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -78,9 +77,7 @@ def slurm_env() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def job_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("slurm-data")
-    write_synthetic_dataset(root, TRAIN_IMAGES, TEST_IMAGES, seed=3)
-    return root
+    return synthetic_data(tmp_path_factory, "slurm-data", TRAIN_IMAGES, TEST_IMAGES, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from conftest import run_cli, train_args
+from conftest import run_cli, synthetic_data, train_args
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
 from fmnist_dist.model import NeuralNetwork
-from fmnist_dist.synthetic import write_synthetic_dataset
 
 EPOCHS = 3
 TEST_SIZE = 301
@@ -27,9 +26,7 @@ METRIC_KEYS = {
 @pytest.fixture(scope="module")
 def learnable_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Enough synthetic images to learn from in a few seconds."""
-    root = tmp_path_factory.mktemp("learnable")
-    write_synthetic_dataset(root, train_size=2000, test_size=TEST_SIZE, seed=1)
-    return root
+    return synthetic_data(tmp_path_factory, "learnable", train_size=2000, test_size=TEST_SIZE, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +97,7 @@ def test_saved_model_accuracy_matches_evaluate_and_the_last_epoch(trained_run: P
 @pytest.fixture(scope="module")
 def even_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A training set that divides evenly into batches of 16 and of 32, so every optimizer step is a full one."""
-    root = tmp_path_factory.mktemp("even")
-    write_synthetic_dataset(root, train_size=256, test_size=20, seed=2)
-    return root
+    return synthetic_data(tmp_path_factory, "even", train_size=256, test_size=20, seed=2)
 
 
 def train_weights(data_dir: Path, output_dir: Path, *flags: str) -> dict[str, torch.Tensor]:
