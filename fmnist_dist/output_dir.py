@@ -26,7 +26,7 @@ from accelerate.utils import broadcast_object_list
 
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.rank_errors import fail_together
-from fmnist_dist.state import STATE_DIR, STATE_PREFIX, TMP_PREFIX, complete_states
+from fmnist_dist.state import STATE_DIR, complete_states, unfinished_states
 from fmnist_dist.training import output_paths
 
 LOCK_FILE = ".fmnist-dist.lock"
@@ -181,15 +181,8 @@ def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
     with fail_together(processes), _refusing_unwritable(output_dir):
         if processes.is_main_process:
             root = output_dir / STATE_DIR
-            for state in [*complete_states(root), *_unfinished_states(root)]:
+            for state in [*complete_states(root), *unfinished_states(root)]:
                 shutil.rmtree(state)
-
-
-def _unfinished_states(root: Path) -> list[Path]:
-    """The `.tmp-step-*` directories an interrupted save leaves (those that hold a state's files)."""
-    if not root.is_dir():
-        return []
-    return [p for p in root.glob(f"{TMP_PREFIX}{STATE_PREFIX}*") if p.is_dir()]
 
 
 def _same_file(fd: int, path: Path) -> bool:

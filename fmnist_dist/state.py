@@ -165,13 +165,15 @@ def complete_states(root: Path) -> list[Path]:
     return sorted(p for p in root.glob(f"{STATE_PREFIX}*") if (p / PROGRESS_FILE).is_file())
 
 
-def clear_states(output_dir: Path) -> None:
-    """Forget an earlier run's states, so that a fresh run's `--resume` never picks them up."""
-    shutil.rmtree(Path(output_dir) / STATE_DIR, ignore_errors=True)
+def unfinished_states(root: Path) -> list[Path]:
+    """The `.tmp-step-*` directories that interrupted saves left under `root` (only fmnist-dist makes them)."""
+    if not root.is_dir():
+        return []
+    return [p for p in root.glob(f"{TMP_PREFIX}{STATE_PREFIX}*") if p.is_dir()]
 
 
 def _remove_unfinished(root: Path) -> None:
-    for unfinished in root.glob(f"{TMP_PREFIX}*"):
+    for unfinished in unfinished_states(root):
         shutil.rmtree(unfinished, ignore_errors=True)
 
 
