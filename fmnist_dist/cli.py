@@ -21,8 +21,8 @@ from typing import NoReturn
 import fmnist_dist
 from fmnist_dist import CLASSES, strict_json
 from fmnist_dist.config import (
-    DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MOMENTUM, LR_SCHEDULES, REFERENCE_BATCH_SIZE, RESUME_LATEST, TrainConfig,
-    check_at_most, check_positive, check_seed,
+    DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_WARMUP_EPOCHS, LR_SCHEDULES, REFERENCE_BATCH_SIZE,
+    RESUME_LATEST, TrainConfig, check_at_most, check_positive, check_seed,
 )
 from fmnist_dist.errors import UsageError
 from fmnist_dist.lifecycle import stop_with_launcher
@@ -123,10 +123,11 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         help="after the warm-up: constant, cosine (CosineAnnealingLR to 0) or onecycle (OneCycleLR); the "
              "tutorial's is constant")
     warmup = parser.add_mutually_exclusive_group()
-    warmup.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+    warmup.add_argument("--warmup-steps", type=int, default=None,
                         help="optimizer steps of linear warm-up from lr/10 to lr")
-    warmup.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs,
-                        help="linear warm-up over this many epochs (fractions allowed; the tutorial's is 0)")
+    warmup.add_argument("--warmup-epochs", type=float, default=None,
+                        help=f"linear warm-up over this many epochs (default: {DEFAULT_WARMUP_EPOCHS} unless "
+                             "--warmup-steps is given; fractions allowed; the tutorial's is 0)")
     add("--seed", type=int, default=defaults.seed, help="initial weights and the shuffling of every epoch")
     add("--threads", type=int, default=None,
         help="CPU threads per process (default: OMP_NUM_THREADS if set, as `accelerate launch` and torchrun set it "
@@ -202,8 +203,6 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     given = given_flags(args.argv)
-    if "warmup_steps" in given:  # --warmup-steps replaces the default --warmup-epochs (the two exclude each other)
-        fields["warmup_epochs"] = 0.0
     cfg = TrainConfig(**{**fields, "tags": tuple(args.tags)})  # a bad value fails here, before the slow imports
     # Before the slow imports, so that a preemption during start-up is not lost either; kept until the process
     # exits, so that a signal after training has finished does not turn a finished run into a killed one.

@@ -16,6 +16,7 @@ from fmnist_dist.errors import UsageError
 DEFAULT_LR = 0.12
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_BATCH_SIZE = 64  # per process, when neither --batch-size nor --global-batch-size is given
+DEFAULT_WARMUP_EPOCHS = 0.5  # when neither --warmup-steps nor --warmup-epochs is given
 # --scale-lr's linear scaling rule (Goyal et al. 2017, arXiv:1706.02677): --lr is the rate for a global batch
 # of this many images, and a global batch k times larger trains at k times the rate, after a warm-up.
 REFERENCE_BATCH_SIZE = 64
@@ -54,8 +55,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     scale_lr: bool = False
     lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    warmup_epochs: float = 0.5
+    warmup_steps: int | None = None
+    warmup_epochs: float | None = None
     seed: int = 0
     num_workers: int = 0
     data_on_device: str = "auto"
@@ -98,8 +99,9 @@ class TrainConfig:
         if self.threads is not None:
             check_positive("--threads", self.threads)
         check_at_least_zero("--checkpoint-every", self.checkpoint_every)
-        check_at_least_zero("--warmup-steps", self.warmup_steps)
-        check_at_least_zero("--warmup-epochs", self.warmup_epochs)
+        for flag, value in (("--warmup-steps", self.warmup_steps), ("--warmup-epochs", self.warmup_epochs)):
+            if value is not None:
+                check_at_least_zero(flag, value)
         if self.warmup_steps and self.warmup_epochs:
             raise UsageError("--warmup-steps and --warmup-epochs exclude each other; pass only one of them")
         if self.overwrite and self.resume is not None:
@@ -121,6 +123,13 @@ class TrainConfig:
             check_at_most("--threads", self.threads, MAX_THREADS)
         # PyTorch's DataLoader itself warns above the machine's CPU count; far above it, a machine stalls.
         check_at_most("--num-workers", self.num_workers, os.cpu_count() or 1)
+
+    @property
+    def warmup_epochs_or_default(self) -> float:
+        """`--warmup-epochs`; DEFAULT_WARMUP_EPOCHS when no warm-up flag is given; 0 beside `--warmup-steps`."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return 0.0 if self.warmup_steps is not None else DEFAULT_WARMUP_EPOCHS
 
     @property
     def accumulation_steps(self) -> int:

@@ -32,7 +32,7 @@ def lr_scale(cfg: TrainConfig, global_batch_size: int) -> float:
 
 def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of warm-up from `--warmup-steps` or `--warmup-epochs`."""
-    return cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
+    return cfg.warmup_steps or round(cfg.warmup_epochs_or_default * steps_per_epoch)
 
 
 def build_scheduler(
