@@ -34,7 +34,7 @@ from fmnist_dist.sampling import GlobalOrderBatchSampler
 from fmnist_dist.state import Progress, save_training_state
 from fmnist_dist.tracking import MetricsLog, log_predictions, log_values
 
-# Optimizer steps between the processes' agreement on stopping (one tiny all-reduce): a signal is acted on
+# Optimizer steps between the processes' agreement on stopping (one tiny gather): a signal is acted on
 # within this many steps, and a fast run pays for one collective per this many steps, not per step.
 STOP_CHECK_EVERY = 20
 
@@ -158,12 +158,12 @@ class Trainer:
         position, size = self.position, self.train.size
         first_sample = position.samples_done
         self.model.train()
-        self.train.sampler.set_position(position.epoch, position.samples_done)
+        self.train.sampler.set_position(position.epoch, first_sample)
         batches = iter(self.train.loader)
         totals = EpochTotals(self.accelerator.device, self.progress.epoch_loss_sum, self.progress.epoch_samples)
         start = time.perf_counter()
         bar = progress_bar(self.accelerator, self.cfg.progress, f"epoch {position.epoch + 1}/{self.cfg.epochs}",
-                           size - position.samples_done)
+                           size - first_sample)
         try:
             while not position.epoch_finished(size):
                 step_samples = position.step_samples(self.train.plan.global_batch, size)
