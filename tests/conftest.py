@@ -145,3 +145,11 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("cluster tests (SLURM, two-node launches)")
         for line in lines:
             terminalreporter.line(line)
+
+
+def train_finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """The output directory of a finished 1-epoch run: model.pth, metrics.jsonl, plots and a saved state."""
+    work = tmp_path_factory.mktemp(name)
+    result = run_cli(train_args(data_dir, work / "out", "--epochs", "1", "--no-progress"), cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work / "out"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, train_args
+from conftest import run_cli, train_args, train_finished_run
 from torch import nn
 
 from fmnist_dist.cli import main
@@ -49,10 +49,7 @@ def assert_refused(returncode: int, stdout: str, stderr: str, *named: str) -> st
 @pytest.fixture(scope="module")
 def previous_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-epoch run: model.pth, metrics.jsonl, plots and a saved state."""
-    work = tmp_path_factory.mktemp("previous")
-    result = run_cli(train_args(data_dir, work / "out", "--epochs", "1", "--no-progress"), cwd=work, **QUIET)
-    assert result.returncode == 0, result.stderr
-    return work / "out"
+    return train_finished_run(data_dir, tmp_path_factory, "previous")
 
 
 @pytest.fixture

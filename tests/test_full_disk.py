@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, train_args
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args, train_finished_run
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.plots import plot_run
@@ -59,10 +59,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-epoch run's output directory, copied onto each small disk."""
-    work = tmp_path_factory.mktemp("finished")
-    result = run_cli(train_args(data_dir, work / "out", "--epochs", "1", "--no-progress"), cwd=work, **QUIET)
-    assert result.returncode == 0, result.stderr
-    return work / "out"
+    return train_finished_run(data_dir, tmp_path_factory, "finished")
 
 
 def resume_command(processes: int, args: list) -> list[str]:
