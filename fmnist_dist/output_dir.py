@@ -48,49 +48,84 @@ class OutputDirLock:
         self.release()
 
     def acquire(self) -> None:
-        """Take the lock without waiting, creating the directory, and record this process in the lock file.
+        """Take the lock without waiting, creating the directory; the lock file names this process.
 
         Raises:
             UsageError: another job holds the lock, or the directory cannot be created, written or locked.
         """
         with _refusing_unwritable(self.output_dir):
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.token = secrets.token_hex(16)
             while self._fd is None:
                 self._fd = self._try_lock()
-            self.token = secrets.token_hex(16)
-            holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token})
-            os.ftruncate(self._fd, 0)
-            os.write(self._fd, holder.encode())
 
     def release(self) -> None:
         """Remove the lock file and release the lock (nothing happens when it is not held)."""
         if self._fd is None:
             return
         # Removed while still locked: a job that opened the file meanwhile sees that it is gone once it gets the
-        # lock, and retries on a fresh file (see _try_lock), so that two jobs never hold two different files.
+        # lock, and retries (see _take_over), so that two jobs never hold two different files.
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
 
     def _try_lock(self) -> int | None:
-        """A locked descriptor of the file now at `self.path`, or None when that file was replaced meanwhile."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """A locked descriptor of the lock file now at `self.path`, or None when it changed meanwhile (retry).
+
+        The file is written and locked under a temporary name and only then linked into place, so that a job
+        that finds it locked always reads a complete record of the job that holds it.
+        """
+        record = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
+        fd = os.open(record, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token}).encode())
+            os.fsync(fd)
+            taken = self._link_into_place(record) or self._take_over(record)
+        except BaseException:
             os.close(fd)
+            raise
+        finally:
+            record.unlink(missing_ok=True)
+        if not taken:
+            os.close(fd)
+            return None
+        return fd
+
+    def _link_into_place(self, record: Path) -> bool:
+        """Make `record` the lock file if there is none (a hard link never replaces an existing file)."""
+        try:
+            os.link(record, self.path)
+        except FileExistsError:
+            return False
+        return True
+
+    def _take_over(self, record: Path) -> bool:
+        """Replace the lock file by `record` when no live job holds it (its job died); False when it changed.
+
+        Raises:
+            UsageError: a live job holds the lock file.
+        """
+        try:
+            stale = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # released meanwhile
+        try:
+            fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             holder = _describe(read_holder(self.path))
             raise UsageError(
                 f"--output-dir {self.output_dir} is in use by another fmnist-dist job ({holder}); wait for it to "
                 "end, or choose another --output-dir"
             ) from None
-        except OSError:
-            os.close(fd)
-            raise
-        if _same_file(fd, self.path):
-            return fd
-        os.close(fd)
-        return None
+        else:
+            # Still the file at self.path while its lock is held: no other job can be replacing it now.
+            if not _same_file(stale, self.path):
+                return False
+            os.replace(record, self.path)
+            return True
+        finally:
+            os.close(stale)
 
 
 def read_holder(lock_path: Path) -> dict[str, Any] | None:
@@ -196,7 +231,7 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def _describe(holder: dict[str, Any] | None) -> str:
     if holder is None:
-        return "its pid is not recorded yet"
+        return "its lock file names no process"
     return f"pid {holder.get('pid')} on {holder.get('host')}"
 
 

@@ -5,6 +5,9 @@ resume or overwrite; --overwrite removes only what fmnist-dist wrote; one job at
 from __future__ import annotations
 
 import hashlib
+import json
+import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, run_cli, synthetic_data, train_args
 
-from fmnist_dist.output_dir import LOCK_FILE
+from fmnist_dist.errors import UsageError
+from fmnist_dist.output_dir import LOCK_FILE, OutputDirLock
 from fmnist_dist.state import PROGRESS_FILE, STATE_DIR
 
 PREFIX = "fmnist-dist: error: "
@@ -127,3 +131,46 @@ def test_two_jobs_started_together_one_runs_the_other_refuses(busy_data_dir: Pat
     line = one_error_line(refused)
     assert f"{output_dir} is in use by another fmnist-dist job (pid {winner} on " in line, line
     assert states(output_dir) and not (output_dir / LOCK_FILE).exists()
+
+
+RACERS = 8
+
+
+def _race_for_the_lock(output_dir: Path, barrier: multiprocessing.synchronize.Barrier,
+                       results: multiprocessing.Queue) -> None:
+    """One job's start-up: take the lock at the barrier, report (pid, refusal or None), hold it until all tried."""
+    with OutputDirLock(output_dir) as lock:
+        barrier.wait()
+        try:
+            lock.acquire()
+        except UsageError as error:
+            results.put((os.getpid(), str(error)))
+        else:
+            results.put((os.getpid(), None))
+        barrier.wait()
+
+
+@pytest.mark.parametrize("lock_file_left", [False, True], ids=["fresh", "left-by-a-killed-job"])
+def test_of_jobs_racing_for_a_directory_one_holds_it_and_every_other_names_it(tmp_path: Path,
+                                                                             lock_file_left: bool) -> None:
+    forked = multiprocessing.get_context("fork")
+    for attempt in range(10):  # the race is short: run it several times
+        output_dir = tmp_path / str(attempt)
+        if lock_file_left:
+            output_dir.mkdir()
+            (output_dir / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 1, "host": "gone", "token": "0"}))
+        barrier, results = forked.Barrier(RACERS), forked.Queue()
+        racers = [forked.Process(target=_race_for_the_lock, args=(output_dir, barrier, results))
+                  for _ in range(RACERS)]
+        for racer in racers:
+            racer.start()
+        outcomes = [results.get(timeout=60) for _ in racers]
+        for racer in racers:
+            racer.join(timeout=60)
+
+        (holder,) = [pid for pid, refusal in outcomes if refusal is None]
+        refusals = [refusal for _, refusal in outcomes if refusal is not None]
+        assert len(refusals) == RACERS - 1
+        for refusal in refusals:
+            assert f"is in use by another fmnist-dist job (pid {holder} on " in refusal, refusal
+        assert sorted(p.name for p in output_dir.iterdir()) == []  # released, and no temporary lock records
