@@ -16,6 +16,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ from fmnist_dist.state import STATE_DIR, complete_states, unfinished_states
 from fmnist_dist.training import output_paths
 
 LOCK_FILE = ".fmnist-dist.lock"
+TAKEOVER_WAIT_S = 1.0  # far longer than a takeover takes (a rename), short for a job that is refused
 
 
 class OutputDirLock:
@@ -113,6 +115,8 @@ class OutputDirLock:
         try:
             fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if _replaced_soon(stale, self.path):  # another job was taking over a dead job's lock file: retry
+                return False
             holder = _describe(read_holder(self.path))
             raise UsageError(
                 f"--output-dir {self.output_dir} is in use by another fmnist-dist job ({holder}); wait for it to "
@@ -227,6 +231,20 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
     opened = os.fstat(fd)
     return (opened.st_dev, opened.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _replaced_soon(fd: int, path: Path) -> bool:
+    """Whether the file at `path` stops being `fd`'s file within TAKEOVER_WAIT_S seconds.
+
+    A job taking over a dead job's lock file holds that file's lock only until it has put its own in place:
+    a lock that is still on the file at `path` after the wait is a live job's.
+    """
+    deadline = time.monotonic() + TAKEOVER_WAIT_S
+    while time.monotonic() < deadline:
+        if not _same_file(fd, path):
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _describe(holder: dict[str, Any] | None) -> str:
