@@ -260,11 +260,16 @@ def save_final_model(accelerator: Accelerator, model: torch.nn.Module, path: Pat
 
 
 def report_results(cfg: TrainConfig, accelerator: Accelerator, trainer: Trainer, paths: dict) -> None:
-    """Plots, and the W&B predictions and model artifact (main process; the last evaluation is on every one)."""
-    if not accelerator.is_main_process or trainer.last_eval is None:
+    """Plots, and the W&B predictions and model artifact (main process; the last evaluation is on every one).
+
+    A resumed run that had nothing left to train (its last run ended before writing these) evaluated nothing,
+    so it logs no predictions; the plots come from the metrics history.
+    """
+    if not accelerator.is_main_process:
         return
     plot_run(trainer.progress.metrics, paths["curves"], paths["confusion"])
-    if not cfg.log_samples_every_epoch:  # else the Trainer logged them after every epoch, the last one included
+    # With --log-samples-every-epoch the Trainer logged them after every epoch, the last one included.
+    if trainer.last_eval is not None and not cfg.log_samples_every_epoch:
         trainer.log_predictions(trainer.last_eval)
     if cfg.log_model:
         log_model_artifact(accelerator, paths["model"])

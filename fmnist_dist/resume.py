@@ -33,15 +33,30 @@ def plan_start(cfg: TrainConfig, given: frozenset[str]) -> Start:
         given: the settings written on this command line (they override the saved ones).
 
     Raises:
-        UsageError: `--resume` names no readable state.
+        UsageError: `--resume` names no readable state, or a new --seed for a state saved mid-epoch.
     """
     state_dir = find_state(cfg.output_dir, cfg.resume) if cfg.resume else None
     if state_dir is None:
         return Start(cfg, Progress(config=cfg.to_log()))
     progress = read_progress(state_dir)
     resumed_cfg, changed = cfg.resumed_from(progress.config, given)
+    check_same_epoch_order(state_dir, progress, changed)
     progress.config = resumed_cfg.to_log()
     return Start(resumed_cfg, progress, state_dir, changed)
+
+
+def check_same_epoch_order(state_dir: Path, progress: Progress, changed: dict[str, tuple[Any, Any]]) -> None:
+    """Refuse a new `--seed` for a state saved mid-epoch: the seed orders the epoch, and a new order for its rest
+    would train some of its images twice and others never. At an epoch end a new seed is fine."""
+    position = progress.position
+    if "seed" in changed and position.samples_done > 0:
+        old, new = changed["seed"]
+        raise UsageError(
+            f"--resume: the state {state_dir} was saved mid-epoch (image {position.samples_done}/"
+            f"{progress.dataset_size} of epoch {position.epoch + 1}), whose order comes from the seed: --seed "
+            f"{new} (saved: {old}) would train some of its images twice and others never; resume without --seed, "
+            "or from a state saved at an epoch end"
+        )
 
 
 def check_resumable(start: Start, dataset_size: int) -> None:

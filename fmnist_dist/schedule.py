@@ -60,7 +60,7 @@ def build_scheduler(
     scheduler = _schedule(optimizer, cfg, total, warmup, min(WARMUP_START_FACTOR, 1 / lr_scale(cfg, global_batch_size)))
     with warnings.catch_warnings():  # replaying steps before any optimizer.step() is intended here
         warnings.simplefilter("ignore", UserWarning)
-        for _ in range(start_step):
+        for _ in range(min(start_step, total)):  # a run resumed at or past its (new) end trains no more steps
             scheduler.step()
     return scheduler
 

@@ -40,6 +40,9 @@ class Progress:
         config: the run's settings (`TrainConfig.to_log()`), the defaults of a resumed run.
         wandb_run_id: the W&B run to continue.
         metrics: the records of the finished epochs.
+        save_index: this state's place in the order of the saves into its output directory (1 for the first).
+            Newest means most recently saved: a run resumed from an older state saves lower step numbers than
+            the states of the run it abandoned, and it is still the run that `--resume auto` must continue.
     """
 
     position: TrainingPosition = field(default_factory=TrainingPosition)
@@ -52,6 +55,7 @@ class Progress:
     config: dict[str, Any] = field(default_factory=dict)
     wandb_run_id: str | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    save_index: int = 0
 
     @property
     def global_step(self) -> int:
@@ -59,8 +63,18 @@ class Progress:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Progress:
-        """The progress a state's `progress.json` holds."""
-        return cls(**{**saved, "position": TrainingPosition(**saved["position"])})
+        """The progress a state's `progress.json` holds.
+
+        Raises:
+            ValueError, TypeError, KeyError: the file is not a state's progress, or its position is impossible.
+        """
+        progress = cls(**{**saved, "position": TrainingPosition(**saved["position"])})
+        position = progress.position
+        counts = (position.epoch, position.samples_done, position.global_step, progress.dataset_size)
+        if not all(type(count) is int and count >= 0 for count in counts) or (
+                position.samples_done > progress.dataset_size):
+            raise ValueError(f"impossible position {asdict(position)} for {progress.dataset_size} training images")
+        return progress
 
     def finish_epoch(self, record: dict[str, Any]) -> None:
         """Move on to the next epoch after `record`, the finished epoch's metrics."""
@@ -87,6 +101,7 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
             if accelerator.is_main_process:
                 _remove_unfinished(root)
                 tmp.mkdir(parents=True)
+                progress.save_index = 1 + max((_save_index(state) for state in complete_states(root)), default=0)
         with fail_together(accelerator), reporting_write_errors(final, advice):
             accelerator.save_state(str(tmp))
         with fail_together(accelerator), reporting_write_errors(final, advice):
@@ -159,10 +174,20 @@ def _unreadable(state_dir: Path, error: BaseException) -> str:
 
 
 def complete_states(root: Path) -> list[Path]:
-    """Finished state directories under `root`, oldest first."""
+    """Finished state directories under `root`, in the order they were saved (see `Progress.save_index`)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob(f"{STATE_PREFIX}*") if (p / PROGRESS_FILE).is_file())
+    states = sorted(p for p in root.glob(f"{STATE_PREFIX}*") if (p / PROGRESS_FILE).is_file())
+    return sorted(states, key=_save_index)  # stable: states of older versions, all 0, stay in step order
+
+
+def _save_index(state_dir: Path) -> int:
+    """A state's `save_index`; 0 where progress.json cannot tell (resuming from it reports why)."""
+    try:
+        index = json.loads((state_dir / PROGRESS_FILE).read_text()).get("save_index", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return index if isinstance(index, int) else 0
 
 
 def unfinished_states(root: Path) -> list[Path]:

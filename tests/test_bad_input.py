@@ -7,6 +7,7 @@ the CLI's `main` in this process.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from torch import nn
 from fmnist_dist.cli import main
 from fmnist_dist.idx import SPLIT_FILES, write_idx
 from fmnist_dist.model import NeuralNetwork
-from fmnist_dist.state import STATE_DIR
+from fmnist_dist.state import PROGRESS_FILE, STATE_DIR
 
 IMAGES, LABELS = SPLIT_FILES["train"]
 PREFIX = "fmnist-dist: error: "
@@ -158,10 +159,27 @@ def test_resume_from_a_directory_that_is_no_state_is_refused(data_dir: Path, out
     train_refused(data_dir, output_dir, "--resume", output_dir, named=(f"--resume {output_dir}", "not a saved"))
 
 
-def test_resume_from_a_damaged_state_is_refused(data_dir: Path, output_dir: Path) -> None:
-    (state,) = (output_dir / STATE_DIR).iterdir()
+def truncate_weights(state: Path) -> None:
     weights = state / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def edit_position(**position: int) -> Callable[[Path], None]:
+    """Damage that reads as JSON: a progress.json whose position is impossible (a hand edit, say)."""
+    def damage(state: Path) -> None:
+        progress = json.loads((state / PROGRESS_FILE).read_text())
+        progress["position"].update(position)
+        (state / PROGRESS_FILE).write_text(json.dumps(progress))
+    return damage
+
+
+@pytest.mark.parametrize("damage", [truncate_weights, edit_position(samples_done=-500),
+                                    edit_position(samples_done=10**6), edit_position(epoch=-1)],
+                         ids=["truncated-weights", "negative-position", "position-past-the-data", "negative-epoch"])
+def test_resume_from_a_damaged_state_is_refused(damage: Callable[[Path], None], data_dir: Path,
+                                                output_dir: Path) -> None:
+    (state,) = (output_dir / STATE_DIR).iterdir()
+    damage(state)
     train_refused(data_dir, output_dir, "--resume", named=(str(state), "cannot be read", "--resume STATE_DIR"))
 
 

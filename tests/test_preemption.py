@@ -58,10 +58,11 @@ def run_to_end(data_dir: Path, output_dir: Path, processes: int) -> subprocess.C
 
 
 def run_and_signal(data_dir: Path, output_dir: Path, processes: int, signum: int, target: str,
-                   after: str = FIRST_EPOCH_LINE) -> tuple[int, str]:
+                   after: str = FIRST_EPOCH_LINE, extra: tuple[str, ...] = ()) -> tuple[int, str]:
     """Start the run; once a line starts with `after`, send `signum` to `target` ("run", "rank" 1 or "launcher")."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([*command(processes), *args(data_dir, output_dir, processes)], cwd=output_dir.parent,
+    process = subprocess.Popen([*command(processes), *args(data_dir, output_dir, processes, *extra)],
+                               cwd=output_dir.parent,
                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -129,6 +130,22 @@ def test_the_same_command_after_two_preemptions_ends_with_the_uninterrupted_mode
     run_to_end(long_data_dir, out, 1)
 
     assert_bit_identical(weights(uninterrupted[1]), weights(out))
+    assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_signal_agreed_on_after_the_last_optimizer_step_lets_the_run_finish(
+    long_data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    # 10 optimizer steps of 1,200 images an epoch: sent during epoch 2, the stop is agreed on at step 20, its last.
+    code, output = run_and_signal(long_data_dir, out, 1, signal.SIGTERM, "run",
+                                  extra=("--batch-size", "100", "--gradient-accumulation-steps", "12"))
+
+    assert code == 0, output
+    assert "fmnist-dist: SIGTERM arrived after the last optimizer step; finishing the run" in output
+    assert "stopped by" not in output
+    assert all((out / name).stat().st_size > 0 for name in ("model.pth", "curves.png", "confusion.png"))
     assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
 
 

@@ -179,3 +179,81 @@ def test_two_process_resumed_metrics_match_the_straight_run(two_process_runs: di
     assert len(resumed) == EPOCHS
     assert deterministic(resumed) == deterministic(straight)
     assert all(record["world_size"] == 2 and record["test_samples"] == TEST_SIZE for record in resumed)
+
+
+# ------------------------------------------------------------------------------ resuming from an older state
+
+
+@pytest.fixture(scope="module")
+def checkpointed_epoch(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch with a state every 5 optimizer steps (the first ones mid-epoch), all kept."""
+    out = tmp_path_factory.mktemp("checkpointed") / "out"
+    check(run_cli(train_args(data_dir, out, "--epochs", "1", "--checkpoint-every", "5", "--keep-states", "100",
+                             "--no-progress"), out.parent, **QUIET))
+    return out
+
+
+def progress_of(state: Path) -> dict:
+    return json.loads((state / PROGRESS_FILE).read_text())
+
+
+def test_a_run_resumed_from_an_older_state_is_the_run_that_resume_auto_continues(
+    data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(checkpointed_epoch, tmp_path / "out"))
+    abandoned = complete_states(out / STATE_DIR)
+    older = abandoned[0]  # step 5; the abandoned run went on to save higher steps
+    abandoned_step = progress_of(abandoned[-1])["position"]["global_step"]
+
+    branch = run_cli(train_args(data_dir, out, "--epochs", "1", "--resume", older, "--batch-size", "64",
+                                "--keep-states", "2", "--no-progress"), tmp_path, **QUIET)
+    check(branch)
+    branch_step = read_metrics(out)[-1]["global_step"]
+    assert branch_step < abandoned_step
+    kept = complete_states(out / STATE_DIR)
+    assert len(kept) == 2 and progress_of(kept[-1])["position"]["global_step"] == branch_step, kept
+
+    again = run_cli(train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--no-progress"), tmp_path, **QUIET)
+    check(again)
+    assert f"resuming from {kept[-1]} at epoch 2" in again.stdout, again.stdout
+    assert "changed: epochs 1 -> 2" in again.stdout  # the branch's batch of 64 is the saved one
+
+
+def test_a_new_seed_is_refused_mid_epoch_and_taken_at_an_epoch_end(
+    data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(checkpointed_epoch, tmp_path / "out"))
+    states = complete_states(out / STATE_DIR)
+    mid_epoch, epoch_end = states[0], states[-1]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    refused = run_cli(train_args(data_dir, out, "--epochs", "1", "--resume", mid_epoch, "--seed", "7"), tmp_path,
+                      **QUIET)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    for word in (str(mid_epoch), "mid-epoch", "--seed 7 (saved: 0)", "twice", "resume without --seed"):
+        assert word in line, (word, line)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    taken = run_cli(train_args(data_dir, out, "--epochs", "2", "--resume", epoch_end, "--seed", "7",
+                               "--no-progress"), tmp_path, **QUIET)
+    check(taken)
+    assert "seed 0 -> 7" in taken.stdout
+
+
+def test_a_finished_run_missing_its_model_and_plots_gets_them_from_a_resume_with_nothing_to_train(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # onecycle, whose schedule ends at its last step, and fewer --epochs on resume than the state has trained
+    out = tmp_path / "out"
+    check(run_cli(train_args(data_dir, out, "--lr-schedule", "onecycle", "--no-progress"), tmp_path, **QUIET))
+    finished = {name: (out / name).read_bytes() for name in ("model.pth", "curves.png", "confusion.png")}
+    for name in finished:  # as if the job had been killed right after its last state
+        (out / name).unlink()
+
+    resumed = run_cli(train_args(data_dir, out, "--resume", "--epochs", "1", "--no-progress"), tmp_path, **QUIET)
+
+    check(resumed)
+    assert "nothing to train" in resumed.stdout
+    assert (out / "model.pth").read_bytes() == finished["model.pth"]
+    assert all((out / name).stat().st_size > 0 for name in ("curves.png", "confusion.png"))
