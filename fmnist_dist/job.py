@@ -77,8 +77,6 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
     train_set, test_set = load_datasets(cfg, accelerator)
     plan = BatchPlan.from_config(cfg, accelerator.num_processes)
     check_resumable(start, len(train_set))
-    if cfg.overwrite:  # only now that the settings, data and state have passed their checks
-        remove_earlier_run(accelerator, cfg.output_dir)
     accelerator.print(describe_setup(accelerator, plan, cfg.data_dir))
     if start.state_dir is not None:
         accelerator.print(describe_resume(start, plan))
@@ -98,6 +96,8 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
         optimizer.optimizer, cfg, plan.global_batch, steps_per_epoch(plan.global_batch, len(train_set)),
         progress.position.schedule_step(plan.global_batch, len(train_set)),
     ))
+    if cfg.overwrite:  # only now that the settings, data, model and schedule have been built without error
+        remove_earlier_run(accelerator, cfg.output_dir)
     paths = output_paths(cfg.output_dir)
     progress.wandb_run_id = start_run(
         accelerator, cfg.wandb_project, run_config(cfg, accelerator, plan), wandb_init_kwargs(cfg, progress.wandb_run_id)

@@ -54,9 +54,9 @@ def build_scheduler(
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = peak
     total = cfg.epochs * steps_per_epoch
-    # At least one step is left after the warm-up (a schedule of no steps is undefined): a warm-up as long as
-    # the run or longer ramps up over all but its last step.
-    warmup = min(warmup_steps(cfg, steps_per_epoch), total - 1)
+    # Steps are left after the warm-up (a schedule of no steps is undefined): a warm-up as long as the run or
+    # longer ramps up over all but the last step (onecycle: the last two, its annealing needs two ends).
+    warmup = max(0, min(warmup_steps(cfg, steps_per_epoch), total - (2 if cfg.lr_schedule == "onecycle" else 1)))
     scheduler = _schedule(optimizer, cfg, total, warmup, min(WARMUP_START_FACTOR, 1 / lr_scale(cfg, global_batch_size)))
     with warnings.catch_warnings():  # replaying steps before any optimizer.step() is intended here
         warnings.simplefilter("ignore", UserWarning)
@@ -67,8 +67,11 @@ def build_scheduler(
 
 def _schedule(optimizer: Optimizer, cfg: TrainConfig, total: int, warmup: int, start_factor: float) -> LRScheduler:
     if cfg.lr_schedule == "onecycle":
+        # OneCycleLR peaks at step pct_start * total - 1: (warmup + 1) / total puts the peak at step `warmup`, as
+        # the linear warm-up does (and a 1-step warm-up is no rising phase of length 0, which divides by zero).
         return OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total,
-                          pct_start=warmup / total if warmup else ONECYCLE_DEFAULT_WARMUP, cycle_momentum=False)
+                          pct_start=(warmup + 1) / total if warmup else ONECYCLE_DEFAULT_WARMUP,
+                          cycle_momentum=False)
     after_warmup = (CosineAnnealingLR(optimizer, T_max=total - warmup) if cfg.lr_schedule == "cosine"
                     else ConstantLR(optimizer, factor=1.0, total_iters=0))
     if not warmup:

@@ -49,11 +49,13 @@ def test_warmup_then_cosine_equals_pytorchs_schedulers() -> None:
 def test_onecycle_equals_pytorchs_with_the_warmup_as_its_rising_phase() -> None:
     reference_optimizer = sgd()
     total = EPOCHS * STEPS_PER_EPOCH
-    reference = OneCycleLR(reference_optimizer, max_lr=LR, total_steps=total, pct_start=WARMUP / total,
+    reference = OneCycleLR(reference_optimizer, max_lr=LR, total_steps=total, pct_start=(WARMUP + 1) / total,
                            cycle_momentum=False)
 
     scheduler, optimizer = ours("onecycle")
-    assert rates(scheduler, optimizer, total) == rates(reference, reference_optimizer, total)
+    expected = rates(reference, reference_optimizer, total)
+    assert rates(scheduler, optimizer, total) == expected
+    assert expected[WARMUP] == pytest.approx(LR)  # the peak where the linear warm-up reaches it
     assert optimizer.param_groups[0]["momentum"] == 0.9  # --momentum is left alone
 
 
@@ -75,3 +77,17 @@ def test_a_warmup_as_long_as_the_run_or_longer_still_trains_every_step(schedule:
 
     seen = rates(scheduler, optimizer, EPOCHS * STEPS_PER_EPOCH)
     assert all(0 < rate <= LR for rate in seen[:-1])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+def test_every_warmup_length_rises_to_the_peak_at_the_step_where_it_ends(schedule: str, steps: int) -> None:
+    for warmup in range(steps + 2):
+        optimizer = sgd()
+        cfg = TrainConfig(lr=LR, lr_schedule=schedule, epochs=1, warmup_steps=warmup, warmup_epochs=0)
+        seen = rates(build_scheduler(optimizer, cfg, 64, steps), optimizer, steps)
+
+        ends = max(0, min(warmup, steps - (2 if schedule == "onecycle" else 1)))  # steps are left after it
+        assert all(0 <= rate <= LR * (1 + 1e-12) for rate in seen), (warmup, seen)
+        if ends:
+            assert seen[ends] == pytest.approx(LR) and all(rate < LR for rate in seen[:ends]), (warmup, seen)
