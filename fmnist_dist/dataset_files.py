@@ -8,7 +8,6 @@ every file torchvision will read has been checked first and a problem is one lin
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -17,18 +16,14 @@ from torchvision import datasets
 
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.idx import (
-    LEGACY_FILES, RAW_FILES, SPLIT_FILES, check_split_files, images_problem, is_present, labels_problem,
-    processed_dir, raw_dir,
+    LEGACY_FILES, RAW_FILES, SPLIT_FILES, check_dataset_root, check_split_files, images_problem, is_present,
+    labels_problem, processed_dir, raw_dir, reads_legacy_cache,
 )
 from fmnist_dist.synthetic import is_synthetic
 
 OFFLINE_HINT = "with no network, `fmnist-dist synthetic-data --out DIR` writes a synthetic stand-in"
-
-
-def reads_legacy_cache(data_dir: Path) -> bool:
-    """Whether torchvision will read the old processed/*.pt cache instead of the IDX files: both are files, by
-    torchvision's own test (`os.path.isfile`)."""
-    return all(os.path.isfile(processed_dir(data_dir) / name) for name in LEGACY_FILES.values())
+# The label dtypes cross_entropy takes as class indices (others fail mid-training: "expected target dtype").
+LABEL_DTYPES = (torch.int64, torch.uint8)
 
 
 def check_dataset(data_dir: Path, download: bool) -> None:
@@ -37,14 +32,15 @@ def check_dataset(data_dir: Path, download: bool) -> None:
     Missing IDX files are downloaded (all four, as torchvision does) when `download` is true.
 
     Raises:
-        UsageError: a file is missing (and `download` is false), unreadable, not a regular file, or not
-            FashionMNIST (bad header, size, image shape, no images, labels outside 0-9 or not one per image);
-            or the download failed.
+        UsageError: `data_dir`, or a directory torchvision needs under it, is a file; a file is missing (and
+            `download` is false), unreadable, not a regular file, or not FashionMNIST (bad header, size, image
+            shape, no images, labels outside 0-9 or not one per image); or the download failed.
     """
     if reads_legacy_cache(data_dir):
         for name in LEGACY_FILES.values():
             check_legacy_file(processed_dir(data_dir) / name)
         return
+    check_dataset_root(data_dir, "--data-dir")  # before a download, whose error would bury "Not a directory"
     raw = raw_dir(data_dir)
     missing = [name for name in RAW_FILES if not is_present(raw / name)]
     if missing and not download:
@@ -56,7 +52,8 @@ def check_dataset(data_dir: Path, download: bool) -> None:
 
 
 def check_legacy_file(path: Path) -> None:
-    """Check one file of torchvision's old cache: (uint8 images N x 28 x 28, labels 0-9, one per image)."""
+    """Check one file of torchvision's old cache: (uint8 images N x 28 x 28, int64 or uint8 labels 0-9, one per
+    image)."""
     try:
         loaded = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - any failure to unpickle means the same to the user
@@ -64,9 +61,10 @@ def check_legacy_file(path: Path) -> None:
     if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2 and all(map(torch.is_tensor, loaded))):
         raise _legacy_error(path, "it does not hold an (images, labels) pair of tensors")
     images, labels = loaded
-    if images.dtype != torch.uint8 or images.dim() != 3 or labels.dim() != 1 or labels.is_floating_point():
+    if images.dtype != torch.uint8 or images.dim() != 3 or labels.dim() != 1 or labels.dtype not in LABEL_DTYPES:
         raise _legacy_error(path, f"it holds {images.dim()}-d {images.dtype} images and {labels.dim()}-d "
-                                  f"{labels.dtype} labels, not N x 28 x 28 uint8 images and N integer labels")
+                                  f"{labels.dtype} labels, not N x 28 x 28 uint8 images and N int64 (or uint8) "
+                                  "labels")
     if problem := images_problem(tuple(images.shape)) or labels_problem(len(images), labels):
         raise _legacy_error(path, problem)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist_dist.checkpoint import atomic_write
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.model import IMAGE_SIZE, NUM_CLASSES
 
@@ -42,12 +43,55 @@ def processed_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "FashionMNIST" / "processed"
 
 
+def reads_legacy_cache(data_dir: Path) -> bool:
+    """Whether torchvision will read the old processed/*.pt cache instead of the IDX files: both are files, by
+    torchvision's own test (`os.path.isfile`)."""
+    return all(os.path.isfile(processed_dir(data_dir) / name) for name in LEGACY_FILES.values())
+
+
+def check_dataset_root(data_dir: Path, flag: str) -> None:
+    """Refuse a dataset root whose `FashionMNIST/raw` cannot be a directory because a file is at or above it.
+
+    Checked before anything is read, written or downloaded there: otherwise the failure surfaces later as
+    "Not a directory", buried in a download or write error.
+
+    Raises:
+        UsageError: naming `flag` (the option that gave `data_dir`), the file in the way, and what to do.
+    """
+    blocker = _non_directory_at_or_above(raw_dir(data_dir))
+    if blocker is None:
+        return
+    kind = "a file" if blocker.is_file() else "a broken symbolic link" if blocker.is_symlink() else "a special file"
+    # A file at the root or above it means the flag itself is wrong; one below it is in the dataset's place.
+    if blocker in (Path(data_dir), *Path(data_dir).parents):
+        advice = f"pass a directory as {flag}"
+    else:
+        advice = f"move it away, or pass another {flag}"
+    raise UsageError(f"{flag} {data_dir}: {blocker} is {kind}, not a directory; {advice}")
+
+
+def _non_directory_at_or_above(directory: Path) -> Path | None:
+    """The nearest existing path at or above `directory` when it is not a directory (so `directory` cannot be one)."""
+    try:
+        for path in (directory, *directory.parents):
+            # Path.exists is False for a path under a file (ENOTDIR), so the walk goes on up to the file itself.
+            if path.is_symlink() or path.exists():
+                return None if path.is_dir() else path
+    except OSError:  # cannot look (permissions): the read or write that follows reports it, naming the file
+        return None
+    return None
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX file (big-endian header: magic, then one int32 per dimension)."""
+    """Write a uint8 array as an IDX file (big-endian header: magic, then one int32 per dimension).
+
+    The write is atomic (a temporary file renamed into place): a symbolic link or a FIFO at `path` is replaced,
+    never written through, and a failure leaves the old file whole.
+    """
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = struct.pack(">BBBB", 0, 0, UBYTE_TYPE_CODE, array.ndim)
     header += struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.tobytes())
+    atomic_write(path, lambda f: f.write(header + array.tobytes()))
 
 
 def is_present(path: Path) -> bool:

@@ -6,18 +6,23 @@ MLP scores far above chance) but not trivially (noise and blending keep them bel
 
 A dataset written here carries a marker, `raw/synthetic.json`, with the SHA-256 of each file, so that training
 can say it runs on synthetic data (and stops saying so once real files replace these).
+
+Every file is written atomically (a temporary file renamed into place), so `--force` replaces a symbolic link
+in a file's place rather than writing through it, and every target is checked before the first is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
 
-from fmnist_dist.errors import UsageError
-from fmnist_dist.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, processed_dir, raw_dir, write_idx
+from fmnist_dist.checkpoint import atomic_write
+from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, check_dataset_root, processed_dir, raw_dir, write_idx
 from fmnist_dist.model import IMAGE_SIZE, NUM_CLASSES
 
 MAX_SHIFT = 2
@@ -67,29 +72,90 @@ def write_synthetic_dataset(out_dir: Path, train_size: int, test_size: int, seed
     `torchvision.datasets.FashionMNIST(root=out_dir, download=False)` then reads them as it reads the real data.
 
     Args:
-        force: replace a dataset that is already there (else refuse).
+        force: replace a dataset that is already there (else refuse), and delete torchvision's old
+            processed/*.pt cache, which torchvision would read instead of the new files.
 
     Returns:
         The directory written (`out_dir/FashionMNIST/raw`).
 
     Raises:
-        UsageError: `out_dir` already holds a dataset and `force` is false.
+        UsageError: `out_dir` cannot hold a dataset (a file is in the way, or it cannot be created), already holds
+            one and `force` is false, or a directory or special file is where a dataset file goes. Nothing has
+            been written then.
     """
-    if not force and (existing := existing_dataset_files(Path(out_dir))):
-        raise UsageError(f"{out_dir} already holds a FashionMNIST dataset ({existing[0]}); pass --force to replace "
-                         "it with synthetic data, or choose another --out")
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, force)
+    raw = _make_directory(raw_dir(out_dir), out_dir)
     rng = np.random.default_rng(seed)
     patterns = class_patterns(rng)
-    raw = raw_dir(out_dir)
-    raw.mkdir(parents=True, exist_ok=True)
     for split, size in (("train", train_size), ("test", test_size)):
         images, labels = make_split(patterns, size, rng)
         images_name, labels_name = SPLIT_FILES[split]
         write_idx(raw / images_name, images)
         write_idx(raw / labels_name, labels)
-    (raw / MARKER).write_text(json.dumps({"written_by": "fmnist-dist synthetic-data", "seed": seed,
-                                          "sha256": _digests(raw)}, indent=2) + "\n")
+    marker = json.dumps({"written_by": "fmnist-dist synthetic-data", "seed": seed, "sha256": _digests(raw)}, indent=2)
+    atomic_write(raw / MARKER, lambda f: f.write(f"{marker}\n".encode()))
+    # Last: should a write above fail, the old cache stays, and with it a dataset torchvision can still read.
+    if removed := remove_legacy_cache(out_dir):
+        print(f"removed torchvision's old cache {', '.join(map(str, removed))}: torchvision would read it instead "
+              f"of the new files in {raw}")
     return raw
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse, before anything is written, an `out_dir` the dataset cannot go in or (without `force`) replace."""
+    check_dataset_root(out_dir, "--out")
+    if not force and (existing := existing_dataset_files(out_dir)):
+        raise UsageError(f"{out_dir} already holds a FashionMNIST dataset ({existing[0]}); pass --force to replace "
+                         "it with synthetic data, or choose another --out")
+    for name in (*RAW_FILES, MARKER):
+        _check_replaceable(raw_dir(out_dir) / name)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse a directory or special file where a dataset file goes (a rename cannot replace a directory).
+
+    Nothing there, a regular file, or a symbolic link (the rename replaces the link, not its target) is fine.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise UsageError(f"cannot look at {path} ({first_line(error)}); check its permissions, or choose another "
+                         "--out") from error
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise UsageError(f"{path} is {kind}; move it away so that the dataset file can be written there, or "
+                         "choose another --out")
+
+
+def _make_directory(directory: Path, out_dir: Path) -> Path:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {out_dir}: cannot create {directory} ({first_line(error)}); pass a directory you "
+                         "can write to as --out") from error
+    return directory
+
+
+def remove_legacy_cache(out_dir: Path) -> list[Path]:
+    """Delete torchvision's old processed/*.pt cache files under `out_dir` (a link is removed, not its target).
+
+    Returns:
+        The files removed.
+
+    Raises:
+        UsageError: one could not be removed.
+    """
+    stale = [path for path in (processed_dir(out_dir) / name for name in LEGACY_FILES.values()) if path.is_file()]
+    for path in stale:
+        try:
+            path.unlink()
+        except OSError as error:
+            raise UsageError(f"could not remove {path} ({first_line(error)}), which torchvision would read instead "
+                             f"of the new files in {raw_dir(out_dir)}; delete {path.parent} yourself") from error
+    return stale
 
 
 def existing_dataset_files(out_dir: Path) -> list[Path]:

@@ -1,7 +1,9 @@
 """Every file torchvision's FashionMNIST will read is checked first, for both splits: a missing, empty,
-unreadable or misplaced file, a partial dataset or a stale processed/*.pt cache is one line and exit code 2 (or a
-download, when that is allowed), never a traceback, a wrong answer, or a file written or deleted; a failed
-download keeps its URL and reason; `synthetic-data` never replaces a dataset unasked and leaves its mark.
+unreadable or misplaced file, a file where a directory goes, a partial dataset or a stale processed/*.pt cache is
+one line and exit code 2 (or a download, when that is allowed), never a traceback, a wrong answer, or a file written
+or deleted; a failed download keeps its URL and reason; `synthetic-data` never replaces a dataset unasked, checks
+every target before writing, replaces links rather than writing through them, removes the old cache that would hide
+its files, and leaves its mark.
 
 Flag and data checks that need no Accelerator call the CLI's `main` in this process; `train` runs as a process.
 """
@@ -12,16 +14,18 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_cli, train_args
 from torchvision import datasets
 
 from fmnist_dist.cli import main
-from fmnist_dist.dataset_files import check_dataset, describe_dataset
+from fmnist_dist.dataset_files import check_dataset, check_legacy_file, describe_dataset
 from fmnist_dist.errors import UsageError
 from fmnist_dist.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, processed_dir, raw_dir, write_idx
 from fmnist_dist.synthetic import MARKER, is_synthetic, write_synthetic_dataset
@@ -177,6 +181,24 @@ def test_a_dataset_with_no_images_is_refused(data: Path, capsys: pytest.CaptureF
     refused(data, capsys, images, "no images", "download again")
 
 
+# -------------------------------------------------------------------------------- a file where a directory goes
+
+
+@pytest.mark.parametrize("blocker", [".", "FashionMNIST", "FashionMNIST/raw"])
+def test_a_file_in_place_of_a_data_directory_is_named_before_any_download(
+    blocker: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    in_the_way = (data / blocker).resolve()
+    in_the_way.parent.mkdir(parents=True, exist_ok=True)
+    in_the_way.write_text("not a directory")
+    monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [f"http://127.0.0.1:{closed_port()}/"])  # no real fetch
+    line = one_error_line(predict_index(data), capsys.readouterr().err, "--data-dir", f"{in_the_way.name} is a file, "
+                          "not a directory")
+    assert "download" not in line
+    assert in_the_way.read_text() == "not a directory"
+
+
 # ------------------------------------------------------------------------------------ torchvision's old cache
 
 
@@ -203,8 +225,10 @@ def good_pair(n: int, seed: int = 0) -> Pair:
         ((good_pair(100)[0], good_pair(50)[1]), "50 labels for 100 images"),
         ((torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)), "no images"),
         ((torch.zeros(5, 28, 28), torch.zeros(5, dtype=torch.int64)), "not N x 28 x 28 uint8 images"),
+        ((good_pair(100)[0], good_pair(100)[1].int()), "torch.int32 labels"),
+        ((good_pair(100)[0], good_pair(100)[1].bool()), "torch.bool labels"),
     ],
-    ids=["label-12", "100-images-50-labels", "empty", "float-images"],
+    ids=["label-12", "100-images-50-labels", "empty", "float-images", "int32-labels", "bool-labels"],
 )
 def test_a_stale_processed_cache_is_checked_like_the_raw_files(
     bad_pair, problem: str, data: Path, capsys: pytest.CaptureFixture
@@ -224,20 +248,93 @@ def test_a_good_processed_cache_is_read_and_named_as_the_source(data: Path, caps
     assert "processed" in describe_dataset(data) and "instead of raw/" in describe_dataset(data)
 
 
+def test_the_cache_check_accepts_exactly_the_label_dtypes_training_can_use(tmp_path: Path) -> None:
+    """Labels cross_entropy refuses would pass the check and then crash training ("expected target dtype")."""
+    images, labels = good_pair(4)
+    for dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        torch.save((images, labels.to(dtype)), tmp_path / "test.pt")
+        assert accepts(lambda: F.cross_entropy(torch.zeros(4, 10), labels.to(dtype)), RuntimeError) == \
+            accepts(lambda: check_legacy_file(tmp_path / "test.pt"), UsageError), dtype
+
+
+def accepts(call: Callable[[], object], refusal: type[Exception]) -> bool:
+    """Whether `call` runs without raising `refusal`."""
+    try:
+        call()
+    except refusal:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- synthetic-data
+
+
+def run_synthetic_data(out: Path, *flags: str) -> int | None:
+    """`synthetic-data --out OUT` with 20 train and 10 test images, in this process."""
+    return main(["synthetic-data", "--out", str(out), "--train-size", "20", "--test-size", "10", *flags])
 
 
 def test_synthetic_data_refuses_to_replace_a_dataset_without_force(data: Path, capsys: pytest.CaptureFixture) -> None:
     before = files_in(data)
-    returncode = main(["synthetic-data", "--out", str(data), "--train-size", "20", "--test-size", "10"])
-    one_error_line(returncode, capsys.readouterr().err, str(data), "already holds", "--force")
+    one_error_line(run_synthetic_data(data), capsys.readouterr().err, str(data), "already holds", "--force")
     assert files_in(data) == before
 
 
 def test_synthetic_data_force_replaces_it_and_marks_it_synthetic(data: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["synthetic-data", "--out", str(data), "--train-size", "20", "--test-size", "10", "--force"]) == 0
+    assert run_synthetic_data(data, "--force") == 0
     assert len(datasets.FashionMNIST(root=str(data), train=True)) == 20
     assert is_synthetic(data) and "synthetic" in describe_dataset(data)
+
+
+def test_synthetic_data_force_replaces_symlinks_never_their_targets(data: Path, tmp_path: Path) -> None:
+    outside, nowhere = tmp_path / "precious", tmp_path / "nowhere" / "made"
+    outside.write_bytes(b"keep me")
+    links = [raw_dir(data) / name for name in SPLIT_FILES["test"]]
+    for link, target in zip(links, (outside, nowhere)):
+        link.unlink()
+        link.symlink_to(target)
+    assert run_synthetic_data(data, "--force") == 0
+    assert outside.read_bytes() == b"keep me" and not nowhere.parent.exists()
+    assert not any(link.is_symlink() for link in links)
+    assert len(datasets.FashionMNIST(root=str(data), train=False)) == 10
+
+
+@pytest.mark.parametrize(("make", "kind"), [(Path.mkdir, "is a directory"), (os.mkfifo, "not a regular file")],
+                         ids=["directory", "fifo"])
+def test_synthetic_data_force_refuses_a_non_file_in_place_of_one_before_writing_anything(
+    make, kind: str, data: Path, tmp_path: Path
+) -> None:
+    """The test labels are written last: a refusal after the other three would leave a mixed dataset (and a FIFO
+    opened for writing waits for a reader forever, hence a process with a timeout)."""
+    in_the_way = raw_dir(data) / TEST_LABELS
+    in_the_way.unlink()
+    make(in_the_way)
+    before = files_in(data)
+    result = run_cli(["synthetic-data", "--out", data, "--force", "--train-size", "20", "--test-size", "10"],
+                     cwd=tmp_path, timeout=60)
+    one_error_line(result.returncode, result.stderr, str(in_the_way), kind, "move it away")
+    assert files_in(data) == before
+
+
+@pytest.mark.parametrize("out", ["a-file", "a-file/data", "/proc/fmnist-dist-data"])
+def test_synthetic_data_refuses_an_out_that_cannot_be_a_directory(
+    out: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "a-file").write_text("mine")
+    one_error_line(run_synthetic_data(tmp_path / out), capsys.readouterr().err, "--out")
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_synthetic_data_force_removes_the_old_cache_that_would_hide_it(
+    data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """torchvision reads processed/*.pt whenever both are there: left in place, the new files would go unread."""
+    write_legacy_cache(data, good_pair(30), good_pair(7))
+    assert run_synthetic_data(data, "--force") == 0
+    assert "removed torchvision's old cache" in capsys.readouterr().out
+    assert len(datasets.FashionMNIST(root=str(data), train=True)) == 20
+    check_dataset(data, download=False)
+    assert "synthetic" in describe_dataset(data)
 
 
 def test_real_files_over_a_synthetic_dataset_are_not_called_synthetic(tmp_path: Path) -> None:
