@@ -8,16 +8,25 @@ import pickle
 import re
 import secrets
 import stat
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.model import NeuralNetwork
+
+SAFETENSORS_SUFFIX = ".safetensors"
+# The model's weights in a state that Accelerate's save_state wrote (its SAFE_WEIGHTS_NAME; accelerate is not
+# imported here, to keep `plot` quick).
+STATE_WEIGHTS = "model.safetensors"
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = b"\x80"  # the PROTO opcode that starts every pickle of protocol 2 or later
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -122,12 +131,73 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a saved state_dict with `weights_only=True` (a pickle that would run code is refused)."""
+    """Read saved weights: a `.safetensors` file, or a torch.save file read with `weights_only=True` (a pickle
+    that would run code is refused).
+
+    Raises:
+        UsageError: the path is no readable file, not a state_dict, or holds weights no model can use.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist; train first (`fmnist-dist train`) or fix the path")
+    _check_checkpoint_file(path)
+    state = _read_safetensors(path) if path.suffix == SAFETENSORS_SUFFIX else _read_torch_save(path)
+    for key, tensor in state.items():
+        if found := _weight_problem(tensor):
+            problem, advice = found
+            raise UsageError(f"checkpoint {path} holds unusable weights: {key} {problem}; {advice}")
+    return state
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a file ("does not exist", "is a directory", ...), or None for a regular file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as error:
+        return f"cannot be read ({(error.strerror or first_line(error)).lower()})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    problem = file_problem(path)
+    if problem is None:
+        return
+    if problem == "does not exist":
+        advice = "train first (`fmnist-dist train`) or fix the path"
+    elif (path / STATE_WEIGHTS).is_file():  # a saved training state (state/step-N) holds the model's weights there
+        problem = "is a directory (a saved training state)"
+        advice = f"pass {path / STATE_WEIGHTS} or the run's model.pth"
+    else:
+        advice = "pass the model.pth file that `fmnist-dist train` wrote"
+    raise UsageError(f"checkpoint {path} {problem}; {advice}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except Exception as error:  # noqa: BLE001 - SafetensorError, or an OSError while reading
+        raise UsageError(f"checkpoint {path} is not a readable safetensors file ({first_line(error)}); "
+                         "re-save it or train again") from error
+
+
+def _read_torch_save(path: Path) -> dict[str, torch.Tensor]:
+    with path.open("rb") as f:
+        start = f.read(len(ZIP_MAGIC))
+    # torch.save writes a zip archive (a pickle, protocol 2 or later, with the legacy format); anything else,
+    # such as a text file, is not for torch.load, whose pickle reader would misname it.
+    if not start.startswith((ZIP_MAGIC, PICKLE_PROTO)):
+        raise UsageError(f"checkpoint {path} is not a PyTorch checkpoint (not the zip archive or pickle that "
+                         "torch.save writes): another kind of file, or truncated or corrupted; pass a model.pth "
+                         "(re-save it or train again)")
+    try:
+        with warnings.catch_warnings():
+            # torch warns that it validates sparse tensors; they are refused right after (_weight_problem).
+            warnings.filterwarnings("ignore", "Validating sparse tensor invariants", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise UsageError(
             f"checkpoint {path} was refused: loading it would {_forbidden_action(error)}, not just read weights; "
@@ -148,6 +218,20 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "save it with torch.save(model.state_dict(), path)"
         )
     return state
+
+
+def _weight_problem(tensor: torch.Tensor) -> tuple[str, str] | None:
+    """What makes a saved tensor unusable as a weight, and what to do, or None for a usable one."""
+    resave = "save the weights of a trained model with torch.save(model.state_dict(), path)"
+    if tensor.is_meta:
+        return "is a meta tensor (a shape without values)", resave
+    if tensor.layout != torch.strided:
+        return f"is a sparse tensor ({tensor.layout}), not dense weights", f"convert it with .to_dense(), or {resave}"
+    if not tensor.is_floating_point():
+        return f"holds {tensor.dtype} values, not floating-point weights", resave
+    if not torch.isfinite(tensor).all():
+        return "holds non-finite values (NaN or infinity)", "train again (a run that diverged; try a lower --lr)"
+    return None
 
 
 def _forbidden_action(error: pickle.UnpicklingError) -> str:

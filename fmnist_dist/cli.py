@@ -22,7 +22,7 @@ import fmnist_dist
 from fmnist_dist import CLASSES, strict_json
 from fmnist_dist.config import (
     DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_WARMUP_EPOCHS, LR_SCHEDULES, REFERENCE_BATCH_SIZE,
-    RESUME_LATEST, TrainConfig, check_at_most, check_positive, check_seed,
+    RESUME_LATEST, TrainConfig, check_at_most, check_count, check_positive, check_seed,
 )
 from fmnist_dist.errors import UsageError
 from fmnist_dist.lifecycle import stop_with_launcher
@@ -164,7 +164,8 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
 
 def _add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="model weights saved by `fmnist-dist train` (or the PyTorch quickstart)")
+                        help="model weights saved by `fmnist-dist train` (or the PyTorch quickstart), or a saved "
+                             "state's model.safetensors")
 
 
 def _add_evaluate(parser: argparse.ArgumentParser) -> None:
@@ -229,7 +230,7 @@ def given_flags(argv: Sequence[str]) -> frozenset[str]:
 def _evaluate(args: argparse.Namespace) -> int:
     from fmnist_dist.inference import evaluate_checkpoint
 
-    check_positive("--batch-size", args.batch_size)
+    check_count("--batch-size", args.batch_size)
     result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.download, args.batch_size, args.cpu)
     if not _is_main_process():
         return 0

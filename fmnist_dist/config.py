@@ -28,6 +28,8 @@ MAX_SEED = 2**32 - 1
 
 MAX_COUNT = 2**31 - 1  # batch sizes, epochs, step counts: beyond any real run, inside every index type
 MAX_THREADS = 1024
+# The largest float32: the model's weights are float32, and torch cannot apply a rate or decay beyond it.
+MAX_FLOAT32 = 3.4028234663852886e38
 
 # Settings of one invocation, never carried over from a saved state to a resumed run.
 # Mixed precision is among them because what a device can run depends on the machine the run continues on.
@@ -93,7 +95,7 @@ class TrainConfig:
         check_positive("--lr", self.lr)
         check_positive("--log-every", self.log_every)
         check_positive("--keep-states", self.keep_states)
-        check_at_least_zero("--momentum", self.momentum)
+        check_momentum(self.momentum)
         check_at_least_zero("--weight-decay", self.weight_decay)
         check_at_least_zero("--num-workers", self.num_workers)
         if self.threads is not None:
@@ -119,6 +121,10 @@ class TrainConfig:
         for flag, value in counts.items():
             if value is not None:
                 check_at_most(flag, value, MAX_COUNT)
+        if self.warmup_epochs is not None:
+            check_at_most("--warmup-epochs", self.warmup_epochs, MAX_COUNT)
+        for flag, value in (("--lr", self.lr), ("--weight-decay", self.weight_decay)):
+            check_at_most(flag, value, MAX_FLOAT32)
         if self.threads is not None:
             check_at_most("--threads", self.threads, MAX_THREADS)
         # PyTorch's DataLoader itself warns above the machine's CPU count; far above it, a machine stalls.
@@ -184,6 +190,19 @@ def check_at_least_zero(flag: str, value: float) -> None:
     """Refuse a flag value that must not be negative (and finite)."""
     if not 0 <= value < math.inf:
         raise UsageError(f"{flag} must be 0 or more (got {value}); pass a value of at least 0")
+
+
+def check_count(flag: str, value: int) -> None:
+    """Refuse a count (a batch size, a number of steps) below 1 or above MAX_COUNT."""
+    check_positive(flag, value)
+    check_at_most(flag, value, MAX_COUNT)
+
+
+def check_momentum(momentum: float) -> None:
+    """Refuse an SGD momentum outside [0, 1): at 1 or more the velocity never decays and training diverges."""
+    if not 0 <= momentum < 1:
+        raise UsageError(f"--momentum must be at least 0 and below 1 (got {momentum}); SGD momentum of 1 or more "
+                         "adds up every gradient without forgetting and diverges; pass a value such as 0.9")
 
 
 def check_at_most(flag: str, value: float, limit: float) -> None:

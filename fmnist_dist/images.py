@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ LIGHT_BACKGROUND = 0.5
 # The full scale of each high-depth mode whose range its mode fixes (16-bit modes); "I" (32-bit integer) and
 # "F" (float) images are scaled from the smallest of HIGH_DEPTH_SCALES that holds their values.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+HIGH_DEPTH_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
 HIGH_DEPTH_SCALES = (1.0, 255.0, 65535.0, 2.0**31 - 1)
 
 
@@ -28,13 +30,22 @@ def load_image(path: Path) -> torch.Tensor:
     light, padded to a square with the dark ground (so garments keep their proportions) and scaled to 28x28.
 
     Raises:
-        UsageError: the file is missing, not an image Pillow can read, or in a mode it cannot make grayscale.
+        UsageError: the file is missing, not an image Pillow can read, in a mode it cannot make grayscale, larger
+            than Pillow opens safely, or holds non-finite (float) pixel values.
     """
     try:
-        with Image.open(path) as image:
-            gray = to_grayscale(ImageOps.exif_transpose(image))
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refused alike.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_finite(image, path)
+                gray = to_grayscale(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UsageError(f"image {path} is too large to open safely ({first_line(error)}); shrink it to at most "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels (it is scaled to {IMAGE_SIZE}x{IMAGE_SIZE} anyway)"
+                         ) from error
     # ValueError: a mode Pillow cannot convert to grayscale.
-    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+    except (OSError, ValueError, UnidentifiedImageError) as error:
         raise UsageError(f"cannot read image {path} ({first_line(error)}); pass a PNG or JPEG file") from error
     if _border_mean(gray) > LIGHT_BACKGROUND:
         gray = ImageOps.invert(gray)
@@ -48,23 +59,38 @@ def load_image(path: Path) -> torch.Tensor:
 def to_grayscale(image: Image.Image) -> Image.Image:
     """Any Pillow image as mode "L" (8-bit grayscale).
 
-    Transparent images (RGBA, LA, PA, P or L with a transparent colour) are composited onto white when their
-    garment is dark and onto black when it is light, so that the light/dark test sees the ground the garment
-    stands out from; whatever colour the transparent pixels hold underneath does not matter. 16-bit and other
+    Transparent images (RGBA, LA, PA, and P, L or 16-bit with a transparent colour) are composited onto white
+    when their garment is dark and onto black when it is light, so that the light/dark test sees the ground the
+    garment stands out from; whatever colour the transparent pixels hold underneath does not matter. 16-bit and other
     high-depth images are scaled into 8 bits; everything else is Pillow's own `convert("L")`.
     """
+    if image.mode in HIGH_DEPTH_MODES:
+        gray = _scale_to_8_bits(image)
+        # Pillow's convert("RGBA") would clip the values to 8 bits; the transparent colour is a value of the image.
+        transparent = image.info.get("transparency") if image.has_transparency_data else None
+        return gray if transparent is None else _flatten_transparency(gray, _opaque_where_not(image, transparent))
     if image.has_transparency_data:
-        return _flatten_transparency(image.convert("RGBA"))
-    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
-        return _scale_to_8_bits(image)
+        rgba = image.convert("RGBA")
+        return _flatten_transparency(rgba.convert("L"), rgba.getchannel("A"))
     return image.convert("L")
 
 
-def _flatten_transparency(rgba: Image.Image) -> Image.Image:
-    gray, alpha = rgba.convert("L"), rgba.getchannel("A")
+def _check_finite(image: Image.Image, path: Path) -> None:
+    """Refuse a float image with NaN or infinite pixels, which no scaling can turn into brightness."""
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+        raise UsageError(f"image {path} holds non-finite pixel values (NaN or infinity); pass an image of finite "
+                         "values (a PNG or JPEG file)")
+
+
+def _opaque_where_not(image: Image.Image, transparent: float) -> Image.Image:
+    """An alpha channel: 0 where `image` holds its transparent colour, 255 elsewhere."""
+    return Image.fromarray(np.where(np.asarray(image) == transparent, 0, 255).astype(np.uint8))
+
+
+def _flatten_transparency(gray: Image.Image, alpha: Image.Image) -> Image.Image:
     weights = np.asarray(alpha, dtype=np.float64)
     garment = np.average(np.asarray(gray, dtype=np.float64), weights=weights) if weights.any() else 255.0
-    ground = Image.new("L", rgba.size, 255 if garment < 255 * LIGHT_BACKGROUND else 0)
+    ground = Image.new("L", gray.size, 255 if garment < 255 * LIGHT_BACKGROUND else 0)
     return Image.composite(gray, ground, alpha)
 
 

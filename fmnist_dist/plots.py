@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fmnist_dist import CLASSES  # noqa: E402
-from fmnist_dist.checkpoint import atomic_write  # noqa: E402
+from fmnist_dist.checkpoint import atomic_write, file_problem  # noqa: E402
 from fmnist_dist.errors import UsageError, first_line  # noqa: E402
-from fmnist_dist.tracking import MetricsLog  # noqa: E402
 
 DPI = 100
 CURVES_SIZE = (10, 4)  # inches; at DPI, 1000 x 400 pixels
 CONFUSION_SIZE = (8, 7)  # inches; at DPI, 800 x 700 pixels
+PLOTTED_VALUES = ("train_loss", "test_loss", "test_accuracy")  # besides the epoch and the confusion matrix
 
 
 def plot_run(records: Sequence[dict[str, Any]], curves_path: Path, confusion_path: Path) -> None:
@@ -61,17 +62,64 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: Path) -> None:
 
 
 def records_for_plot(metrics_path: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl, refusing a missing or empty file."""
-    if not metrics_path.is_file():
-        raise UsageError(f"{metrics_path} does not exist; pass the --output-dir of a finished training run")
+    """The records of a run's metrics.jsonl, refusing a missing or empty file and any line that is not a record.
+
+    Raises:
+        UsageError: naming the file, or the line of it, that cannot be plotted.
+    """
+    if problem := file_problem(metrics_path):
+        raise UsageError(f"{metrics_path} {problem}; pass the --output-dir of a finished training run")
     try:
-        records = MetricsLog.read(metrics_path)
-    except ValueError as error:
-        reason = f"{metrics_path} is not a metrics file ({first_line(error)}); pass a run's --output-dir"
-        raise UsageError(reason) from error
+        lines = metrics_path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {metrics_path} ({first_line(error)}); pass a run's --output-dir") from error
+    records = [_metrics_record(line, number, metrics_path) for number, line in enumerate(lines, 1) if line.strip()]
     if not records:
         raise UsageError(f"{metrics_path} holds no epochs yet; plot after the first epoch has finished")
     return records
+
+
+def _metrics_record(line: str, number: int, path: Path) -> dict[str, Any]:
+    """Line `number` of `path` as a metrics record, or a UsageError naming the line and what is wrong with it."""
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        problem = f"not JSON: {first_line(error)}"
+    else:
+        problem = _record_problem(record)
+    if problem:
+        raise UsageError(f"line {number} of {path} is not an fmnist-dist metrics record ({problem}); "
+                         "pass the metrics.jsonl or --output-dir of a training run")
+    return record
+
+
+def _record_problem(record: Any) -> str | None:
+    """What keeps a parsed line from being plotted, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if missing := [key for key in ("epoch", *PLOTTED_VALUES, "confusion_matrix") if key not in record]:
+        return f"no {', '.join(missing)}"
+    if not _is_number(record["epoch"]):
+        return f"epoch is {record['epoch']!r}, not a number"
+    # null is what the training writes for a non-finite loss or accuracy (strict JSON); matplotlib leaves a gap.
+    if wrong := [key for key in PLOTTED_VALUES if record[key] is not None and not _is_number(record[key])]:
+        return f"{wrong[0]} is {record[wrong[0]]!r}, not a number"
+    if not _is_confusion_matrix(record["confusion_matrix"]):
+        return f"confusion_matrix is not {len(CLASSES)} rows of {len(CLASSES)} counts"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_confusion_matrix(matrix: Any) -> bool:
+    return (isinstance(matrix, list) and len(matrix) == len(CLASSES)
+            and all(isinstance(row, list) and len(row) == len(CLASSES) and all(map(_is_count, row)) for row in matrix))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

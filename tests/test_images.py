@@ -1,6 +1,7 @@
 """Image files for `predict`: a transparent image is judged by what it shows, not by the colour its transparent
 pixels happen to hold, and a 16-bit image is scaled into 8 bits, not clipped; each gives exactly the tensor (and so
-the prediction) of the same garment saved as a plain 8-bit image.
+the prediction) of the same garment saved as a plain 8-bit image. An image no scaling can read (NaN or infinite
+pixels, more pixels than Pillow opens safely) is refused in one line.
 
 The images are made from a test image P (light garment on a dark ground, as in FashionMNIST): its product-photo
 form is the negative 255 - P, a dark garment on white.
@@ -8,12 +9,14 @@ form is the negative 255 - P, a dark garment on white.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli_usability import one_error_line
 
 from fmnist_dist.cli import main
 from fmnist_dist.data import load_split
@@ -106,3 +109,40 @@ def test_predict_gives_a_transparent_image_the_answer_of_the_garment_on_white(
     assert main(["predict", "--checkpoint", str(checkpoint), "--image", str(on_white), str(transparent)]) == 0
     white_line, transparent_line = capsys.readouterr().out.splitlines()
     assert transparent_line.split(": ", 1)[1] == white_line.split(": ", 1)[1]
+
+
+def test_a_16_bit_png_with_a_transparent_colour_is_scaled_like_its_8_bit_twin(
+    garment: np.ndarray, tmp_path: Path
+) -> None:
+    """The same pixels transparent (the brightest), the rest scaled from 16 bits, not clipped to 8."""
+    sixteen_bit = tmp_path / "16-bit.png"
+    Image.fromarray(garment.astype(np.uint16) * 257).save(sixteen_bit, transparency=65535)
+    eight_bit = tmp_path / "8-bit.png"
+    Image.fromarray(garment).save(eight_bit, transparency=255)
+    with Image.open(sixteen_bit) as image:
+        assert (image.mode, image.info["transparency"]) == ("I;16", 65535)
+    assert torch.equal(load_image(sixteen_bit), load_image(eight_bit))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_float_image_with_non_finite_pixels_is_refused_in_one_line(
+    bad: float, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    pixels = np.full((40, 40), 0.5, dtype=np.float32)
+    pixels[5, 5] = bad
+    tiff = saved(Image.fromarray(pixels), tmp_path / "float.tiff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" is no answer
+        one_error_line(capsys, ["predict", "--image", str(tiff)], str(tiff), "non-finite")
+
+
+@pytest.mark.parametrize("side", [40, 50], ids=["over-the-warning-limit", "over-the-error-limit"])
+def test_an_image_larger_than_pillow_opens_safely_is_refused_in_one_line(
+    side: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; a lowered limit makes both small."""
+    png = saved(Image.new("L", (side, side)), tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_error_line(capsys, ["predict", "--image", str(png)], str(png), "too large", "1000 pixels")
