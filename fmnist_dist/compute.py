@@ -9,7 +9,12 @@ from contextlib import contextmanager
 import torch
 from accelerate import Accelerator
 
+from fmnist_dist.config import MAX_THREADS, check_at_most
 from fmnist_dist.errors import UsageError, first_line
+
+# Where Accelerate's fp8 backends (transformer_engine, MS-AMP, torchao) run: NVIDIA GPUs, and Intel Gaudi 2 and later.
+FP8_DEVICES = frozenset({"cuda", "hpu"})
+FP8_NEEDS = "fp8 needs a GPU with transformer_engine, MS-AMP or torchao installed"
 
 
 def default_threads() -> int:
@@ -20,9 +25,13 @@ def default_threads() -> int:
     this process's share of the cores it may run on: usable cores (`os.sched_getaffinity`, which honours
     taskset and cgroup cpusets) divided by the processes on this node (LOCAL_WORLD_SIZE, set by the launchers),
     at least 1.
+
+    Raises:
+        UsageError: OMP_NUM_THREADS is above MAX_THREADS.
     """
     requested = _positive_int_from_env("OMP_NUM_THREADS")
     if requested is not None:
+        check_at_most("OMP_NUM_THREADS", requested, MAX_THREADS)  # as --threads: far beyond any machine's cores
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // (_positive_int_from_env("LOCAL_WORLD_SIZE") or 1))
@@ -46,8 +55,10 @@ def precision_in_effect(accelerator: Accelerator) -> str:
     """The mixed precision the Accelerator really trains in: "no", "fp16", "bf16" or "fp8".
 
     Accelerate keeps the requested mode in `mixed_precision` even where it does not autocast (fp16 on the CPU);
-    `native_amp` says whether it does.
+    `native_amp` says whether it does, except for fp8, which it sets on any device once a backend is installed.
     """
+    if accelerator.mixed_precision == "fp8" and accelerator.device.type not in FP8_DEVICES:
+        return "no"
     if accelerator.mixed_precision == "no" or accelerator.native_amp:
         return accelerator.mixed_precision
     return "no"
@@ -66,25 +77,40 @@ def check_precision_runs(accelerator: Accelerator, flag_given: bool) -> None:
     requested = accelerator.mixed_precision
     if precision_in_effect(accelerator) == requested:
         return
+    reason = FP8_NEEDS if requested == "fp8" else f"Accelerate would train in fp32 and report {requested}"
     raise UsageError(
-        f"{_precision_source(flag_given)} {requested} cannot run on {accelerator.device.type}: Accelerate would "
-        f"train in fp32 and report {requested}; {_precision_advice(accelerator.device.type)}"
+        f"{_precision_source(flag_given)} {requested} cannot run on {accelerator.device.type}: {reason}; "
+        f"{_precision_advice(accelerator.device.type)}"
     )
 
 
 @contextmanager
 def precision_refusals_as_usage_errors() -> Iterator[None]:
-    """Turn the Accelerator's own refusal of a mixed precision (e.g. "bf16 mixed precision requires ... a
-    supported device" on a GPU without bf16) into a one-line usage error.
+    """Turn the Accelerator's own refusal of a mixed precision into a one-line usage error: "bf16 mixed
+    precision requires ... a supported device" on a GPU without bf16, or "Using `fp8` precision requires
+    `transformer_engine` or `MS-AMP` to be installed" (fp8 comes only from `accelerate launch`/`accelerate config`:
+    --mixed-precision does not offer it).
 
-    Accelerate raises a plain ValueError, so its message is all there is to tell it from other errors.
+    Accelerate raises a plain ValueError (ImportError when no fp8 backend is found later), so its message is all
+    there is to tell it from other errors.
     """
     try:
         yield
-    except ValueError as error:
-        if "mixed precision" not in str(error):
+    except (ValueError, ImportError) as error:
+        refusal = _precision_refusal(error)
+        if refusal is None:
             raise
-        raise UsageError(f"{first_line(error)}; pass --mixed-precision no, or a mode this device supports") from error
+        raise refusal from error
+
+
+def _precision_refusal(error: ValueError | ImportError) -> UsageError | None:
+    """The usage error for Accelerate's refusal of a mixed precision; None when `error` is not one."""
+    if "fp8" in str(error):
+        return UsageError(f"{_precision_source(False)} fp8 cannot run here: {FP8_NEEDS} "
+                          f"(Accelerate: {first_line(error)}); pass --mixed-precision bf16 or --mixed-precision no")
+    if "mixed precision" in str(error):
+        return UsageError(f"{first_line(error)}; pass --mixed-precision no, or a mode this device supports")
+    return None
 
 
 def _precision_source(flag_given: bool) -> str:

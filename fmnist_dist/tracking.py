@@ -2,18 +2,21 @@
 
 Tracking must never stop training: without W&B credentials (found the way wandb itself finds them), or when
 the W&B server cannot be reached within INIT_TIMEOUT_SECONDS, the run is recorded offline (upload it later with
-`wandb sync`); a tracker that fails to start or to log is reported once and then left out. wandb never prompts
-for a key here: the credentials are looked up before `wandb.init`, which then runs online only with them.
+`wandb sync`); a tracker that fails to start or to log is reported once and then left out. A setting wandb
+rejects (a W&B flag, or a WANDB_* variable) is named in that one line; an unusable WANDB_INIT_TIMEOUT is ignored
+with a warning. wandb never prompts for a key here: the credentials are looked up before `wandb.init`, which then
+runs online only with them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,9 @@ ONLINE_MODES = frozenset({"online", "run", "shared"})
 # How long wandb.init may wait for the W&B server (wandb's own default is 90 s) before the run is recorded offline
 # instead. A working connection starts a run in a few seconds; WANDB_INIT_TIMEOUT (wandb's variable) overrides it.
 INIT_TIMEOUT_SECONDS = 10.0
+# The wandb.init arguments our flags set: the flag, and the wandb setting each one becomes.
+FLAG_SETTINGS = {"project": ("--wandb-project", "project"), "name": ("--run-name", "run_name"),
+                 "group": ("--run-group", "run_group"), "tags": ("--tags", "run_tags")}
 
 
 class MetricsLog:
@@ -52,12 +58,12 @@ class MetricsLog:
 
 
 def choose_wandb_mode() -> str:
-    """The mode to start the W&B run in: offline unless online was asked for (or left unset) and wandb finds
-    credentials; the user's own WANDB_MODE otherwise. Says so when a mode asked for cannot be had."""
+    """The mode to start the W&B run in (after `prepare_wandb`): offline unless online was asked for (or left
+    unset) and wandb finds credentials; the user's own WANDB_MODE otherwise. Says so when a mode asked for cannot
+    be had."""
     asked = os.environ.get("WANDB_MODE") or None  # empty counts as unset
     if asked is not None and asked not in ONLINE_MODES:
         return asked
-    prepare_wandb()
     try:
         if has_wandb_credentials():
             return asked or "online"
@@ -80,10 +86,35 @@ def prepare_wandb() -> None:
     """
     import wandb
 
+    ignore_unusable_init_timeout()
     settings: dict[str, Any] = {"x_disable_viewer": True}
     if wandb.env.INIT_TIMEOUT not in os.environ:
         settings["init_timeout"] = INIT_TIMEOUT_SECONDS
     wandb.setup(settings=wandb.Settings(**settings))
+
+
+def ignore_unusable_init_timeout() -> None:
+    """Drop a WANDB_INIT_TIMEOUT that is not a positive, finite number of seconds, with one warning, so that
+    INIT_TIMEOUT_SECONDS applies: wandb rejects a non-number at every setup, and takes 0 or less without a word,
+    after which its service never gives up on the server and the job hangs at exit, deaf to SIGTERM."""
+    import wandb
+
+    value = os.environ.get(wandb.env.INIT_TIMEOUT)
+    if value is None or _is_positive_seconds(value):
+        return
+    _warn(f"{wandb.env.INIT_TIMEOUT}={value!r} is not a positive number of seconds; ignoring it "
+          f"(W&B waits up to {INIT_TIMEOUT_SECONDS:g} s for its server)")
+    del os.environ[wandb.env.INIT_TIMEOUT]  # wandb reads the environment again at each setup
+
+
+def _is_positive_seconds(value: str) -> bool:
+    import wandb
+
+    try:
+        seconds = wandb.Settings(init_timeout=value).init_timeout  # parsed as wandb parses the variable
+    except ValueError:  # pydantic's ValidationError
+        return False
+    return 0 < seconds < math.inf
 
 
 def has_wandb_credentials() -> bool:
@@ -109,7 +140,7 @@ def start_run(
     """Start the job's one W&B run (on the main process; Accelerate makes it a no-op elsewhere); return its id.
 
     An online run that cannot start (a wrong key, no network: wandb gives up after its init timeout) is
-    recorded offline instead.
+    recorded offline instead; one that cannot start for a setting wandb rejects is not tracked.
 
     Args:
         accelerator: built with `log_with="wandb"`, or without trackers (then nothing happens).
@@ -119,18 +150,71 @@ def start_run(
     """
     if not accelerator.log_with:
         return None
-    mode = choose_wandb_mode() if accelerator.is_main_process else OFFLINE  # wandb starts on the main process only
-    try:
+    mode = OFFLINE  # wandb starts on the main process only
+    try:  # everything wandb does to start, its reading of the settings included
+        if accelerator.is_main_process:
+            prepare_wandb()
+            mode = choose_wandb_mode()
         _init_trackers(accelerator, project, run_config, {**wandb_kwargs, "mode": mode})
     except Exception as error:  # noqa: BLE001 - any tracker failure must leave training running
-        if mode not in ONLINE_MODES:  # offline, or a mode of the user's own: there is nothing else to try
-            _drop_trackers(accelerator, f"W&B could not start ({first_line(error)}; check the WANDB_* "
-                                        "environment variables)")
-            return None
-        _warn(f"W&B could not start {mode} ({first_line(error)}); recording the run offline instead "
-              "(`wandb sync` uploads it later)")
-        return start_run_offline(accelerator, project, run_config, wandb_kwargs)
+        rejected = rejected_setting({"project": project, **wandb_kwargs})
+        if rejected is None and mode in ONLINE_MODES:
+            _warn(f"W&B could not start {mode} ({wandb_error_reason(error)}); recording the run offline instead "
+                  "(`wandb sync` uploads it later)")
+            return start_run_offline(accelerator, project, run_config, wandb_kwargs)
+        # Offline, a mode of the user's own, or a setting offline would reject too: nothing else to try.
+        _drop_trackers(accelerator, f"W&B could not start ({rejected or wandb_error_reason(error)})")
+        return None
     return _run_id(accelerator)
+
+
+def rejected_setting(init_args: dict[str, Any]) -> str | None:
+    """Which setting wandb rejects, and why: one of our flags (given as `wandb.init` arguments) or a WANDB_*
+    environment variable; None when wandb takes them all."""
+    return rejected_flag(init_args) or rejected_variable()
+
+
+def rejected_flag(init_args: dict[str, Any]) -> str | None:
+    """Which of our W&B flags wandb rejects, and why, by the checks of wandb.Settings that wandb.init runs."""
+    import wandb
+
+    for arg, (flag, setting) in FLAG_SETTINGS.items():
+        if init_args.get(arg) is not None:
+            reason = _rejection(wandb.Settings, **{setting: init_args[arg]})
+            if reason is not None:
+                return f"{flag} is invalid: {reason}"
+    return None
+
+
+def rejected_variable() -> str | None:
+    """Which WANDB_* environment variable wandb rejects, and why, read one by one as wandb's setup reads them."""
+    import wandb
+
+    for name, value in sorted(os.environ.items()):
+        if name.startswith("WANDB_"):
+            reason = _rejection(wandb.Settings().update_from_env_vars, {name: value})
+            if reason is not None:
+                return f"{name}={value!r} is invalid: {reason}"
+    return None
+
+
+def _rejection(check: Callable[..., object], *args: Any, **kwargs: Any) -> str | None:
+    try:
+        check(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - wandb's UsageError, pydantic's ValidationError, a ValueError...
+        return wandb_error_reason(error)
+    return None
+
+
+def wandb_error_reason(error: BaseException) -> str:
+    """One line on why wandb failed; for a pydantic ValidationError its first error, since its first line only
+    counts them ("1 validation error for Settings")."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        detail = error.errors()[0]
+        return f"{'.'.join(map(str, detail['loc']))}: {detail['msg']}"
+    return first_line(error)
 
 
 def start_run_offline(
@@ -140,7 +224,7 @@ def start_run_offline(
     try:
         _init_trackers(accelerator, project, run_config, {**wandb_kwargs, "mode": OFFLINE})
     except Exception as error:  # noqa: BLE001
-        _drop_trackers(accelerator, f"W&B could not start offline either ({first_line(error)})")
+        _drop_trackers(accelerator, f"W&B could not start offline either ({wandb_error_reason(error)})")
         return None
     return _run_id(accelerator)
 

@@ -10,13 +10,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import cli_env, free_port, run_cli, train_args
 from test_tracking import read_wandb_log
 
-from fmnist_dist.compute import apply_threads, default_threads
+from fmnist_dist.compute import apply_threads, check_precision_runs, default_threads
+from fmnist_dist.config import MAX_THREADS
+from fmnist_dist.errors import UsageError
 
 PREFIX = "fmnist-dist: error: "
 
@@ -39,6 +42,24 @@ def test_fp16_on_the_cpu_is_refused_instead_of_training_in_fp32(
     line = refused_line(result)
     assert source in line and "cannot run on cpu" in line and "--mixed-precision bf16" in line
     assert not (tmp_path / "out" / "model.pth").exists() and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_fp8_from_accelerate_launch_is_refused_without_a_backend(data_dir: Path, tmp_path: Path) -> None:
+    """`accelerate launch --mixed_precision fp8` sets ACCELERATE_MIXED_PRECISION=fp8; Accelerate then refuses
+    with a ValueError when neither transformer_engine, MS-AMP nor torchao is installed."""
+    result = run_cli(train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1"), tmp_path,
+                     ACCELERATE_MIXED_PRECISION="fp8")
+    line = refused_line(result)
+    assert "accelerate config" in line and "fp8 needs a GPU with transformer_engine, MS-AMP or torchao" in line
+    assert "--mixed-precision bf16" in line
+    assert not (tmp_path / "out" / "model.pth").exists()
+
+
+def test_fp8_with_a_backend_installed_is_refused_on_the_cpu() -> None:
+    """With a backend installed Accelerate builds an fp8 Accelerator on any device and calls it native."""
+    accelerator = SimpleNamespace(mixed_precision="fp8", native_amp=True, device=torch.device("cpu"))
+    with pytest.raises(UsageError, match="fp8 cannot run on cpu: fp8 needs a GPU"):
+        check_precision_runs(accelerator, flag_given=False)
 
 
 def test_bf16_and_the_thread_count_are_reported_as_in_effect(data_dir: Path, tmp_path: Path) -> None:
@@ -105,3 +126,9 @@ def test_default_threads_is_the_process_share_of_usable_cores(
             monkeypatch.setenv(name, value)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
     assert default_threads() == expected
+
+
+def test_an_omp_num_threads_above_the_threads_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", str(MAX_THREADS + 1))
+    with pytest.raises(UsageError, match=f"OMP_NUM_THREADS must be at most {MAX_THREADS}"):
+        default_threads()

@@ -9,6 +9,7 @@ record by record with W&B's protobuf schema, and in the table files the run writ
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from wandb.proto import wandb_internal_pb2
 
 from fmnist_dist import CLASSES
 from fmnist_dist.job import SAMPLE_IMAGES
-from fmnist_dist.tracking import MetricsLog
+from fmnist_dist.tracking import MetricsLog, ignore_unusable_init_timeout, rejected_flag
 
 pytestmark = pytest.mark.slow
 
@@ -192,6 +193,43 @@ def test_training_goes_on_when_wandb_cannot_start(data_dir: Path, tmp_path: Path
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "W&B could not start" in line]
     assert len(warnings) == 1 and warnings[0].startswith("fmnist-dist: warning: ")
+    assert "WANDB_MODE='not-a-mode' is invalid" in warnings[0]
     assert "epoch 1/1:" in result.stdout
     assert (tmp_path / "out" / "model.pth").is_file()
     assert len(MetricsLog.read(tmp_path / "out" / "metrics.jsonl")) == 1
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--wandb-project", "a/b"], "--wandb-project is invalid: Invalid project name 'a/b'"),
+    (["--tags", "ok", "x" * 300], "--tags is invalid: run_tags: Value error, Tag 'xxx"),
+], ids=["project", "tag"])
+def test_a_wandb_flag_wandb_rejects_is_named_in_one_warning_and_training_goes_on(
+    flags: list[str], expected: str, data_dir: Path, tmp_path: Path
+) -> None:
+    result = run_cli(train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb", *flags),
+                     tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (warning,) = [line for line in result.stderr.splitlines() if line.startswith("fmnist-dist: warning: ")]
+    assert f"W&B could not start ({expected}" in warning and "WANDB_" not in warning
+    assert (tmp_path / "out" / "model.pth").is_file()
+
+
+def test_rejected_flag_names_the_flag_and_wandbs_reason() -> None:
+    assert rejected_flag({"project": "fmnist-dist", "name": "a name/with a slash", "tags": ["ci"]}) is None
+    assert rejected_flag({"project": "fmnist-dist", "tags": ["x" * 65]}) == (
+        "--tags is invalid: run_tags: Value error, Tag 'xxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxx' is 65 "
+        "characters. Tags must be between 1 and 64 characters"
+    )
+
+
+@pytest.mark.parametrize(("value", "kept"), [
+    ("0", False), ("-1", False), ("abc", False), ("", False), ("nan", False), ("inf", False),
+    ("0.5", True), ("2", True),
+])
+def test_only_a_positive_finite_init_timeout_is_kept(
+    value: str, kept: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", value)
+    ignore_unusable_init_timeout()
+    assert ("WANDB_INIT_TIMEOUT" in os.environ) == kept
+    assert (capsys.readouterr().err == "") == kept

@@ -116,3 +116,45 @@ def test_a_malformed_key_records_offline_with_one_warning(data_dir: Path, tmp_pa
     warnings = [line for line in result.stderr.splitlines() if line.startswith("fmnist-dist: warning: ")]
     assert len(warnings) == 1 and "credentials are unusable" in warnings[0]
     assert len(offline_runs(tmp_path)) == 1
+
+
+def train_online_unreachable(data_dir: Path, tmp_path: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
+    """A 1-epoch job that asks W&B to run online with a wrong key and no server, plus `flags` and `env`. The
+    timeout fails the test if the job does not end by itself."""
+    return subprocess.run(
+        [sys.executable, "-m", "fmnist_dist",
+         *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb", *flags))],
+        cwd=tmp_path, env=user_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=closed_port_url(), **env),
+        capture_output=True, text=True, timeout=INIT_TIMEOUT_SECONDS + START_UP_ALLOWANCE + 60,
+    )
+
+
+def warning_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("fmnist-dist: warning: ")]
+
+
+@pytest.mark.parametrize("timeout", ["0", "abc"], ids=["zero", "not-a-number"])
+def test_an_unusable_init_timeout_is_ignored_with_a_warning_and_the_job_ends(
+    timeout: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """wandb takes WANDB_INIT_TIMEOUT=0 (or less) and its service then never gives up, hanging the job at exit;
+    it fails on a non-number with a traceback."""
+    result = train_online_unreachable(data_dir, tmp_path, WANDB_INIT_TIMEOUT=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = warning_lines(result)
+    assert f"WANDB_INIT_TIMEOUT='{timeout}' is not a positive number of seconds" in first
+    assert "could not start online" in second and "offline instead" in second
+    assert len(offline_runs(tmp_path)) == 1
+    assert (tmp_path / "out" / "model.pth").is_file()
+
+
+@pytest.mark.parametrize(("variable", "value"), [("WANDB_PROJECT", "bad/name"), ("WANDB_RUN_ID", "bad/id")])
+def test_a_wandb_variable_wandb_rejects_is_named_in_one_warning_and_training_goes_on(
+    variable: str, value: str, data_dir: Path, tmp_path: Path
+) -> None:
+    result = train_online_unreachable(data_dir, tmp_path, **{variable: value})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (warning,) = warning_lines(result)
+    assert f"W&B could not start ({variable}='{value}' is invalid: " in warning
+    assert "training goes on without W&B tracking" in warning
+    assert (tmp_path / "out" / "model.pth").is_file()
