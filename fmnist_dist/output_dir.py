@@ -31,6 +31,7 @@ from fmnist_dist.state import STATE_DIR, complete_states, unfinished_states
 from fmnist_dist.training import output_paths
 
 LOCK_FILE = ".fmnist-dist.lock"
+LOCK_ATTEMPTS = 100
 TAKEOVER_WAIT_S = 1.0  # far longer than a takeover takes (a rename), short for a job that is refused
 
 
@@ -58,8 +59,12 @@ class OutputDirLock:
         with _refusing_unwritable(self.output_dir):
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.token = secrets.token_hex(16)
-            while self._fd is None:
+            for _ in range(LOCK_ATTEMPTS):  # each retry follows another job's change of the lock file
                 self._fd = self._try_lock()
+                if self._fd is not None:
+                    return
+        raise UsageError(f"--output-dir {self.output_dir}: its lock file {self.path} changed {LOCK_ATTEMPTS} times "
+                         "while this job tried to take it; stop the other jobs using it, or choose another --output-dir")
 
     def release(self) -> None:
         """Remove the lock file and release the lock (nothing happens when it is not held)."""
@@ -111,6 +116,9 @@ class OutputDirLock:
         try:
             stale = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
+            if self.path.is_symlink():  # a link to nowhere: not a lock file that any job of ours made
+                raise UsageError(f"{self.path} is a symbolic link, not fmnist-dist's lock file; remove it, or "
+                                 "choose another --output-dir") from None
             return False  # released meanwhile
         try:
             fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -86,30 +86,31 @@ def _metrics_record(line: str, number: int, path: Path) -> dict[str, Any]:
     except ValueError as error:
         problem = f"not JSON: {first_line(error)}"
     else:
-        problem = _record_problem(record)
+        problem = metrics_record_problem(record)
     if problem:
         raise UsageError(f"line {number} of {path} is not an fmnist-dist metrics record ({problem}); "
                          "pass the metrics.jsonl or --output-dir of a training run")
     return record
 
 
-def _record_problem(record: Any) -> str | None:
-    """What keeps a parsed line from being plotted, or None."""
+def metrics_record_problem(record: Any) -> str | None:
+    """What keeps a parsed metrics record (a line of metrics.jsonl) from being plotted, or None."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
     if missing := [key for key in ("epoch", *PLOTTED_VALUES, "confusion_matrix") if key not in record]:
         return f"no {', '.join(missing)}"
-    if not _is_number(record["epoch"]):
+    if not is_number(record["epoch"]):
         return f"epoch is {record['epoch']!r}, not a number"
     # null is what the training writes for a non-finite loss or accuracy (strict JSON); matplotlib leaves a gap.
-    if wrong := [key for key in PLOTTED_VALUES if record[key] is not None and not _is_number(record[key])]:
+    if wrong := [key for key in PLOTTED_VALUES if record[key] is not None and not is_number(record[key])]:
         return f"{wrong[0]} is {record[wrong[0]]!r}, not a number"
     if not _is_confusion_matrix(record["confusion_matrix"]):
         return f"confusion_matrix is not {len(CLASSES)} rows of {len(CLASSES)} counts"
     return None
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (which JSON keeps apart, and Python does not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -7,6 +7,8 @@ only once every process has finished writing, so a state directory with that nam
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,8 +18,9 @@ from accelerate import Accelerator
 
 from fmnist_dist import strict_json
 from fmnist_dist.checkpoint import atomic_write, reporting_write_errors
-from fmnist_dist.config import RESUME_AUTO, RESUME_LATEST
+from fmnist_dist.config import MAX_COUNT, RESUME_AUTO, RESUME_LATEST
 from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.plots import is_number, metrics_record_problem
 from fmnist_dist.position import TrainingPosition
 from fmnist_dist.rank_errors import fail_together
 
@@ -25,6 +28,7 @@ STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
 STATE_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+STATE_NAME = re.compile(rf"{STATE_PREFIX}\d{{9,}}")  # the step, zero-padded to 9 digits
 
 
 @dataclass
@@ -69,11 +73,8 @@ class Progress:
             ValueError, TypeError, KeyError: the file is not a state's progress, or its position is impossible.
         """
         progress = cls(**{**saved, "position": TrainingPosition(**saved["position"])})
-        position = progress.position
-        counts = (position.epoch, position.samples_done, position.global_step, progress.dataset_size)
-        if not all(type(count) is int and count >= 0 for count in counts) or (
-                position.samples_done > progress.dataset_size):
-            raise ValueError(f"impossible position {asdict(position)} for {progress.dataset_size} training images")
+        if problem := _progress_problem(progress):
+            raise ValueError(problem)
         return progress
 
     def finish_epoch(self, record: dict[str, Any]) -> None:
@@ -116,6 +117,33 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _progress_problem(progress: Progress) -> str | None:
+    """What makes a loaded progress impossible (a hand edit, another program's file), or None."""
+    position = progress.position
+    counts = {"position.epoch": position.epoch, "position.samples_done": position.samples_done,
+              "position.global_step": position.global_step, "save_index": progress.save_index}
+    sizes = {"dataset_size": progress.dataset_size, "world_size": progress.world_size,
+             "per_process_batch": progress.per_process_batch, "global_batch_size": progress.global_batch_size}
+    bounds = [(name, value, 0) for name, value in counts.items()] + [(name, value, 1) for name, value in sizes.items()]
+    for name, value, least in bounds:
+        if not (type(value) is int and least <= value <= MAX_COUNT):
+            return f"{name} is {value!r}, not a whole number from {least} to {MAX_COUNT}"
+    if position.samples_done > progress.dataset_size:
+        return f"position.samples_done {position.samples_done} is past the {progress.dataset_size} training images"
+    for name in ("epoch_loss_sum", "epoch_samples"):
+        value = getattr(progress, name)
+        if not (is_number(value) and 0 <= value < math.inf):
+            return f"{name} is {value!r}, not a finite number of at least 0"
+    if not (isinstance(progress.config, dict) and isinstance(progress.metrics, list)):
+        return "its config is not an object or its metrics not a list"
+    if not (progress.wandb_run_id is None or isinstance(progress.wandb_run_id, str)):
+        return f"wandb_run_id is {progress.wandb_run_id!r}, not a string"
+    for number, record in enumerate(progress.metrics, 1):
+        if problem := metrics_record_problem(record):
+            return f"its record of epoch {number}: {problem}"
+    return None
 
 
 def find_state(output_dir: Path, resume: str) -> Path | None:
@@ -174,10 +202,15 @@ def _unreadable(state_dir: Path, error: BaseException) -> str:
 
 
 def complete_states(root: Path) -> list[Path]:
-    """Finished state directories under `root`, in the order they were saved (see `Progress.save_index`)."""
+    """Finished state directories under `root`, in the order they were saved (see `Progress.save_index`).
+
+    Only the names fmnist-dist gives (`step-` and the step's digits) count: a copy the user made beside them
+    (`step-000000120-mine`) is never resumed by `--resume auto`, pruned by `--keep-states` or removed by
+    `--overwrite` (`--resume` takes it when named).
+    """
     if not root.is_dir():
         return []
-    states = sorted(p for p in root.glob(f"{STATE_PREFIX}*") if (p / PROGRESS_FILE).is_file())
+    states = sorted(p for p in root.iterdir() if STATE_NAME.fullmatch(p.name) and (p / PROGRESS_FILE).is_file())
     return sorted(states, key=_save_index)  # stable: states of older versions, all 0, stay in step order
 
 
@@ -194,7 +227,8 @@ def unfinished_states(root: Path) -> list[Path]:
     """The `.tmp-step-*` directories that interrupted saves left under `root` (only fmnist-dist makes them)."""
     if not root.is_dir():
         return []
-    return [p for p in root.glob(f"{TMP_PREFIX}{STATE_PREFIX}*") if p.is_dir()]
+    return [p for p in root.iterdir()
+            if p.name.startswith(TMP_PREFIX) and STATE_NAME.fullmatch(p.name.removeprefix(TMP_PREFIX)) and p.is_dir()]
 
 
 def _remove_unfinished(root: Path) -> None:

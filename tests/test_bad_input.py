@@ -164,18 +164,29 @@ def truncate_weights(state: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:1000])
 
 
-def edit_position(**position: int) -> Callable[[Path], None]:
-    """Damage that reads as JSON: a progress.json whose position is impossible (a hand edit, say)."""
+def edit_progress(position: dict | None = None, **fields: object) -> Callable[[Path], None]:
+    """Damage that reads as JSON: a progress.json with impossible values (a hand edit, say)."""
     def damage(state: Path) -> None:
         progress = json.loads((state / PROGRESS_FILE).read_text())
-        progress["position"].update(position)
+        progress["position"].update(position or {})
+        progress.update(fields)
         (state / PROGRESS_FILE).write_text(json.dumps(progress))
     return damage
 
 
-@pytest.mark.parametrize("damage", [truncate_weights, edit_position(samples_done=-500),
-                                    edit_position(samples_done=10**6), edit_position(epoch=-1)],
-                         ids=["truncated-weights", "negative-position", "position-past-the-data", "negative-epoch"])
+@pytest.mark.parametrize("damage", [
+    truncate_weights,
+    edit_progress({"samples_done": -500}),
+    edit_progress({"samples_done": 10**6}),
+    edit_progress({"epoch": -1}),
+    edit_progress({"global_step": 10**30}),
+    edit_progress(epoch_loss_sum=None),
+    edit_progress(epoch_samples=-5),
+    edit_progress(world_size=0),
+    edit_progress(metrics=None),
+    edit_progress(metrics=[{"epoch": "x"}]),
+], ids=["truncated-weights", "negative-position", "position-past-the-data", "negative-epoch", "huge-step",
+        "loss-sum-null", "negative-samples", "world-size-0", "metrics-null", "metrics-record-foreign"])
 def test_resume_from_a_damaged_state_is_refused(damage: Callable[[Path], None], data_dir: Path,
                                                 output_dir: Path) -> None:
     (state,) = (output_dir / STATE_DIR).iterdir()

@@ -174,3 +174,10 @@ def test_of_jobs_racing_for_a_directory_one_holds_it_and_every_other_names_it(tm
         for refusal in refusals:
             assert f"is in use by another fmnist-dist job (pid {holder} on " in refusal, refusal
         assert sorted(p.name for p in output_dir.iterdir()) == []  # released, and no temporary lock records
+
+
+def test_a_lock_file_that_is_a_link_to_nowhere_is_refused(tmp_path: Path) -> None:
+    (tmp_path / LOCK_FILE).symlink_to(tmp_path / "nowhere")
+    with OutputDirLock(tmp_path) as lock, pytest.raises(UsageError, match="is a symbolic link, not fmnist-dist's"):
+        lock.acquire()
+    assert not (tmp_path / "nowhere").exists()

@@ -257,3 +257,19 @@ def test_a_finished_run_missing_its_model_and_plots_gets_them_from_a_resume_with
     assert "nothing to train" in resumed.stdout
     assert (out / "model.pth").read_bytes() == finished["model.pth"]
     assert all((out / name).stat().st_size > 0 for name in ("curves.png", "confusion.png"))
+
+
+def test_copies_the_user_made_beside_the_states_are_never_resumed_or_pruned(
+    data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(checkpointed_epoch, tmp_path / "out"))
+    newest = complete_states(out / STATE_DIR)[-1]
+    copies = [Path(shutil.copytree(newest, newest.with_name(newest.name + suffix))) for suffix in ("-mine", ".keep")]
+
+    resumed = run_cli(train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--keep-states", "1",
+                                 "--no-progress"), tmp_path, **QUIET)
+
+    check(resumed)
+    assert f"resuming from {newest} at epoch 2" in resumed.stdout, resumed.stdout
+    assert len(complete_states(out / STATE_DIR)) == 1
+    assert all((copy / PROGRESS_FILE).is_file() for copy in copies)
