@@ -40,6 +40,10 @@ class TrainingPosition:
     def epoch_finished(self, dataset_size: int) -> bool:
         return self.samples_done >= dataset_size
 
+    def run_finished(self, epochs: int, dataset_size: int) -> bool:
+        """Whether no optimizer step is left of a run of `epochs`: its last epoch trained, evaluated or not."""
+        return self.epoch >= epochs or (self.epoch == epochs - 1 and self.epoch_finished(dataset_size))
+
     def next_epoch(self) -> None:
         self.epoch += 1
         self.samples_done = 0

@@ -102,7 +102,8 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
             if accelerator.is_main_process:
                 _remove_unfinished(root)
                 tmp.mkdir(parents=True)
-                progress.save_index = 1 + max((_save_index(state) for state in complete_states(root)), default=0)
+                saved = complete_states(root)  # in save order: the last one has the highest index
+                progress.save_index = 1 + (_save_index(saved[-1]) if saved else 0)
         with fail_together(accelerator), reporting_write_errors(final, advice):
             accelerator.save_state(str(tmp))
         with fail_together(accelerator), reporting_write_errors(final, advice):

@@ -151,7 +151,7 @@ class Trainer:
             self.last_eval = evaluate(self.model, self.test_loader, self.accelerator)
             stop = self._agree_on_stop(torch.tensor(stats.loss + self.last_eval.loss))
             self._finish_epoch(stats, self.last_eval, time.perf_counter() - eval_start)
-            if stop and self.position.epoch < self.cfg.epochs:
+            if stop and not self._run_finished():
                 self._stopped()
             if stop:  # after the last epoch only the model and the plots are left: a second or so
                 self.accelerator.print(f"fmnist-dist: {self._stop_signal} arrived after the last optimizer "
@@ -230,12 +230,11 @@ class Trainer:
         if checkpoint_due or stop:
             self.progress.epoch_loss_sum, self.progress.epoch_samples = totals.fold(self.accelerator)
             self._save_state()
-        if stop and not self._last_step_taken():  # else fit() finishes the run: evaluation, model and plots
+        if stop and not self._run_finished():  # else fit() finishes the run: evaluation, model and plots
             self._stopped()
 
-    def _last_step_taken(self) -> bool:
-        position = self.position
-        return position.epoch == self.cfg.epochs - 1 and position.epoch_finished(self.train.size)
+    def _run_finished(self) -> bool:
+        return self.position.run_finished(self.cfg.epochs, self.train.size)
 
     def _agree_on_stop(self, loss: torch.Tensor) -> bool:
         """Whether any process was asked to stop (all processes call this at the same step).
