@@ -106,6 +106,9 @@ class TrainConfig:
                 check_at_least_zero(flag, value)
         if self.warmup_steps and self.warmup_epochs:
             raise UsageError("--warmup-steps and --warmup-epochs exclude each other; pass only one of them")
+        if self.resume == "":
+            raise UsageError("--resume got an empty value; pass a state directory, `auto`, or --resume alone (the "
+                             "newest state)")
         if self.overwrite and self.resume is not None:
             raise UsageError("--overwrite (start afresh) and --resume (continue) exclude each other; pass only one")
         if self.lr_schedule not in LR_SCHEDULES:

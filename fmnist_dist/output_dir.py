@@ -27,7 +27,7 @@ from accelerate.utils import broadcast_object_list
 
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.rank_errors import fail_together
-from fmnist_dist.state import STATE_DIR, complete_states, unfinished_states
+from fmnist_dist.state import STATE_DIR, complete_states, discard_state, unfinished_states
 from fmnist_dist.training import output_paths
 
 LOCK_FILE = ".fmnist-dist.lock"
@@ -218,7 +218,7 @@ def check_shared(lock: OutputDirLock, token: str | None, process_index: int) -> 
 def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
     """`--overwrite`: delete the earlier run's states in `output_dir` (so nothing resumes them), and nothing else.
 
-    That is its complete states and unfinished `.tmp-step-*` states under `state/`. Its metrics.jsonl, model.pth
+    That is its complete states, and the unfinished `.tmp-step-*` and `.trash-step-*` ones, under `state/`. Its metrics.jsonl, model.pth
     and plots stay until the new run replaces them (atomically), so a new run that fails, or diverges, leaves
     the earlier results as they were. Every process calls this; the main process deletes.
 
@@ -228,8 +228,10 @@ def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
     with fail_together(processes), _refusing_unwritable(output_dir):
         if processes.is_main_process:
             root = output_dir / STATE_DIR
-            for state in [*complete_states(root), *unfinished_states(root)]:
-                shutil.rmtree(state)
+            for state in complete_states(root):
+                discard_state(state)
+            for unfinished in unfinished_states(root):
+                shutil.rmtree(unfinished)
 
 
 def _same_file(fd: int, path: Path) -> bool:

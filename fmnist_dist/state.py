@@ -6,6 +6,7 @@ only once every process has finished writing, so a state directory with that nam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -28,6 +29,7 @@ STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
 STATE_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"  # a state being deleted
 STATE_NAME = re.compile(rf"{STATE_PREFIX}\d{{9,}}")  # the step, zero-padded to 9 digits
 
 
@@ -110,7 +112,8 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
             if accelerator.is_main_process:
                 text = strict_json.dumps(asdict(progress), indent=1)
                 atomic_write(tmp / PROGRESS_FILE, lambda f: f.write(text.encode()))
-                shutil.rmtree(final, ignore_errors=True)  # a state of the same step from a replayed stretch
+                if final.exists():  # a state of the same step from a replayed stretch
+                    discard_state(final)
                 tmp.rename(final)
                 _prune(root, keep)
     except Exception:
@@ -225,11 +228,13 @@ def _save_index(state_dir: Path) -> int:
 
 
 def unfinished_states(root: Path) -> list[Path]:
-    """The `.tmp-step-*` directories that interrupted saves left under `root` (only fmnist-dist makes them)."""
+    """The `.tmp-step-*` and `.trash-step-*` directories that interrupted saves and deletions left under `root`
+    (only fmnist-dist makes them)."""
     if not root.is_dir():
         return []
-    return [p for p in root.iterdir()
-            if p.name.startswith(TMP_PREFIX) and STATE_NAME.fullmatch(p.name.removeprefix(TMP_PREFIX)) and p.is_dir()]
+    return [p for p in root.iterdir() if p.is_dir() and any(
+        p.name.startswith(prefix) and STATE_NAME.fullmatch(p.name.removeprefix(prefix))
+        for prefix in (TMP_PREFIX, TRASH_PREFIX))]
 
 
 def _remove_unfinished(root: Path) -> None:
@@ -237,6 +242,20 @@ def _remove_unfinished(root: Path) -> None:
         shutil.rmtree(unfinished, ignore_errors=True)
 
 
+def discard_state(state: Path) -> None:
+    """Delete a complete state, renaming it to a `.trash-` name first, so that an interruption never leaves a
+    part of it under a state's name (where `--resume auto` would take it); the next save clears the rest.
+
+    Raises:
+        OSError: it could not be renamed or deleted.
+    """
+    trash = state.with_name(f"{TRASH_PREFIX}{state.name}")
+    shutil.rmtree(trash, ignore_errors=True)  # left by an earlier interrupted discard of the same step
+    state.rename(trash)
+    shutil.rmtree(trash)
+
+
 def _prune(root: Path, keep: int) -> None:
     for old in complete_states(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):  # an old state that cannot be deleted is only space
+            discard_state(old)

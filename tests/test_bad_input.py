@@ -211,6 +211,7 @@ def test_resume_from_a_damaged_state_is_refused(damage: Callable[[Path], None], 
         ("--checkpoint-every", "-1"),
         ("--gradient-accumulation-steps", "0"),
         ("--log-every", "0"),
+        ("--resume", ""),
     ],
 )
 def test_invalid_hyperparameter_is_refused(

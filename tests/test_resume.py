@@ -16,7 +16,9 @@ import torch
 from conftest import TEST_SIZE, TRAIN_SIZE, launch_cli, run_cli, train_args
 
 from fmnist_dist.errors import UsageError
-from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, TMP_PREFIX, complete_states, find_state
+from fmnist_dist.state import (
+    PROGRESS_FILE, STATE_DIR, TMP_PREFIX, TRASH_PREFIX, complete_states, discard_state, find_state, unfinished_states,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -152,6 +154,28 @@ def test_resume_never_chooses_an_unfinished_state(tmp_path: Path) -> None:
     assert find_state(tmp_path, "latest") == root / "step-000000020"
     with pytest.raises(UsageError, match="unfinished state"):
         find_state(tmp_path, str(root / f"{TMP_PREFIX}step-000000030"))
+
+
+def test_a_deletion_interrupted_midway_leaves_no_part_of_a_state_under_a_states_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / STATE_DIR
+    state = root / "step-000000010"
+    state.mkdir(parents=True)
+    for name in (PROGRESS_FILE, "model.safetensors", "optimizer.bin"):
+        (state / name).write_text("{}")
+
+    def killed_midway(path: Path, *args: object, **kwargs: object) -> None:  # one file gone, then the kill
+        if Path(path).exists():
+            next(Path(path).iterdir()).unlink()
+            raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        discard_state(state)
+    monkeypatch.undo()
+
+    assert complete_states(root) == [] and not state.exists()
+    assert unfinished_states(root) == [root / f"{TRASH_PREFIX}step-000000010"]  # the next save clears it
 
 
 # ------------------------------------------------------------------------------------------- two processes
