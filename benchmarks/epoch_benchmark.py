@@ -54,19 +54,19 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
-from fmnist_dist.config import TrainConfig
-from fmnist_dist.job import (
+from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.training.job import (
     build_accelerator, load_datasets, loader_placement, test_loader_for, train_loader_for,
 )
-from fmnist_dist.model import NeuralNetwork
-from fmnist_dist.position import BatchPlan, steps_per_epoch
-from fmnist_dist.preemption import StopRequest
-from fmnist_dist.sampling import GlobalOrderBatchSampler
-from fmnist_dist.schedule import build_scheduler
-from fmnist_dist.state import Progress
-from fmnist_dist.synthetic import write_synthetic_dataset
-from fmnist_dist.tracking import MetricsLog
-from fmnist_dist.training import Trainer, TrainingData
+from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.recipe.position import BatchPlan, steps_per_epoch
+from fmnist_dist.runtime.stop_signals import StopRequest
+from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
+from fmnist_dist.recipe.schedule import build_scheduler
+from fmnist_dist.storage.training_state import Progress
+from fmnist_dist.inputs.synthetic import write_synthetic_dataset
+from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.training.trainer import Trainer, TrainingData
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 64

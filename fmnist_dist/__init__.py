@@ -6,17 +6,3 @@ try:
     __version__ = version("fmnist-dist")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
-
-# Class names in label order, as in the quickstart.
-CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)

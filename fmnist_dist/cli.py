@@ -19,18 +19,20 @@ from pathlib import Path
 from typing import NoReturn
 
 import fmnist_dist
-from fmnist_dist import CLASSES, strict_json
-from fmnist_dist.config import (
+from fmnist_dist.recipe.model import CLASSES
+from fmnist_dist.storage import strict_json
+from fmnist_dist.settings.train_config import (
     DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_WARMUP_EPOCHS, LR_SCHEDULES, REFERENCE_BATCH_SIZE,
     RESUME_LATEST, TrainConfig, check_at_most, check_count, check_positive, check_seed,
 )
 from fmnist_dist.errors import UsageError
-from fmnist_dist.lifecycle import stop_with_launcher
-from fmnist_dist.preemption import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
+from fmnist_dist.storage.run_dir import RunDirectory
+from fmnist_dist.runtime.launcher_death import stop_with_launcher
+from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
 
 USAGE_ERROR = 2
-# Where `train` writes its model by default (training.output_paths), which evaluate and predict read.
-DEFAULT_CHECKPOINT = TrainConfig().output_dir / "model.pth"
+# Where `train` writes its model by default, which evaluate and predict read.
+DEFAULT_CHECKPOINT = RunDirectory(TrainConfig().output_dir).model
 # synthetic-data builds each split in memory (about 7 KB per image while it is drawn).
 MAX_SYNTHETIC_IMAGES = 1_000_000
 
@@ -208,8 +210,8 @@ def _train(args: argparse.Namespace) -> int:
     # Before the slow imports, so that a preemption during start-up is not lost either; kept until the process
     # exits, so that a signal after training has finished does not turn a finished run into a killed one.
     stop = StopRequest().install()
-    from fmnist_dist.job import run_training  # heavy imports only for the commands that need them
-    from fmnist_dist.rank_errors import lost_peers_reported
+    from fmnist_dist.training.job import run_training  # heavy imports only for the commands that need them
+    from fmnist_dist.runtime.collective_errors import lost_peers_reported
 
     with lost_peers_reported():
         run_training(cfg, given, stop)
@@ -260,7 +262,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from fmnist_dist.synthetic import write_synthetic_dataset
+    from fmnist_dist.inputs.synthetic import write_synthetic_dataset
 
     for flag, size in (("--train-size", args.train_size), ("--test-size", args.test_size)):
         check_positive(flag, size)
@@ -272,14 +274,13 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from fmnist_dist.plots import plot_run, records_for_plot
-    from fmnist_dist.training import output_paths
+    from fmnist_dist.storage.metrics_log import records_for_plot
+    from fmnist_dist.storage.plots import plot_run
 
     given = args.output_dir
-    run_dir = given.parent if given.is_file() else given  # a run directory, or the metrics file in one
-    paths = output_paths(run_dir)
-    plot_run(records_for_plot(given if given.is_file() else paths["metrics"]), paths["curves"], paths["confusion"])
-    print(f"wrote {paths['curves']} and {paths['confusion']}")
+    run_dir = RunDirectory(given.parent if given.is_file() else given)  # a run directory, or the metrics file in one
+    plot_run(records_for_plot(given if given.is_file() else run_dir.metrics), run_dir.curves, run_dir.confusion)
+    print(f"wrote {run_dir.curves} and {run_dir.confusion}")
     return 0
 
 

@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from fmnist_dist import CLASSES
-from fmnist_dist.checkpoint import load_model
-from fmnist_dist.data import load_split, make_loader
+from fmnist_dist.recipe.model import CLASSES
+from fmnist_dist.storage.weights import load_model
+from fmnist_dist.inputs.fashion_mnist import load_split
+from fmnist_dist.recipe.data import make_loader
 from fmnist_dist.errors import UsageError
-from fmnist_dist.evaluation import EvalResult, evaluate
-from fmnist_dist.images import load_image
-from fmnist_dist.job import wants_cpu
+from fmnist_dist.recipe.evaluation import EvalResult, evaluate
+from fmnist_dist.inputs.images import load_image
+from fmnist_dist.runtime.collective_errors import on_main_process_first
+from fmnist_dist.runtime.devices import wants_cpu
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,7 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, download: bool, batch_
     """Test-set accuracy and loss of saved weights (also under `accelerate launch`, sharded across processes)."""
     accelerator = Accelerator(cpu=wants_cpu(cpu))
     model = load_model(checkpoint)
-    with accelerator.main_process_first():
-        test_set = load_split(data_dir, train=False, download=download)
+    test_set = on_main_process_first(accelerator, lambda: load_split(data_dir, train=False, download=download))
     model, loader = accelerator.prepare(model, make_loader(test_set, batch_size, False, 0, False))
     try:
         return evaluate(model, loader, accelerator)

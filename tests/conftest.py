@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_dist.synthetic import write_synthetic_dataset
+from fmnist_dist.inputs.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_LAUNCH_CONFIG = REPO / "launch" / "cpu.yaml"

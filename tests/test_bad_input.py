@@ -20,9 +20,9 @@ from conftest import run_cli, train_args, train_finished_run
 from torch import nn
 
 from fmnist_dist.cli import main
-from fmnist_dist.idx import SPLIT_FILES, write_idx
-from fmnist_dist.model import NeuralNetwork
-from fmnist_dist.state import PROGRESS_FILE, STATE_DIR
+from fmnist_dist.inputs.idx import SPLIT_FILES, write_idx
+from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
 
 IMAGES, LABELS = SPLIT_FILES["train"]
 PREFIX = "fmnist-dist: error: "
@@ -151,7 +151,7 @@ def test_output_dir_under_a_file_is_refused(data_dir: Path, tmp_path: Path) -> N
 
 
 def test_resume_without_saved_state_is_refused(data_dir: Path, output_dir: Path) -> None:
-    shutil.rmtree(output_dir / STATE_DIR)
+    shutil.rmtree(output_dir / STATES_DIR)
     train_refused(data_dir, output_dir, "--resume", named=("--resume", "no saved training state", "without --resume"))
 
 
@@ -189,7 +189,7 @@ def edit_progress(position: dict | None = None, **fields: object) -> Callable[[P
         "loss-sum-null", "negative-samples", "world-size-0", "metrics-null", "metrics-record-foreign"])
 def test_resume_from_a_damaged_state_is_refused(damage: Callable[[Path], None], data_dir: Path,
                                                 output_dir: Path) -> None:
-    (state,) = (output_dir / STATE_DIR).iterdir()
+    (state,) = (output_dir / STATES_DIR).iterdir()
     damage(state)
     train_refused(data_dir, output_dir, "--resume", named=(str(state), "cannot be read", "--resume STATE_DIR"))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli, train_args
 
-from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.recipe.model import NeuralNetwork
 
 USAGE_ERROR = 2
 PREFIX = "fmnist-dist: error:"

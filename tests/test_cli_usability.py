@@ -17,8 +17,8 @@ import torch
 
 import fmnist_dist
 from fmnist_dist.cli import MAX_SYNTHETIC_IMAGES, build_parser, main
-from fmnist_dist.config import DEFAULT_LR, MAX_SEED
-from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.settings.train_config import DEFAULT_LR, MAX_SEED
+from fmnist_dist.recipe.model import NeuralNetwork
 
 PREFIX = "fmnist-dist: error: "
 

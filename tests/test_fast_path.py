@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import Compose, Normalize, ToTensor
 
-from fmnist_dist.data import InMemoryFashionMNIST, load_split, make_loader
+from fmnist_dist.inputs.fashion_mnist import load_split
+from fmnist_dist.recipe.data import InMemoryFashionMNIST, make_loader
 
 FAST_PATH_HELPER = Path(__file__).parent / "helpers" / "fast_path_batches.py"
 BATCH_SIZE = 64  # 1003 training images: the last batch is short, and 2 processes get padded batches

@@ -17,11 +17,13 @@ import pytest
 import torch
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
 
-from fmnist_dist.checkpoint import atomic_write, load_model, save_state_dict
+from fmnist_dist.storage.atomic_files import atomic_write
+from fmnist_dist.storage.weights import load_model, save_state_dict
 from fmnist_dist.errors import UsageError
-from fmnist_dist.model import NeuralNetwork
-from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, find_state
-from fmnist_dist.tracking import MetricsLog
+from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.storage.training_state import find_state
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
+from fmnist_dist.storage.metrics_log import MetricsLog
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 HANG_LIMIT_S = 60
@@ -74,7 +76,7 @@ def start_in_own_session(processes: int, args: list, cwd: Path) -> subprocess.Po
 
 def wait_for_saved_state(process: subprocess.Popen, output_dir: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not list((output_dir / STATE_DIR).glob(f"step-*/{PROGRESS_FILE}")):
+    while not list((output_dir / STATES_DIR).glob(f"step-*/{PROGRESS_FILE}")):
         assert process.poll() is None, "training ended before saving a state"
         assert time.monotonic() < deadline, "no state saved in time"
         time.sleep(0.02)
@@ -141,7 +143,7 @@ class DiskFullHalfway:
 @pytest.fixture
 def disk_full_halfway(monkeypatch: pytest.MonkeyPatch) -> None:
     real_fdopen = os.fdopen
-    monkeypatch.setattr("fmnist_dist.checkpoint.os.fdopen", lambda *a, **k: DiskFullHalfway(real_fdopen(*a, **k)))
+    monkeypatch.setattr("fmnist_dist.storage.atomic_files.os.fdopen", lambda *a, **k: DiskFullHalfway(real_fdopen(*a, **k)))
 
 
 def test_failed_model_save_leaves_previous_model_intact(tmp_path: Path, disk_full_halfway: None) -> None:
@@ -170,8 +172,8 @@ def test_process_dying_mid_write_leaves_previous_model_loadable(tmp_path: Path) 
     before = path.read_bytes()
     dies_halfway = (
         "import os, sys, torch\n"
-        "from fmnist_dist.checkpoint import atomic_write\n"
-        "from fmnist_dist.model import NeuralNetwork\n"
+        "from fmnist_dist.storage.atomic_files import atomic_write\n"
+        "from fmnist_dist.recipe.model import NeuralNetwork\n"
         "def write(f):\n"
         "    f.write(b'PK' + os.urandom(100000))\n"
         "    f.flush()\n"

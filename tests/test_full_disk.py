@@ -16,9 +16,9 @@ import pytest
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args, train_finished_run
 
 from fmnist_dist.errors import UsageError
-from fmnist_dist.plots import plot_run
-from fmnist_dist.state import STATE_DIR, TMP_PREFIX
-from fmnist_dist.tracking import MetricsLog
+from fmnist_dist.storage.plots import plot_run
+from fmnist_dist.storage.run_dir import STATES_DIR, TMP_PREFIX
+from fmnist_dist.storage.metrics_log import MetricsLog
 
 TMPFS_SIZE = "16m"  # one run's files (a state, model.pth, plots: about 8 MB) and room to fill
 QUIET = {"OMP_NUM_THREADS": "1"}
@@ -85,7 +85,7 @@ def test_state_save_on_a_full_disk_is_one_line_and_leaves_no_debris(
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("fmnist-dist: error:")]
     assert len(lines) == 1, result.stderr
-    assert f"could not write {output_dir / STATE_DIR}/step-" in lines[0], lines[0]
+    assert f"could not write {output_dir / STATES_DIR}/step-" in lines[0], lines[0]
     assert "no space left on device" in lines[0] and "--resume" in lines[0], lines[0]
     if processes == 1:  # with two, the launcher adds its own report of the failed processes
         assert result.returncode == 2 and result.stderr.strip() == lines[0], result.stderr

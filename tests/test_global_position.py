@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, train_args
 
-from fmnist_dist.config import TrainConfig
+from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.errors import UsageError
-from fmnist_dist.position import BatchPlan, TrainingPosition
-from fmnist_dist.sampling import epoch_order
-from fmnist_dist.state import STATE_DIR, complete_states
+from fmnist_dist.recipe.position import BatchPlan, TrainingPosition
+from fmnist_dist.recipe.sampling import epoch_order
+from fmnist_dist.storage.training_state import complete_states
+from fmnist_dist.storage.run_dir import STATES_DIR
 
 RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
 GLOBAL_BATCH = 48  # divides by 1, 2 and 3 processes
@@ -140,9 +141,9 @@ def test_a_mid_epoch_state_resumes_exactly_on_another_world_size(
 ) -> None:
     source = reference if saved_by == 1 else two_process_run
     out = tmp_path / "resumed"
-    state = complete_states(source / STATE_DIR)[0]
+    state = complete_states(source / STATES_DIR)[0]
     assert state.name == f"step-{STATE_STEP:09d}"
-    shutil.copytree(state, out / STATE_DIR / state.name)
+    shutil.copytree(state, out / STATES_DIR / state.name)
 
     result = train(data_dir, out, resumed_on, "--resume", record=True)
 
@@ -178,12 +179,12 @@ def test_resume_from_every_state_with_accumulation_is_bit_identical(
              "--keep-states", "100")
     straight = tmp_path / "straight"
     train(data_dir, straight, processes, *flags)
-    states = complete_states(straight / STATE_DIR)[:-1]  # all but the final one
+    states = complete_states(straight / STATES_DIR)[:-1]  # all but the final one
     # With 2 processes, a mid-epoch state of each epoch keeps the test short.
     chosen = states if processes == 1 else [states[0], states[-2]]
     for state in chosen:
         out = tmp_path / f"from-{state.name}"
-        shutil.copytree(state, out / STATE_DIR / state.name)
+        shutil.copytree(state, out / STATES_DIR / state.name)
         train(data_dir, out, processes, "--resume")
         assert all(torch.equal(a, b) for a, b in zip(weights(straight).values(), weights(out).values())), state.name
         assert metrics(out) == metrics(straight) or [r["train_loss"] for r in metrics(out)] == [
@@ -204,8 +205,8 @@ def warmup_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def resume_copy(run: Path, work: Path, data_dir: Path, *flags: str) -> tuple[Path, subprocess.CompletedProcess]:
-    state = complete_states(run / STATE_DIR)[0]
-    shutil.copytree(state, work / STATE_DIR / state.name)
+    state = complete_states(run / STATES_DIR)[0]
+    shutil.copytree(state, work / STATES_DIR / state.name)
     return work, train(data_dir, work, 1, "--resume", *flags)
 
 

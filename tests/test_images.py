@@ -19,9 +19,9 @@ from PIL import Image
 from test_cli_usability import one_error_line
 
 from fmnist_dist.cli import main
-from fmnist_dist.data import load_split
-from fmnist_dist.images import load_image, to_grayscale
-from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.inputs.fashion_mnist import load_split
+from fmnist_dist.inputs.images import load_image, to_grayscale
+from fmnist_dist.recipe.model import NeuralNetwork
 
 INDEX = 7
 

@@ -25,10 +25,10 @@ from conftest import run_cli, train_args
 from torchvision import datasets
 
 from fmnist_dist.cli import main
-from fmnist_dist.dataset_files import check_dataset, check_legacy_file, describe_dataset
+from fmnist_dist.inputs.dataset_checks import check_dataset, check_legacy_file, describe_dataset
 from fmnist_dist.errors import UsageError
-from fmnist_dist.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, processed_dir, raw_dir, write_idx
-from fmnist_dist.synthetic import MARKER, is_synthetic, write_synthetic_dataset
+from fmnist_dist.inputs.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, processed_dir, raw_dir, write_idx
+from fmnist_dist.inputs.synthetic import MARKER, is_synthetic, write_synthetic_dataset
 
 PREFIX = "fmnist-dist: error: "
 TEST_LABELS = SPLIT_FILES["test"][1]

@@ -14,8 +14,8 @@ import pytest
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
 from processes import alive, children
 
-from fmnist_dist.lifecycle import LAUNCHER_MARK, stop_with_launcher
-from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, STATE_PREFIX
+from fmnist_dist.runtime.launcher_death import LAUNCHER_MARK, stop_with_launcher
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR, STATE_PREFIX
 
 QUIET = {"OMP_NUM_THREADS": "1"}
 GONE_WITHIN_S = 15
@@ -47,7 +47,7 @@ def test_killing_the_launcher_stops_every_rank(long_data_dir: Path, tmp_path: Pa
     ranks: list[int] = []
     try:
         # Once a state is saved, both ranks are training.
-        wait_until(lambda: list(output_dir.glob(f"{STATE_DIR}/*/{PROGRESS_FILE}")), 120, "no state saved in time")
+        wait_until(lambda: list(output_dir.glob(f"{STATES_DIR}/*/{PROGRESS_FILE}")), 120, "no state saved in time")
         ranks = children(launcher.pid)
         assert len(ranks) == 2, ranks
         launcher.kill()
@@ -59,15 +59,15 @@ def test_killing_the_launcher_stops_every_rank(long_data_dir: Path, tmp_path: Pa
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
     # Whatever a rank was writing when it stopped never bears a complete state's name without being one.
-    named_as_states = sorted(p.name for p in (output_dir / STATE_DIR).glob(f"{STATE_PREFIX}*"))
-    complete = sorted(p.parent.name for p in (output_dir / STATE_DIR).glob(f"{STATE_PREFIX}*/{PROGRESS_FILE}"))
+    named_as_states = sorted(p.name for p in (output_dir / STATES_DIR).glob(f"{STATE_PREFIX}*"))
+    complete = sorted(p.parent.name for p in (output_dir / STATES_DIR).glob(f"{STATE_PREFIX}*/{PROGRESS_FILE}"))
     assert named_as_states == complete and complete
 
 
 def test_a_process_started_by_a_launcher_ends_with_it(tmp_path: Path) -> None:
     """A stand-in launcher (a plain parent) starts a rank, then dies by SIGKILL: the rank gets SIGTERM."""
     rank = ("import sys, time\n"
-            "from fmnist_dist.lifecycle import stop_with_launcher\n"
+            "from fmnist_dist.runtime.launcher_death import stop_with_launcher\n"
             "assert stop_with_launcher()\n"
             "print('armed', flush=True)\n"
             "time.sleep(60)\n")

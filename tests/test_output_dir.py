@@ -17,8 +17,9 @@ import pytest
 from conftest import cli_env, run_cli, synthetic_data, train_args
 
 from fmnist_dist.errors import UsageError
-from fmnist_dist.output_dir import LOCK_FILE, OutputDirLock
-from fmnist_dist.state import PROGRESS_FILE, STATE_DIR
+from fmnist_dist.storage.output_dir import OutputDirLock
+from fmnist_dist.storage.run_dir import LOCK_FILE
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
 
 PREFIX = "fmnist-dist: error: "
 QUIET = {"OMP_NUM_THREADS": "1"}
@@ -40,7 +41,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def states(output_dir: Path) -> list[str]:
-    return sorted(p.parent.name for p in (output_dir / STATE_DIR).glob(f"*/{PROGRESS_FILE}"))
+    return sorted(p.parent.name for p in (output_dir / STATES_DIR).glob(f"*/{PROGRESS_FILE}"))
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +71,12 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(data_dir: Path, ear
 
 def test_overwrite_starts_afresh_and_removes_only_what_fmnist_dist_wrote(data_dir: Path, earlier_run: Path) -> None:
     assert states(earlier_run) == ["step-000000032", "step-000000064"]
-    unrelated = {earlier_run / "notes.txt": b"mine", earlier_run / STATE_DIR / "README": b"mine too",
-                 earlier_run / STATE_DIR / "step-000000099" / "data.bin": b"not a state: no progress.json"}
+    unrelated = {earlier_run / "notes.txt": b"mine", earlier_run / STATES_DIR / "README": b"mine too",
+                 earlier_run / STATES_DIR / "step-000000099" / "data.bin": b"not a state: no progress.json"}
     for path, content in unrelated.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
-    unfinished = earlier_run / STATE_DIR / ".tmp-step-000000077"  # left by a save that was killed
+    unfinished = earlier_run / STATES_DIR / ".tmp-step-000000077"  # left by a save that was killed
     unfinished.mkdir()
     (unfinished / "model.safetensors").write_bytes(b"partial")
 
@@ -92,7 +93,7 @@ def test_overwrite_starts_afresh_and_removes_only_what_fmnist_dist_wrote(data_di
 
 def test_an_unrelated_state_folder_survives_a_new_run(data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    own = {output_dir / STATE_DIR / "plan.txt": b"my notes", output_dir / STATE_DIR / "old" / "x.bin": b"\0" * 10}
+    own = {output_dir / STATES_DIR / "plan.txt": b"my notes", output_dir / STATES_DIR / "old" / "x.bin": b"\0" * 10}
     for path, content in own.items():
         path.parent.mkdir(parents=True)
         path.write_bytes(content)

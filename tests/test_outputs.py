@@ -24,11 +24,11 @@ import pytest
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, train_args
 from PIL import Image
 
-from fmnist_dist import CLASSES
+from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.cli import main
-from fmnist_dist.data import load_split
-from fmnist_dist.plots import CONFUSION_SIZE, CURVES_SIZE, DPI
-from fmnist_dist.tracking import MetricsLog
+from fmnist_dist.inputs.fashion_mnist import load_split
+from fmnist_dist.storage.plots import CONFUSION_SIZE, CURVES_SIZE, DPI
+from fmnist_dist.storage.metrics_log import MetricsLog
 
 pytestmark = pytest.mark.slow
 

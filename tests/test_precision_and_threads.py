@@ -17,8 +17,8 @@ import torch
 from conftest import cli_env, free_port, run_cli, train_args
 from test_tracking import read_wandb_log
 
-from fmnist_dist.compute import apply_threads, check_precision_runs, default_threads
-from fmnist_dist.config import MAX_THREADS
+from fmnist_dist.runtime.devices import apply_threads, check_precision_runs, default_threads
+from fmnist_dist.settings.train_config import MAX_THREADS
 from fmnist_dist.errors import UsageError
 
 PREFIX = "fmnist-dist: error: "

@@ -17,8 +17,9 @@ import torch
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, synthetic_data, train_args
 from processes import children
 
-from fmnist_dist.preemption import PREEMPTED_EXIT_CODE
-from fmnist_dist.state import PROGRESS_FILE, STATE_DIR, complete_states
+from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE
+from fmnist_dist.storage.training_state import complete_states
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
 
 LONG_TRAIN_SIZE = 12000  # 375 steps of 32 per epoch: a signal after the first epoch lands mid-way in the second
 FIRST_EPOCH_LINE = "epoch 1/2:"
@@ -110,7 +111,7 @@ def test_a_signal_stops_every_process_at_one_step_with_a_state_and_resume_is_bit
     assert len(stop_lines) == 1 and "--resume auto" in stop_lines[0], output
     assert f"stopped by {signal.Signals(signum).name} at" in stop_lines[0]  # named even when another rank got it
     assert "Traceback" not in output.split("fmnist-dist: stopped by")[0]
-    state = complete_states(out / STATE_DIR)[-1]
+    state = complete_states(out / STATES_DIR)[-1]
     position = json.loads((state / PROGRESS_FILE).read_text())["position"]
     assert position["epoch"] == 1 and 0 < position["samples_done"] < LONG_TRAIN_SIZE, position
     assert not (out / "model.pth").exists()

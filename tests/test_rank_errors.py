@@ -15,7 +15,7 @@ import pytest
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
 from processes import children
 
-from fmnist_dist.state import PROGRESS_FILE, STATE_DIR
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def test_a_process_whose_peer_died_mid_training_ends_with_one_line(long_data_dir
                       "--checkpoint-every", "50", "--no-progress")
     nodes = start_two_nodes([args, args], tmp_path)
     deadline = time.monotonic() + 120
-    while not list(output_dir.glob(f"{STATE_DIR}/*/{PROGRESS_FILE}")):  # both are training
+    while not list(output_dir.glob(f"{STATES_DIR}/*/{PROGRESS_FILE}")):  # both are training
         assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), "no state saved"
         time.sleep(0.1)
     (second_nodes_rank,) = children(nodes[1].pid)

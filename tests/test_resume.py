@@ -16,9 +16,8 @@ import torch
 from conftest import TEST_SIZE, TRAIN_SIZE, launch_cli, run_cli, train_args
 
 from fmnist_dist.errors import UsageError
-from fmnist_dist.state import (
-    PROGRESS_FILE, STATE_DIR, TMP_PREFIX, TRASH_PREFIX, complete_states, discard_state, find_state, unfinished_states,
-)
+from fmnist_dist.storage.training_state import complete_states, discard_state, find_state, unfinished_states
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR, TMP_PREFIX, TRASH_PREFIX
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +62,7 @@ def plant_unfinished_state(output_dir: Path) -> Path:
 
     If `--resume` ever chose it, the run would skip ahead and the weights would differ from the straight run.
     """
-    root = output_dir / STATE_DIR
+    root = output_dir / STATES_DIR
     newest = sorted(root.glob("step-*"))[-1]
     decoy = root / f"{TMP_PREFIX}step-{10**8:09d}"
     shutil.copytree(newest, decoy)
@@ -140,12 +139,12 @@ def test_keep_states_keeps_only_the_newest(resumed_run: dict) -> None:
     saved_at = set(range(CHECKPOINT_EVERY, EPOCHS * steps_per_epoch + 1, CHECKPOINT_EVERY))
     saved_at |= {epoch * steps_per_epoch for epoch in range(1, EPOCHS + 1)}
     newest = sorted(saved_at)[-KEEP_STATES:]
-    kept = sorted(p.name for p in (resumed_run["out"] / STATE_DIR).iterdir())
+    kept = sorted(p.name for p in (resumed_run["out"] / STATES_DIR).iterdir())
     assert kept == [f"step-{step:09d}" for step in newest]  # the planted .tmp- state was cleared as well
 
 
 def test_resume_never_chooses_an_unfinished_state(tmp_path: Path) -> None:
-    root = tmp_path / STATE_DIR
+    root = tmp_path / STATES_DIR
     for name in ("step-000000010", "step-000000020", f"{TMP_PREFIX}step-000000030"):
         (root / name).mkdir(parents=True)
         (root / name / PROGRESS_FILE).write_text("{}")
@@ -159,7 +158,7 @@ def test_resume_never_chooses_an_unfinished_state(tmp_path: Path) -> None:
 def test_a_deletion_interrupted_midway_leaves_no_part_of_a_state_under_a_states_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = tmp_path / STATE_DIR
+    root = tmp_path / STATES_DIR
     state = root / "step-000000010"
     state.mkdir(parents=True)
     for name in (PROGRESS_FILE, "model.safetensors", "optimizer.bin"):
@@ -225,7 +224,7 @@ def test_a_run_resumed_from_an_older_state_is_the_run_that_resume_auto_continues
     data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
 ) -> None:
     out = Path(shutil.copytree(checkpointed_epoch, tmp_path / "out"))
-    abandoned = complete_states(out / STATE_DIR)
+    abandoned = complete_states(out / STATES_DIR)
     older = abandoned[0]  # step 5; the abandoned run went on to save higher steps
     abandoned_step = progress_of(abandoned[-1])["position"]["global_step"]
 
@@ -234,7 +233,7 @@ def test_a_run_resumed_from_an_older_state_is_the_run_that_resume_auto_continues
     check(branch)
     branch_step = read_metrics(out)[-1]["global_step"]
     assert branch_step < abandoned_step
-    kept = complete_states(out / STATE_DIR)
+    kept = complete_states(out / STATES_DIR)
     assert len(kept) == 2 and progress_of(kept[-1])["position"]["global_step"] == branch_step, kept
 
     again = run_cli(train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--no-progress"), tmp_path, **QUIET)
@@ -247,7 +246,7 @@ def test_a_new_seed_is_refused_mid_epoch_and_taken_at_an_epoch_end(
     data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
 ) -> None:
     out = Path(shutil.copytree(checkpointed_epoch, tmp_path / "out"))
-    states = complete_states(out / STATE_DIR)
+    states = complete_states(out / STATES_DIR)
     mid_epoch, epoch_end = states[0], states[-1]
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
@@ -287,7 +286,7 @@ def test_copies_the_user_made_beside_the_states_are_never_resumed_or_pruned(
     data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
 ) -> None:
     out = Path(shutil.copytree(checkpointed_epoch, tmp_path / "out"))
-    newest = complete_states(out / STATE_DIR)[-1]
+    newest = complete_states(out / STATES_DIR)[-1]
     copies = [Path(shutil.copytree(newest, newest.with_name(newest.name + suffix))) for suffix in ("-mine", ".keep")]
 
     resumed = run_cli(train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--keep-states", "1",
@@ -295,5 +294,5 @@ def test_copies_the_user_made_beside_the_states_are_never_resumed_or_pruned(
 
     check(resumed)
     assert f"resuming from {newest} at epoch 2" in resumed.stdout, resumed.stdout
-    assert len(complete_states(out / STATE_DIR)) == 1
+    assert len(complete_states(out / STATES_DIR)) == 1
     assert all((copy / PROGRESS_FILE).is_file() for copy in copies)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR
 
-from fmnist_dist.config import TrainConfig
-from fmnist_dist.schedule import WARMUP_START_FACTOR, build_scheduler
+from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.recipe.schedule import WARMUP_START_FACTOR, build_scheduler
 
 LR, STEPS_PER_EPOCH, EPOCHS, WARMUP = 0.1, 10, 3, 7
 

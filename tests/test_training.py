@@ -13,7 +13,7 @@ from conftest import run_cli, synthetic_data, train_args
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
-from fmnist_dist.model import NeuralNetwork
+from fmnist_dist.recipe.model import NeuralNetwork
 
 EPOCHS = 3
 TEST_SIZE = 301

@@ -15,7 +15,7 @@ import pytest
 from conftest import cli_env, train_args
 from test_outputs import run_on_terminal
 
-from fmnist_dist.tracking import INIT_TIMEOUT_SECONDS
+from fmnist_dist.tracking.wandb_tracker import INIT_TIMEOUT_SECONDS
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_online_mode_without_credentials_on_a_terminal_records_offline_without_p
 
 def credentials_found(home: Path, **env: str) -> bool:
     """What the job's credential lookup says, in a fresh process with `home` as HOME."""
-    code = "from fmnist_dist.tracking import has_wandb_credentials, prepare_wandb; prepare_wandb(); " \
+    code = "from fmnist_dist.tracking.wandb_tracker import has_wandb_credentials, prepare_wandb; prepare_wandb(); " \
            "print(has_wandb_credentials())"
     result = subprocess.run([sys.executable, "-c", code], env=user_env(home, **env), capture_output=True,
                             text=True, timeout=120)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from fmnist_dist.cli import main
-from fmnist_dist.training import Trainer
+from fmnist_dist.training.trainer import Trainer
 
 FAIL_RANK = int(os.environ.get("FAIL_RANK", "1"))
 FAIL_AT_STEP = int(os.environ.get("FAIL_AT_STEP", "3"))

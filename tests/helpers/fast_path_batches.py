@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torchvision.transforms import ToTensor
 
-from fmnist_dist.config import TrainConfig
-from fmnist_dist.data import InMemoryFashionMNIST, load_split, ordered_loader
-from fmnist_dist.job import build_accelerator
-from fmnist_dist.sampling import GlobalOrderBatchSampler
+from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.inputs.fashion_mnist import load_split
+from fmnist_dist.recipe.data import InMemoryFashionMNIST, ordered_loader
+from fmnist_dist.training.job import build_accelerator
+from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
 
 
 def compare_batches(data_dir: Path, batch_size: int, epochs: int, seed: int) -> dict:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-import fmnist_dist.job
+import fmnist_dist.training.job
 from fmnist_dist.cli import main
-from fmnist_dist.model import NeuralNetwork
-from fmnist_dist.training import Trainer
+from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.training.trainer import Trainer
 
 trained: list[list[bytes]] = []
 train_epoch = Trainer._train_epoch
@@ -40,7 +40,7 @@ class RecordingNetwork(NeuralNetwork):
 
 
 def indices_by_content(data_dir: Path) -> dict[bytes, int]:
-    from fmnist_dist.data import load_split
+    from fmnist_dist.inputs.fashion_mnist import load_split
 
     images = load_split(data_dir, train=True, download=False).images.unsqueeze(1)
     index = {image.numpy().tobytes(): i for i, image in enumerate(images)}
@@ -50,7 +50,7 @@ def indices_by_content(data_dir: Path) -> dict[bytes, int]:
 
 if __name__ == "__main__":
     record_dir, argv = Path(sys.argv[1]), sys.argv[2:]
-    fmnist_dist.job.NeuralNetwork = RecordingNetwork
+    fmnist_dist.training.job.NeuralNetwork = RecordingNetwork
     Trainer._train_epoch = recording_epoch
     code = main(argv)
     index = indices_by_content(Path(argv[argv.index("--data-dir") + 1]))

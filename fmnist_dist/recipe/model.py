@@ -4,6 +4,20 @@ from torch import Tensor, nn
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
+# Class names in label order, as in the quickstart.
+CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
 
 
 class NeuralNetwork(nn.Module):

@@ -17,32 +17,35 @@ import accelerate
 import torch
 import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 import fmnist_dist
-from fmnist_dist.checkpoint import save_state_dict
-from fmnist_dist.compute import (
-    apply_threads, check_precision_runs, precision_in_effect, precision_refusals_as_usage_errors,
+from fmnist_dist.storage.weights import save_state_dict
+from fmnist_dist.runtime.devices import (
+    apply_threads, check_precision_runs, precision_in_effect, precision_refusals_as_usage_errors, wants_cpu,
 )
-from fmnist_dist.config import TrainConfig
-from fmnist_dist.dataset_files import describe_dataset
-from fmnist_dist.data import first_images, is_on_device, load_split, make_loader, ordered_loader, place_on_device
+from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.inputs.dataset_checks import describe_dataset
+from fmnist_dist.inputs.fashion_mnist import load_split
+from fmnist_dist.recipe.data import first_images, is_on_device, make_loader, ordered_loader, place_on_device
 from fmnist_dist.errors import UsageError
-from fmnist_dist.model import NeuralNetwork
-from fmnist_dist.output_dir import OutputDirLock, claim_output_dir, remove_earlier_run
-from fmnist_dist.plots import plot_run
-from fmnist_dist.position import BatchPlan, steps_per_epoch
-from fmnist_dist.preemption import StopRequest, TrainingStopped
-from fmnist_dist.rank_errors import fail_together, main_process_first
-from fmnist_dist.resume import check_resumable, describe_resume, plan_start, record_setup
-from fmnist_dist.sampling import GlobalOrderBatchSampler
-from fmnist_dist.schedule import build_scheduler, peak_lr
-from fmnist_dist.state import restore_state
-from fmnist_dist.tracking import (
-    WANDB, MetricsLog, finish_run, log_model_artifact, mark_preempting, start_run,
+from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.storage.output_dir import OutputDirLock, claim_output_dir, remove_earlier_run
+from fmnist_dist.storage.plots import plot_run
+from fmnist_dist.recipe.position import BatchPlan, steps_per_epoch
+from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
+from fmnist_dist.runtime.collective_errors import fail_together, on_main_process_first
+from fmnist_dist.training.resume import check_resumable, describe_resume, plan_start, record_setup
+from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
+from fmnist_dist.recipe.schedule import build_scheduler, peak_lr
+from fmnist_dist.storage.training_state import restore_state
+from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.storage.run_dir import RunDirectory
+from fmnist_dist.tracking.wandb_tracker import (
+    WANDB, finish_run, log_model_artifact, mark_preempting, start_run,
 )
-from fmnist_dist.training import Trainer, TrainingData, output_paths
+from fmnist_dist.training.trainer import Trainer, TrainingData
 
 # A process that loses its peers fails its next collective after this long instead of waiting forever.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -98,17 +101,17 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
     ))
     if cfg.overwrite:  # only now that the settings, data, model and schedule have been built without error
         remove_earlier_run(accelerator, cfg.output_dir)
-    paths = output_paths(cfg.output_dir)
+    run_dir = RunDirectory(cfg.output_dir)
     progress.wandb_run_id = start_run(
         accelerator, cfg.wandb_project, run_config(cfg, accelerator, plan), wandb_init_kwargs(cfg, progress.wandb_run_id)
     ) or progress.wandb_run_id
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, TrainingData(train_loader, sampler, plan, len(train_set)),
-                      test_loader, progress, MetricsLog(paths["metrics"], progress.metrics),
+                      test_loader, progress, MetricsLog(run_dir.metrics, progress.metrics),
                       first_images(test_set, SAMPLE_IMAGES), stop)
     try:
         trainer.fit()
-        save_final_model(accelerator, model, paths["model"])
-        report_results(cfg, accelerator, trainer, paths)
+        save_final_model(accelerator, model, run_dir.model)
+        report_results(cfg, accelerator, trainer, run_dir)
     except TrainingStopped:
         mark_preempting(accelerator)
         raise
@@ -144,11 +147,6 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def wants_cpu(cpu_flag: bool) -> bool:
-    """`--cpu`, or ACCELERATE_USE_CPU=1 (which Accelerate itself reads only after setting up the process group)."""
-    return cpu_flag or parse_flag_from_env("ACCELERATE_USE_CPU")
-
-
 def check_all_processes_joined(processes: PartialState) -> None:
     """Refuse a launch whose processes did not form one job (each would train alone and overwrite the others)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -179,7 +177,7 @@ def load_datasets(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
     Raises:
         UsageError: on every process, when the data is missing or damaged on any (say on one node only).
     """
-    train_set, test_set = main_process_first(accelerator, lambda: (
+    train_set, test_set = on_main_process_first(accelerator, lambda: (
         load_split(cfg.data_dir, train=True, download=cfg.download),
         load_split(cfg.data_dir, train=False, download=cfg.download),
     ))
@@ -259,7 +257,7 @@ def save_final_model(accelerator: Accelerator, model: torch.nn.Module, path: Pat
         accelerator.print(f"fmnist-dist: saved {path}")
 
 
-def report_results(cfg: TrainConfig, accelerator: Accelerator, trainer: Trainer, paths: dict) -> None:
+def report_results(cfg: TrainConfig, accelerator: Accelerator, trainer: Trainer, run_dir: RunDirectory) -> None:
     """Plots, and the W&B predictions and model artifact (main process; the last evaluation is on every one).
 
     A resumed run that had nothing left to train (its last run ended before writing these) evaluated nothing,
@@ -267,9 +265,9 @@ def report_results(cfg: TrainConfig, accelerator: Accelerator, trainer: Trainer,
     """
     if not accelerator.is_main_process:
         return
-    plot_run(trainer.progress.metrics, paths["curves"], paths["confusion"])
+    plot_run(trainer.progress.metrics, run_dir.curves, run_dir.confusion)
     # With --log-samples-every-epoch the Trainer logged them after every epoch, the last one included.
     if trainer.last_eval is not None and not cfg.log_samples_every_epoch:
         trainer.log_predictions(trainer.last_eval)
     if cfg.log_model:
-        log_model_artifact(accelerator, paths["model"])
+        log_model_artifact(accelerator, run_dir.model)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmnist_dist.config import TrainConfig
+from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.errors import UsageError
-from fmnist_dist.position import BatchPlan
-from fmnist_dist.state import Progress, find_state, read_progress
+from fmnist_dist.recipe.position import BatchPlan
+from fmnist_dist.storage.training_state import Progress, find_state, read_progress
 
 
 @dataclass(frozen=True)

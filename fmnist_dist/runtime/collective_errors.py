@@ -64,8 +64,12 @@ def fail_together(processes: Processes) -> Iterator[None]:
         raise UsageError(_report_for_node(failures, _node(processes))) from own
 
 
-def main_process_first(processes: Processes, work: Callable[[], T]) -> T:
-    """`work()` on the main process, then on the others (downloads before readers); all fail if any fails."""
+def on_main_process_first(processes: Processes, work: Callable[[], T]) -> T:
+    """`work()` on the main process, then on the others (downloads before readers); all fail if any fails.
+
+    Unlike Accelerate's `main_process_first` (a barrier after the main process's turn), an error on the main
+    process reaches the others instead of leaving them waiting at the barrier.
+    """
     result: T | None = None
     for main_turn in (True, False):
         with fail_together(processes):

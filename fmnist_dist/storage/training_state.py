@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,20 +16,17 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from fmnist_dist import strict_json
-from fmnist_dist.checkpoint import atomic_write, reporting_write_errors
-from fmnist_dist.config import MAX_COUNT, RESUME_AUTO, RESUME_LATEST
+from fmnist_dist.storage import strict_json
+from fmnist_dist.storage.atomic_files import atomic_write, reporting_write_errors
+from fmnist_dist.settings.train_config import MAX_COUNT, RESUME_AUTO, RESUME_LATEST
 from fmnist_dist.errors import UsageError, first_line
-from fmnist_dist.plots import is_number, metrics_record_problem
-from fmnist_dist.position import TrainingPosition
-from fmnist_dist.rank_errors import fail_together
+from fmnist_dist.storage.metrics_log import is_number, metrics_record_problem
+from fmnist_dist.storage.run_dir import (
+    PROGRESS_FILE, TMP_PREFIX, RunDirectory, is_state_name, is_unfinished_state_name, tmp_state, trash_state,
+)
+from fmnist_dist.recipe.position import TrainingPosition
+from fmnist_dist.runtime.collective_errors import fail_together
 
-STATE_DIR = "state"
-PROGRESS_FILE = "progress.json"
-STATE_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"  # a state being deleted
-STATE_NAME = re.compile(rf"{STATE_PREFIX}\d{{9,}}")  # the step, zero-padded to 9 digits
 
 
 @dataclass
@@ -94,9 +90,9 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
         UsageError: on every process, when any process could not write its part (a full disk, say); the
             unfinished state is removed and the earlier states are left as they were.
     """
-    root = Path(output_dir) / STATE_DIR
-    final = root / f"{STATE_PREFIX}{progress.global_step:09d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}"
+    run_dir = RunDirectory(Path(output_dir))
+    root, final = run_dir.states, run_dir.state(progress.global_step)
+    tmp = tmp_state(final)
     advice = "the earlier states are intact; free some space, then continue with --resume"
     try:
         # Each stretch ends with an exchange of errors, which is also the barrier between the stretches.
@@ -158,7 +154,7 @@ def find_state(output_dir: Path, resume: str) -> Path | None:
     Raises:
         UsageError: `resume` names no complete state, or `--resume` finds none; the message lists those there are.
     """
-    root = Path(output_dir) / STATE_DIR
+    root = RunDirectory(Path(output_dir)).states
     if resume not in (RESUME_AUTO, RESUME_LATEST):
         return _named_state(Path(resume), root)
     states = complete_states(root)
@@ -214,7 +210,7 @@ def complete_states(root: Path) -> list[Path]:
     """
     if not root.is_dir():
         return []
-    states = sorted(p for p in root.iterdir() if STATE_NAME.fullmatch(p.name) and (p / PROGRESS_FILE).is_file())
+    states = sorted(p for p in root.iterdir() if is_state_name(p.name) and (p / PROGRESS_FILE).is_file())
     return sorted(states, key=_save_index)  # stable: states of older versions, all 0, stay in step order
 
 
@@ -232,9 +228,7 @@ def unfinished_states(root: Path) -> list[Path]:
     (only fmnist-dist makes them)."""
     if not root.is_dir():
         return []
-    return [p for p in root.iterdir() if p.is_dir() and any(
-        p.name.startswith(prefix) and STATE_NAME.fullmatch(p.name.removeprefix(prefix))
-        for prefix in (TMP_PREFIX, TRASH_PREFIX))]
+    return [p for p in root.iterdir() if p.is_dir() and is_unfinished_state_name(p.name)]
 
 
 def _remove_unfinished(root: Path) -> None:
@@ -249,7 +243,7 @@ def discard_state(state: Path) -> None:
     Raises:
         OSError: it could not be renamed or deleted.
     """
-    trash = state.with_name(f"{TRASH_PREFIX}{state.name}")
+    trash = trash_state(state)
     shutil.rmtree(trash, ignore_errors=True)  # left by an earlier interrupted discard of the same step
     state.rename(trash)
     shutil.rmtree(trash)

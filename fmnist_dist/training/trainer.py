@@ -23,16 +23,17 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fmnist_dist.compute import precision_in_effect
-from fmnist_dist.config import TrainConfig
+from fmnist_dist.runtime.devices import precision_in_effect
+from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.errors import UsageError
-from fmnist_dist.evaluation import EvalResult, evaluate
-from fmnist_dist.position import BatchPlan
-from fmnist_dist.preemption import StopRequest, TrainingStopped
-from fmnist_dist.progress import progress_bar
-from fmnist_dist.sampling import GlobalOrderBatchSampler
-from fmnist_dist.state import Progress, save_training_state
-from fmnist_dist.tracking import MetricsLog, log_predictions, log_values
+from fmnist_dist.recipe.evaluation import EvalResult, evaluate
+from fmnist_dist.recipe.position import BatchPlan
+from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
+from fmnist_dist.training.progress_bar import progress_bar
+from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
+from fmnist_dist.storage.training_state import Progress, save_training_state
+from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.tracking.wandb_tracker import log_predictions, log_values
 
 # Optimizer steps between the processes' agreement on stopping (one tiny gather): a signal is acted on
 # within this many steps, and a fast run pays for one collective per this many steps, not per step.
@@ -336,14 +337,4 @@ def _epoch_scalars(record: dict) -> dict[str, float]:
         "perf/train_seconds": record["train_seconds"],
         "perf/eval_seconds": record["eval_seconds"],
         "perf/train_samples_per_second": record["train_samples_per_second"],
-    }
-
-
-def output_paths(output_dir: Path) -> dict[str, Path]:
-    """Where a job writes its results."""
-    return {
-        "model": output_dir / "model.pth",
-        "metrics": output_dir / "metrics.jsonl",
-        "curves": output_dir / "curves.png",
-        "confusion": output_dir / "confusion.png",
     }

@@ -11,7 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
 from fmnist_dist.errors import UsageError, first_line
-from fmnist_dist.model import IMAGE_SIZE
+from fmnist_dist.recipe.model import IMAGE_SIZE
 
 # FashionMNIST garments are light on a dark background; an image with a light border is inverted to match.
 LIGHT_BACKGROUND = 0.5

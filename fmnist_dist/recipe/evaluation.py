@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fmnist_dist.model import NUM_CLASSES
+from fmnist_dist.recipe.model import NUM_CLASSES
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import warnings
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR
 
-from fmnist_dist.config import REFERENCE_BATCH_SIZE, TrainConfig
+from fmnist_dist.settings.train_config import REFERENCE_BATCH_SIZE, TrainConfig
 
 # The warm-up starts at this fraction of the peak rate, or lower: at the unscaled --lr when --scale-lr raises
 # the peak further (Goyal et al. 2017, arXiv:1706.02677, section 2.2: "gradual warmup" from the small-batch rate).

@@ -1,4 +1,4 @@
-"""Training curves and the confusion matrix as PNG files, drawn from the metrics records."""
+"""metrics.jsonl: one epoch record per line, written by the training run and read back by `plot` and resume."""
 
 from __future__ import annotations
 
@@ -7,58 +7,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.recipe.model import CLASSES
+from fmnist_dist.storage import strict_json
+from fmnist_dist.storage.atomic_files import atomic_write, file_problem
 
-matplotlib.use("Agg")  # files only: no display on servers and clusters
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from fmnist_dist import CLASSES  # noqa: E402
-from fmnist_dist.checkpoint import atomic_write, file_problem  # noqa: E402
-from fmnist_dist.errors import UsageError, first_line  # noqa: E402
-
-DPI = 100
-CURVES_SIZE = (10, 4)  # inches; at DPI, 1000 x 400 pixels
-CONFUSION_SIZE = (8, 7)  # inches; at DPI, 800 x 700 pixels
 PLOTTED_VALUES = ("train_loss", "test_loss", "test_accuracy")  # besides the epoch and the confusion matrix
 
 
-def plot_run(records: Sequence[dict[str, Any]], curves_path: Path, confusion_path: Path) -> None:
-    """Draw `curves.png` (losses and accuracy per epoch) and `confusion.png` (the last epoch's matrix)."""
-    plot_curves(records, curves_path)
-    plot_confusion(records[-1]["confusion_matrix"], confusion_path)
+class MetricsLog:
+    """`metrics.jsonl`: one strict JSON object per epoch (non-finite values as null), rewritten atomically."""
 
+    def __init__(self, path: Path, records: Sequence[dict[str, Any]] = ()) -> None:
+        self.path = Path(path)
+        self.records = list(records)
 
-def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """Train and test loss (left) and test accuracy (right) against the epoch."""
-    epochs = [r["epoch"] for r in records]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
-    loss_ax.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train")
-    loss_ax.plot(epochs, [r["test_loss"] for r in records], marker="o", label="test")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
-    loss_ax.legend()
-    acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in records], marker="o", color="tab:green")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Test accuracy")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, also for a one-epoch run
-    _save(fig, path)
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        lines = "".join(strict_json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.path, lambda f: f.write(lines.encode()))
 
-
-def plot_confusion(matrix: Sequence[Sequence[int]], path: Path) -> None:
-    """A 10x10 confusion matrix with the class names, true classes down, predictions across."""
-    fig, ax = plt.subplots(figsize=CONFUSION_SIZE, dpi=DPI)
-    image = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="test images")  # as tall as the matrix
-    ticks = range(len(CLASSES))
-    ax.set_xticks(ticks, CLASSES, rotation=45, ha="right")
-    ax.set_yticks(ticks, CLASSES)
-    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test set)")
-    threshold = max(max(row) for row in matrix) / 2
-    for i, row in enumerate(matrix):
-        for j, count in enumerate(row):
-            ax.text(j, i, count, ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
-    _save(fig, path)
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        """The records of an existing metrics file."""
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def records_for_plot(metrics_path: Path) -> list[dict[str, Any]]:
@@ -121,12 +93,3 @@ def _is_confusion_matrix(matrix: Any) -> bool:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    """Write the figure as PNG atomically: a failed redraw leaves the previous plot whole."""
-    try:
-        fig.tight_layout()
-        atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)

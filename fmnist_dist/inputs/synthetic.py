@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_dist.checkpoint import atomic_write
+from fmnist_dist.storage.atomic_files import atomic_write
 from fmnist_dist.errors import UsageError, first_line
-from fmnist_dist.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, check_dataset_root, processed_dir, raw_dir, write_idx
-from fmnist_dist.model import IMAGE_SIZE, NUM_CLASSES
+from fmnist_dist.inputs.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, check_dataset_root, processed_dir, raw_dir, write_idx
+from fmnist_dist.recipe.model import IMAGE_SIZE, NUM_CLASSES
 
 MAX_SHIFT = 2
 BLOBS_PER_CLASS = 4

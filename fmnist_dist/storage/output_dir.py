@@ -26,11 +26,10 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from fmnist_dist.errors import UsageError, first_line
-from fmnist_dist.rank_errors import fail_together
-from fmnist_dist.state import STATE_DIR, complete_states, discard_state, unfinished_states
-from fmnist_dist.training import output_paths
+from fmnist_dist.runtime.collective_errors import fail_together
+from fmnist_dist.storage.run_dir import LOCK_FILE, STATES_DIR, RunDirectory
+from fmnist_dist.storage.training_state import complete_states, discard_state, unfinished_states
 
-LOCK_FILE = ".fmnist-dist.lock"
 LOCK_ATTEMPTS = 100
 TAKEOVER_WAIT_S = 1.0  # far longer than a takeover takes (a rename), short for a job that is refused
 
@@ -40,7 +39,7 @@ class OutputDirLock:
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = Path(output_dir)
-        self.path = self.output_dir / LOCK_FILE
+        self.path = RunDirectory(self.output_dir).lock
         self.token: str | None = None  # written into the lock file, for other processes to recognise it
         self._fd: int | None = None
 
@@ -191,10 +190,10 @@ def refuse_earlier_run(output_dir: Path) -> None:
 def earlier_run(output_dir: Path) -> list[str]:
     """What of an earlier run `output_dir` holds: its complete states, metrics.jsonl, model.pth."""
     found = []
-    if states := complete_states(output_dir / STATE_DIR):
-        found.append(f"{len(states)} saved state(s) in {STATE_DIR}/")
-    paths = output_paths(output_dir)
-    found += [paths[key].name for key in ("metrics", "model") if paths[key].exists()]
+    run_dir = RunDirectory(output_dir)
+    if states := complete_states(run_dir.states):
+        found.append(f"{len(states)} saved state(s) in {STATES_DIR}/")
+    found += [path.name for path in run_dir.results() if path.exists()]
     return found
 
 
@@ -227,7 +226,7 @@ def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
     """
     with fail_together(processes), _refusing_unwritable(output_dir):
         if processes.is_main_process:
-            root = output_dir / STATE_DIR
+            root = RunDirectory(output_dir).states
             for state in complete_states(root):
                 discard_state(state)
             for unfinished in unfinished_states(root):

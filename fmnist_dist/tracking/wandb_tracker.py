@@ -1,4 +1,4 @@
-"""Run tracking: Weights & Biases through Accelerate's tracker API, and the local metrics.jsonl.
+"""Run tracking on Weights & Biases, through Accelerate's tracker API.
 
 Tracking must never stop training: without W&B credentials (found the way wandb itself finds them), or when
 the W&B server cannot be reached within INIT_TIMEOUT_SECONDS, the run is recorded offline (upload it later with
@@ -11,20 +11,18 @@ runs online only with them.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from fmnist_dist import CLASSES, strict_json
-from fmnist_dist.checkpoint import atomic_write
+from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.errors import first_line
 
 WANDB = "wandb"
@@ -37,24 +35,6 @@ INIT_TIMEOUT_SECONDS = 10.0
 # The wandb.init arguments our flags set: the flag, and the wandb setting each one becomes.
 FLAG_SETTINGS = {"project": ("--wandb-project", "project"), "name": ("--run-name", "run_name"),
                  "group": ("--run-group", "run_group"), "tags": ("--tags", "run_tags")}
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one strict JSON object per epoch (non-finite values as null), rewritten atomically."""
-
-    def __init__(self, path: Path, records: Sequence[dict[str, Any]] = ()) -> None:
-        self.path = Path(path)
-        self.records = list(records)
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        lines = "".join(strict_json.dumps(r) + "\n" for r in self.records)
-        atomic_write(self.path, lambda f: f.write(lines.encode()))
-
-    @staticmethod
-    def read(path: Path) -> list[dict[str, Any]]:
-        """The records of an existing metrics file."""
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def choose_wandb_mode() -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fmnist_dist.config import DEFAULT_BATCH_SIZE, TrainConfig
+from fmnist_dist.settings.train_config import DEFAULT_BATCH_SIZE, TrainConfig
 from fmnist_dist.errors import UsageError
 
 

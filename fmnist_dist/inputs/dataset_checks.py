@@ -15,11 +15,11 @@ import torch
 from torchvision import datasets
 
 from fmnist_dist.errors import UsageError, first_line
-from fmnist_dist.idx import (
+from fmnist_dist.inputs.idx import (
     LEGACY_FILES, RAW_FILES, SPLIT_FILES, check_dataset_root, check_split_files, images_problem, is_present,
     labels_problem, processed_dir, raw_dir, reads_legacy_cache,
 )
-from fmnist_dist.synthetic import is_synthetic
+from fmnist_dist.inputs.synthetic import is_synthetic
 
 OFFLINE_HINT = "with no network, `fmnist-dist synthetic-data --out DIR` writes a synthetic stand-in"
 # The label dtypes cross_entropy takes as class indices (others fail mid-training: "expected target dtype").

@@ -1,4 +1,4 @@
-"""How each process computes: its CPU threads, and the mixed precision actually in effect on its device."""
+"""How each process computes: its device (CPU or accelerator), its CPU threads, and the mixed precision in effect."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import parse_flag_from_env
 
-from fmnist_dist.config import MAX_THREADS, check_at_most
+from fmnist_dist.settings.train_config import MAX_THREADS, check_at_most
 from fmnist_dist.errors import UsageError, first_line
 
 # Where Accelerate's fp8 backends (transformer_engine, MS-AMP, torchao) run: NVIDIA GPUs, and Intel Gaudi 2 and later.
 FP8_DEVICES = frozenset({"cuda", "hpu"})
 FP8_NEEDS = "fp8 needs a GPU with transformer_engine, MS-AMP or torchao installed"
+
+
+def wants_cpu(cpu_flag: bool) -> bool:
+    """`--cpu`, or ACCELERATE_USE_CPU=1 (which Accelerate itself reads only after setting up the process group)."""
+    return cpu_flag or parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
 def default_threads() -> int:

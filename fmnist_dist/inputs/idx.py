@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_dist.checkpoint import atomic_write
+from fmnist_dist.storage.atomic_files import atomic_write
 from fmnist_dist.errors import UsageError, first_line
-from fmnist_dist.model import IMAGE_SIZE, NUM_CLASSES
+from fmnist_dist.recipe.model import IMAGE_SIZE, NUM_CLASSES
 
 UBYTE_TYPE_CODE = 0x08
 # The four raw files of each split, as torchvision's FashionMNIST names them.

@@ -17,8 +17,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
-from fmnist_dist.dataset_files import check_dataset
-
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -56,23 +54,23 @@ def keep_batch(batch: Batch) -> Batch:
     return batch
 
 
-def load_split(
+def fashion_mnist(
     data_dir: Path,
     train: bool,
-    download: bool,
     transform: Callable | None = None,
     target_transform: Callable | None = None,
 ) -> Dataset:
-    """One FashionMNIST split: the fast in-memory dataset, or torchvision's own when transforms are given.
+    """One FashionMNIST split as the quickstart reads it (`datasets.FashionMNIST`, `ToTensor()`), held in memory.
 
     Args:
-        data_dir: the torchvision root (`<data_dir>/FashionMNIST/raw` holds the IDX files).
+        data_dir: the torchvision root (`<data_dir>/FashionMNIST/raw` holds the IDX files, already there).
         train: the training split, else the test split.
-        download: fetch the dataset with torchvision when any of its files is missing.
         transform: a per-sample image transform; None keeps the fast path (equivalent to `ToTensor()`).
         target_transform: a per-sample label transform; None keeps the fast path.
+
+    Returns:
+        The fast in-memory dataset, or torchvision's own when a transform is given.
     """
-    check_dataset(data_dir, download)
     dataset = datasets.FashionMNIST(
         root=str(data_dir),
         train=train,

@@ -1,0 +1,1 @@
+"""What users hand in: FashionMNIST's IDX files and their checks, synthetic data, image files to predict."""

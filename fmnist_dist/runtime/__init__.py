@@ -1,0 +1,1 @@
+"""The distributed runtime: devices and threads, errors across processes, stop signals, the launcher's death."""

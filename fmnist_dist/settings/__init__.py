@@ -1,0 +1,1 @@
+"""The settings of each command: one declaration from which flags, defaults, bounds and resume rules derive."""

@@ -1,0 +1,94 @@
+"""The files of a training run's output directory (`--output-dir`): every name under it is declared here once.
+
+    <output-dir>/
+        model.pth                   final weights (plain state_dict)
+        metrics.jsonl               one epoch record per line
+        curves.png, confusion.png   plots drawn from metrics.jsonl
+        .fmnist-dist.lock           held by the job that owns the directory
+        state/
+            step-000000120/         a complete resumable state (Accelerate's files + progress.json)
+            .tmp-step-000000140/    a state being written (renamed to step-... once complete)
+            .trash-step-000000100/  a state being deleted (renamed first, so no part of it keeps a state's name)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_OUTPUT_DIR = Path("checkpoints")
+MODEL_FILE = "model.pth"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion.png"
+LOCK_FILE = ".fmnist-dist.lock"
+STATES_DIR = "state"
+PROGRESS_FILE = "progress.json"  # in each state: the loop's own progress beside Accelerate's files
+# The model's weights in a state that Accelerate's save_state wrote (its SAFE_WEIGHTS_NAME; accelerate is not
+# imported here, to keep `plot` quick).
+STATE_WEIGHTS_FILE = "model.safetensors"
+STATE_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"  # a state being written
+TRASH_PREFIX = ".trash-"  # a state being deleted
+STATE_NAME = re.compile(rf"{STATE_PREFIX}\d{{9,}}")  # the step, zero-padded to 9 digits
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    """The paths of one run's output directory; nothing is created or read by building one."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def curves(self) -> Path:
+        return self.root / CURVES_FILE
+
+    @property
+    def confusion(self) -> Path:
+        return self.root / CONFUSION_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def states(self) -> Path:
+        return self.root / STATES_DIR
+
+    def state(self, global_step: int) -> Path:
+        """The complete state saved at optimizer step `global_step`."""
+        return self.states / f"{STATE_PREFIX}{global_step:09d}"
+
+    def results(self) -> tuple[Path, ...]:
+        """The files that show a finished or running run is here (besides its states)."""
+        return (self.metrics, self.model)
+
+
+def is_state_name(name: str) -> bool:
+    """Whether `name` is one fmnist-dist gives a complete state (`step-` and at least 9 digits)."""
+    return STATE_NAME.fullmatch(name) is not None
+
+
+def tmp_state(state: Path) -> Path:
+    """Where the state `state` is written before it is renamed into place."""
+    return state.with_name(f"{TMP_PREFIX}{state.name}")
+
+
+def trash_state(state: Path) -> Path:
+    """Where the state `state` is renamed to be deleted."""
+    return state.with_name(f"{TRASH_PREFIX}{state.name}")
+
+
+def is_unfinished_state_name(name: str) -> bool:
+    """Whether `name` is a `.tmp-step-*` or `.trash-step-*` directory that an interrupted save or deletion left."""
+    return any(name.startswith(prefix) and is_state_name(name.removeprefix(prefix))
+               for prefix in (TMP_PREFIX, TRASH_PREFIX))

@@ -1,0 +1,1 @@
+"""Where a run is tracked: Weights & Biases (through Accelerate's tracker API)."""
