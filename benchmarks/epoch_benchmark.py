@@ -54,18 +54,22 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
-from fmnist_dist.settings.train_config import TrainConfig
-from fmnist_dist.training.job import (
-    build_accelerator, load_datasets, loader_placement, test_loader_for, train_loader_for,
-)
+from fmnist_dist.inputs.synthetic import write_synthetic_dataset
 from fmnist_dist.recipe.model import NeuralNetwork
 from fmnist_dist.recipe.position import BatchPlan, steps_per_epoch
-from fmnist_dist.runtime.stop_signals import StopRequest
 from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
 from fmnist_dist.recipe.schedule import build_scheduler
-from fmnist_dist.storage.training_state import Progress
-from fmnist_dist.inputs.synthetic import write_synthetic_dataset
+from fmnist_dist.runtime.stop_signals import StopRequest
+from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.storage.training_state import Progress
+from fmnist_dist.training.job import (
+    build_accelerator,
+    load_datasets,
+    loader_placement,
+    test_loader_for,
+    train_loader_for,
+)
 from fmnist_dist.training.trainer import Trainer, TrainingData
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,19 +126,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds per row (median reported)")
     parser.add_argument("--epochs-per-measure", type=int, default=1, help="epochs timed together per round")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device of the single-process rows (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads of every single-process row, rows d and c' included (default: "
-                        "torch's choice); 1 is steadier on a machine shared with other jobs")
-    parser.add_argument("--process-epochs", type=int, default=2,
-                        help="epochs of each process of rows d and c' (the first is the warm-up; median of the rest)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device of the single-process rows (default: cuda if available)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads of every single-process row, rows d and c' included (default: "
+        "torch's choice); 1 is steadier on a machine shared with other jobs",
+    )
+    parser.add_argument(
+        "--process-epochs",
+        type=int,
+        default=2,
+        help="epochs of each process of rows d and c' (the first is the warm-up; median of the rest)",
+    )
     parser.add_argument("--floor-process", type=int, default=0, help=argparse.SUPPRESS)  # row c' runs itself so
     parser.add_argument("--skip-multiprocess", action="store_true", help="leave out the 2-process CPU row")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="a torchvision FashionMNIST root to use instead of the synthetic set")
-    parser.add_argument("--output", type=Path, default=None,
-                        help=f"also write the table here (e.g. {REPO / 'benchmarks' / 'results' / 'epoch.md'})")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="a torchvision FashionMNIST root to use instead of the synthetic set",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"also write the table here (e.g. {REPO / 'benchmarks' / 'results' / 'epoch.md'})",
+    )
     return parser.parse_args(argv)
 
 
@@ -144,6 +167,7 @@ def make_data(root: Path) -> Path:
 
 
 # --- a. the quickstart as published ------------------------------------------------------------------------
+
 
 def quickstart_row(data_dir: Path, device: torch.device) -> EpochFn:
     training_data = datasets.FashionMNIST(root=str(data_dir), train=True, download=False, transform=ToTensor())
@@ -187,11 +211,21 @@ def quickstart_row(data_dir: Path, device: torch.device) -> EpochFn:
 
 # --- b. fmnist-dist's own training path ----------------------------------------------------------------------
 
+
 def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> EpochFn:
     """The objects `run_training` builds, made by the same functions, around the Trainer's real epoch."""
     cfg = TrainConfig(
-        data_dir=data_dir, download=False, batch_size=BATCH_SIZE, lr=LR, momentum=0.0, lr_schedule="constant",
-        warmup_epochs=0.0, output_dir=output_dir, cpu=device.type == "cpu", tracker="none", progress=False,
+        data_dir=data_dir,
+        download=False,
+        batch_size=BATCH_SIZE,
+        lr=LR,
+        momentum=0.0,
+        lr_schedule="constant",
+        warmup_epochs=0.0,
+        output_dir=output_dir,
+        cpu=device.type == "cpu",
+        tracker="none",
+        progress=False,
         epochs=1_000_000,
     )
     output_dir.mkdir(parents=True)
@@ -202,17 +236,35 @@ def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> Epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     sampler = GlobalOrderBatchSampler(len(train_set), plan.micro_batch, cfg.seed)
     model, optimizer, train_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader_for(train_set, cfg, sampler), test_loader_for(test_set, cfg, plan.processes),
-        device_placement=[None, None, loader_placement(train_set, accelerator),
-                          loader_placement(test_set, accelerator)],
+        model,
+        optimizer,
+        train_loader_for(train_set, cfg, sampler),
+        test_loader_for(test_set, cfg, plan.processes),
+        device_placement=[
+            None,
+            None,
+            loader_placement(train_set, accelerator),
+            loader_placement(test_set, accelerator),
+        ],
     )
-    scheduler = accelerator.prepare(build_scheduler(
-        optimizer.optimizer, cfg, plan.global_batch, steps_per_epoch(plan.global_batch, len(train_set))
-    ))
+    scheduler = accelerator.prepare(
+        build_scheduler(optimizer.optimizer, cfg, plan.global_batch, steps_per_epoch(plan.global_batch, len(train_set)))
+    )
     progress = Progress()
     train = TrainingData(train_loader, sampler, plan, len(train_set))
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, train, test_loader, progress,
-                      MetricsLog(output_dir / "metrics.jsonl"), torch.empty(0), StopRequest())
+    trainer = Trainer(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train,
+        test_loader,
+        progress,
+        MetricsLog(output_dir / "metrics.jsonl"),
+        torch.empty(0),
+        StopRequest(),
+    )
 
     def run_epoch(epoch: int, samples_done: int = 0) -> tuple[float, int]:
         # The Trainer reads and advances this one position object (`fit` would move to the next epoch).
@@ -226,13 +278,37 @@ def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> Epoch
 
 # --- d. the real command, end to end ---------------------------------------------------------------------
 
+
 def end_to_end_row(data_dir: Path, device: torch.device, output_dir: Path, args: argparse.Namespace) -> EpochFn:
     """`fmnist-dist train` in its own process; the `train_seconds` it reports for the epochs after the first."""
     command = [
-        sys.executable, "-m", "fmnist_dist", "train", "--data-dir", str(data_dir), "--no-download",
-        "--output-dir", str(output_dir), "--epochs", str(args.process_epochs), "--threads", str(args.threads),
-        "--batch-size", str(BATCH_SIZE), "--lr", str(LR), "--momentum", "0", "--lr-schedule", "constant",
-        "--warmup-epochs", "0", "--tracker", "none", "--no-progress", "--overwrite",
+        sys.executable,
+        "-m",
+        "fmnist_dist",
+        "train",
+        "--data-dir",
+        str(data_dir),
+        "--no-download",
+        "--output-dir",
+        str(output_dir),
+        "--epochs",
+        str(args.process_epochs),
+        "--threads",
+        str(args.threads),
+        "--batch-size",
+        str(BATCH_SIZE),
+        "--lr",
+        str(LR),
+        "--momentum",
+        "0",
+        "--lr-schedule",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--tracker",
+        "none",
+        "--no-progress",
+        "--overwrite",
     ] + (["--cpu"] if device.type == "cpu" else [])
     args.end_to_end_command = "fmnist-dist " + " ".join(command[3:])
 
@@ -246,8 +322,18 @@ def end_to_end_row(data_dir: Path, device: torch.device, output_dir: Path, args:
 
 def floor_process_row(data_dir: Path, device: torch.device, args: argparse.Namespace) -> EpochFn:
     """Row c's steps in a process of their own, started and timed as row d's (epochs after the first)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--floor-process", str(args.process_epochs),
-               "--data-dir", str(data_dir), "--device", str(device), "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--floor-process",
+        str(args.process_epochs),
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        str(device),
+        "--threads",
+        str(args.threads),
+    ]
 
     def epoch(_: int) -> tuple[float, int]:
         seconds = json.loads(run_child(command, "the floor process").splitlines()[-1])
@@ -275,6 +361,7 @@ def run_child(command: list[str], what: str) -> str:
 
 # --- c. the floor --------------------------------------------------------------------------------------------
 
+
 def floor_row(data_dir: Path, device: torch.device) -> EpochFn:
     raw = datasets.FashionMNIST(root=str(data_dir), train=True, download=False)
     images = raw.data.unsqueeze(1).float().div(255).to(device)
@@ -289,7 +376,7 @@ def floor_row(data_dir: Path, device: torch.device) -> EpochFn:
         for batch, start in enumerate(range(0, len(targets), BATCH_SIZE)):
             if batch == max_batches:
                 break
-            index = order[start:start + BATCH_SIZE]
+            index = order[start : start + BATCH_SIZE]
             loss = loss_fn(model(images[index]), targets[index])
             loss.backward()
             optimizer.step()
@@ -326,15 +413,42 @@ def measure(rows: dict[str, EpochFn], repeats: int, epochs_per_measure: int) -> 
 
 # --- the 2-process CPU job -----------------------------------------------------------------------------------
 
+
 def two_process_cpu(data_dir: Path, output_dir: Path, repeats: int) -> dict:
     """`fmnist-dist train` under `accelerate launch` with 2 gloo processes; the first epoch is the warm-up."""
     epochs = repeats + 1
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml"),
-        "--main_process_port", str(free_port()), "-m", "fmnist_dist", "train", "--cpu",
-        "--data-dir", str(data_dir), "--no-download", "--output-dir", str(output_dir), "--epochs", str(epochs),
-        "--batch-size", str(BATCH_SIZE), "--lr", str(LR), "--momentum", "0", "--lr-schedule", "constant",
-        "--warmup-epochs", "0", "--tracker", "none", "--no-progress",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch" / "cpu.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fmnist_dist",
+        "train",
+        "--cpu",
+        "--data-dir",
+        str(data_dir),
+        "--no-download",
+        "--output-dir",
+        str(output_dir),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(BATCH_SIZE),
+        "--lr",
+        str(LR),
+        "--momentum",
+        "0",
+        "--lr-schedule",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--tracker",
+        "none",
+        "--no-progress",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "LOCAL_RANK"))}
     env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_DISABLE_RICH="1", WANDB_MODE="offline")
@@ -362,6 +476,7 @@ def free_port() -> int:
 
 # --- the report ----------------------------------------------------------------------------------------------
 
+
 def render(args: argparse.Namespace, device: torch.device, results: dict, multiprocess: dict | None) -> str:
     per_epoch = {key: [run[0] / args.epochs_per_measure for run in runs] for key, runs in results.items()}
     medians = {key: statistics.median(seconds) for key, seconds in per_epoch.items()}
@@ -384,8 +499,10 @@ def render(args: argparse.Namespace, device: torch.device, results: dict, multip
     for key, name in ROW_NAMES.items():
         rounds = ", ".join(f"{seconds:.2f}" for seconds in per_epoch[key])
         cpu_seconds = "" if key in SEPARATE_PROCESS_ROWS else f"{cpu[key]:.2f}"
-        lines.append(f"| {name} | 1 | {device} | {medians[key]:.2f} | {rounds} | "
-                     f"{samples[key] / medians[key]:,.0f} | {cpu_seconds} |")
+        lines.append(
+            f"| {name} | 1 | {device} | {medians[key]:.2f} | {rounds} | "
+            f"{samples[key] / medians[key]:,.0f} | {cpu_seconds} |"
+        )
     if multiprocess:
         lines.append(
             f"| 2-process CPU job (`accelerate launch`, metrics.jsonl, median of {multiprocess['epochs']} epochs "
@@ -397,8 +514,7 @@ def render(args: argparse.Namespace, device: torch.device, results: dict, multip
         f"- a/b (quickstart time / fmnist-dist time): **{a / b:.2f}x**",
         f"- b/c (fmnist-dist time / floor time): **{b / c:.2f}x**",
         f"- d/c' (end to end / floor, each in its own process): **{d / c_process:.2f}x**; d/c **{d / c:.2f}x**",
-        f"- host time per step outside the model, (d - c') / {steps} steps: "
-        f"**{(d - c_process) / steps * 1e6:.0f} µs**",
+        f"- host time per step outside the model, (d - c') / {steps} steps: **{(d - c_process) / steps * 1e6:.0f} µs**",
         f"- process CPU time, rows a-c: a/b {cpu[QUICKSTART] / cpu[PACKAGE]:.2f}x, "
         f"b/c {cpu[PACKAGE] / cpu[FLOOR]:.2f}x",
         f"- a/c (quickstart / floor) bounds a/b from above: **{a / c:.2f}x**",

@@ -1,11 +1,11 @@
 """The `fmnist-dist` command line: parses flags and hands over to the module that does the work.
 
-    fmnist-dist train [--epochs N] [--batch-size N] ...      (also under `accelerate launch -m fmnist_dist`)
-    fmnist-dist evaluate [--checkpoint checkpoints/model.pth] [--json]
-    fmnist-dist predict [--checkpoint checkpoints/model.pth] --index 0 1 2 | --image shirt.png
-    fmnist-dist synthetic-data --out data-synthetic [--force]
-    fmnist-dist plot checkpoints            (or checkpoints/metrics.jsonl)
-    fmnist-dist --version; fmnist-dist SUBCOMMAND --help lists every flag with its default
+fmnist-dist train [--epochs N] [--batch-size N] ...      (also under `accelerate launch -m fmnist_dist`)
+fmnist-dist evaluate [--checkpoint checkpoints/model.pth] [--json]
+fmnist-dist predict [--checkpoint checkpoints/model.pth] --index 0 1 2 | --image shirt.png
+fmnist-dist synthetic-data --out data-synthetic [--force]
+fmnist-dist plot checkpoints            (or checkpoints/metrics.jsonl)
+fmnist-dist --version; fmnist-dist SUBCOMMAND --help lists every flag with its default
 """
 
 from __future__ import annotations
@@ -19,16 +19,26 @@ from pathlib import Path
 from typing import NoReturn
 
 import fmnist_dist
-from fmnist_dist.recipe.model import CLASSES
-from fmnist_dist.storage import strict_json
-from fmnist_dist.settings.train_config import (
-    DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_WARMUP_EPOCHS, LR_SCHEDULES, REFERENCE_BATCH_SIZE,
-    RESUME_LATEST, TrainConfig, check_at_most, check_count, check_positive, check_seed,
-)
 from fmnist_dist.errors import UsageError
-from fmnist_dist.storage.run_dir import RunDirectory
+from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.runtime.launcher_death import stop_with_launcher
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
+from fmnist_dist.settings.train_config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LR,
+    DEFAULT_MOMENTUM,
+    DEFAULT_WARMUP_EPOCHS,
+    LR_SCHEDULES,
+    REFERENCE_BATCH_SIZE,
+    RESUME_LATEST,
+    TrainConfig,
+    check_at_most,
+    check_count,
+    check_positive,
+    check_seed,
+)
+from fmnist_dist.storage import strict_json
+from fmnist_dist.storage.run_dir import RunDirectory
 
 USAGE_ERROR = 2
 # Where `train` writes its model by default, which evaluate and predict read.
@@ -79,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fmnist-dist: {stopped}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
-        _report("interrupted at once, without saving (a second Ctrl-C); `fmnist-dist train --resume auto` continues "
-                "from the newest complete state, if there is one")
+        _report(
+            "interrupted at once, without saving (a second Ctrl-C); `fmnist-dist train --resume auto` continues "
+            "from the newest complete state, if there is one"
+        )
         return 130
 
 
@@ -97,10 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=TrainConfig().data_dir,
-                        help="dataset root (torchvision's: FashionMNIST/raw holds the IDX files)")
-    parser.add_argument("--no-download", dest="download", action="store_false",
-                        help="fail instead of downloading FashionMNIST when any of its files is missing")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=TrainConfig().data_dir,
+        help="dataset root (torchvision's: FashionMNIST/raw holds the IDX files)",
+    )
+    parser.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="fail instead of downloading FashionMNIST when any of its files is missing",
+    )
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
@@ -109,65 +129,116 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--epochs", type=int, default=defaults.epochs, help="passes over the training set")
     batch = parser.add_mutually_exclusive_group()
-    batch.add_argument("--batch-size", type=int, default=None,
-                       help=f"images per process per micro-batch (default {DEFAULT_BATCH_SIZE}); the global batch "
-                            "grows with the number of processes")
-    batch.add_argument("--global-batch-size", type=int, default=None,
-                       help="images per optimizer step across all processes and accumulation steps, split evenly: "
-                            "the same batches on any number of processes")
+    batch.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per process per micro-batch (default {DEFAULT_BATCH_SIZE}); the global batch "
+        "grows with the number of processes",
+    )
+    batch.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="images per optimizer step across all processes and accumulation steps, split evenly: "
+        "the same batches on any number of processes",
+    )
     add("--eval-batch-size", type=int, default=defaults.eval_batch_size, help="per process, for evaluation")
     add("--lr", type=float, default=DEFAULT_LR, help="SGD learning rate (the tutorial's is 1e-3)")
     add("--momentum", type=float, default=DEFAULT_MOMENTUM, help="SGD momentum (the tutorial's is 0)")
     add("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay (L2)")
-    add("--scale-lr", action="store_true",
-        help=f"linear scaling rule: multiply --lr by global batch size / {REFERENCE_BATCH_SIZE} (with a warm-up)")
-    add("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
+    add(
+        "--scale-lr",
+        action="store_true",
+        help=f"linear scaling rule: multiply --lr by global batch size / {REFERENCE_BATCH_SIZE} (with a warm-up)",
+    )
+    add(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=defaults.lr_schedule,
         help="after the warm-up: constant, cosine (CosineAnnealingLR to 0) or onecycle (OneCycleLR); the "
-             "tutorial's is constant")
+        "tutorial's is constant",
+    )
     warmup = parser.add_mutually_exclusive_group()
-    warmup.add_argument("--warmup-steps", type=int, default=None,
-                        help="optimizer steps of linear warm-up from lr/10 to lr")
-    warmup.add_argument("--warmup-epochs", type=float, default=None,
-                        help=f"linear warm-up over this many epochs (default: {DEFAULT_WARMUP_EPOCHS} unless "
-                             "--warmup-steps is given; fractions allowed; the tutorial's is 0)")
+    warmup.add_argument(
+        "--warmup-steps", type=int, default=None, help="optimizer steps of linear warm-up from lr/10 to lr"
+    )
+    warmup.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=None,
+        help=f"linear warm-up over this many epochs (default: {DEFAULT_WARMUP_EPOCHS} unless "
+        "--warmup-steps is given; fractions allowed; the tutorial's is 0)",
+    )
     add("--seed", type=int, default=defaults.seed, help="initial weights and the shuffling of every epoch")
-    add("--threads", type=int, default=None,
+    add(
+        "--threads",
+        type=int,
+        default=None,
         help="CPU threads per process (default: OMP_NUM_THREADS if set, as `accelerate launch` and torchrun set it "
-             "for their processes; else the usable cores divided by the processes on this node)")
+        "for their processes; else the usable cores divided by the processes on this node)",
+    )
     add("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
-    add("--data-on-device", choices=("auto", "on", "off"), default=defaults.data_on_device,
-        help="keep the dataset on the accelerator (auto: on for GPUs, off for the CPU)")
+    add(
+        "--data-on-device",
+        choices=("auto", "on", "off"),
+        default=defaults.data_on_device,
+        help="keep the dataset on the accelerator (auto: on for GPUs, off for the CPU)",
+    )
     add("--output-dir", type=Path, default=defaults.output_dir, help="model.pth, metrics.jsonl, plots, states")
-    add("--overwrite", action="store_true",
-        help="start afresh in an --output-dir that holds an earlier run (its states, metrics and model are replaced)")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --output-dir that holds an earlier run (its states, metrics and model are replaced)",
+    )
     add("--cpu", action="store_true", help="train on the CPU (gloo across processes) even with a GPU")
-    add("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
-        help="default: what `accelerate config`/`accelerate launch` says")
-    add("--gradient-accumulation-steps", type=int, default=None,
-        help="default: what `accelerate launch` says, else 1")
+    add(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="default: what `accelerate config`/`accelerate launch` says",
+    )
+    add("--gradient-accumulation-steps", type=int, default=None, help="default: what `accelerate launch` says, else 1")
     add("--log-every", type=int, default=defaults.log_every, help="log the train loss every N optimizer steps")
-    add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-        help="also save a resumable state every N steps (0: only at the end of each epoch)")
+    add(
+        "--checkpoint-every",
+        type=int,
+        default=defaults.checkpoint_every,
+        help="also save a resumable state every N steps (0: only at the end of each epoch)",
+    )
     add("--keep-states", type=int, default=defaults.keep_states, help="how many saved states to keep")
-    add("--resume", nargs="?", const=RESUME_LATEST, default=None, metavar="auto|STATE_DIR",
+    add(
+        "--resume",
+        nargs="?",
+        const=RESUME_LATEST,
+        default=None,
+        metavar="auto|STATE_DIR",
         help="continue from the newest state in --output-dir, or from STATE_DIR; `--resume auto` also starts "
-             "afresh when there is no state (the same command for the first start and every restart)")
+        "afresh when there is no state (the same command for the first start and every restart)",
+    )
     add("--no-progress", dest="progress", action="store_false", help="no progress bar (one line per epoch stays)")
     add("--tracker", choices=("wandb", "none"), default=defaults.tracker, help="where the run is tracked")
     add("--wandb-project", default=defaults.wandb_project, help="W&B project")
     add("--run-name", default=None, help="W&B run name (default: W&B picks one)")
     add("--run-group", default=None, help="W&B run group")
     add("--tags", nargs="+", default=[], help="W&B run tags")
-    add("--log-samples-every-epoch", action="store_true",
-        help="log sample predictions and the confusion matrix after every epoch, not only at the end")
+    add(
+        "--log-samples-every-epoch",
+        action="store_true",
+        help="log sample predictions and the confusion matrix after every epoch, not only at the end",
+    )
     add("--log-model", action="store_true", help="store the final model.pth as a W&B artifact")
     parser.set_defaults(handler=_train, command_parser=parser)
 
 
 def _add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="model weights saved by `fmnist-dist train` (or the PyTorch quickstart), or a saved "
-                             "state's model.safetensors")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="model weights saved by `fmnist-dist train` (or the PyTorch quickstart), or a saved "
+        "state's model.safetensors",
+    )
 
 
 def _add_evaluate(parser: argparse.ArgumentParser) -> None:
@@ -198,8 +269,12 @@ def _add_synthetic(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_plot(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output_dir", type=Path, metavar="RUN",
-                        help="a training run's --output-dir, or its metrics.jsonl (the plots go next to it)")
+    parser.add_argument(
+        "output_dir",
+        type=Path,
+        metavar="RUN",
+        help="a training run's --output-dir, or its metrics.jsonl (the plots go next to it)",
+    )
     parser.set_defaults(handler=_plot, command_parser=parser)
 
 
@@ -210,8 +285,8 @@ def _train(args: argparse.Namespace) -> int:
     # Before the slow imports, so that a preemption during start-up is not lost either; kept until the process
     # exits, so that a signal after training has finished does not turn a finished run into a killed one.
     stop = StopRequest().install()
-    from fmnist_dist.training.job import run_training  # heavy imports only for the commands that need them
     from fmnist_dist.runtime.collective_errors import lost_peers_reported
+    from fmnist_dist.training.job import run_training  # heavy imports only for the commands that need them
 
     with lost_peers_reported():
         run_training(cfg, given, stop)
@@ -224,7 +299,7 @@ def given_flags(argv: Sequence[str]) -> frozenset[str]:
     _add_train(parser)
     not_given = object()  # not a string: argparse would run a string default through the flag's type
     parser.set_defaults(**dict.fromkeys(TrainConfig.__dataclass_fields__, not_given))
-    subcommand_args = list(argv)[list(argv).index("train") + 1:]
+    subcommand_args = list(argv)[list(argv).index("train") + 1 :]
     given = {k for k, v in vars(parser.parse_args(subcommand_args)).items() if v is not not_given}
     return frozenset(given & TrainConfig.__dataclass_fields__.keys())
 
@@ -239,8 +314,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     # None (JSON null) for a class the test set lacks: NaN is not valid JSON.
     per_class = {name: None if math.isnan(a) else a for name, a in zip(CLASSES, result.per_class_accuracy())}
     if args.json:
-        print(strict_json.dumps({"accuracy": result.accuracy, "loss": result.loss, "samples": result.samples,
-                                 "per_class_accuracy": per_class}))
+        print(
+            strict_json.dumps(
+                {
+                    "accuracy": result.accuracy,
+                    "loss": result.loss,
+                    "samples": result.samples,
+                    "per_class_accuracy": per_class,
+                }
+            )
+        )
         return 0
     print(f"test accuracy {100 * result.accuracy:.2f}%, loss {result.loss:.4f} ({result.samples} images)")
     for name, accuracy in per_class.items():
@@ -269,7 +352,9 @@ def _synthetic(args: argparse.Namespace) -> int:
         check_at_most(flag, size, MAX_SYNTHETIC_IMAGES)
     check_seed("--seed", args.seed)
     raw_dir = write_synthetic_dataset(args.out, args.train_size, args.test_size, args.seed, force=args.force)
-    print(f"wrote {args.train_size} train and {args.test_size} test images to {raw_dir}; train with --data-dir {args.out}")
+    print(
+        f"wrote {args.train_size} train and {args.test_size} test images to {raw_dir}; train with --data-dir {args.out}"
+    )
     return 0
 
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from fmnist_dist.recipe.model import CLASSES
-from fmnist_dist.storage.weights import load_model
-from fmnist_dist.inputs.fashion_mnist import load_split
-from fmnist_dist.recipe.data import make_loader
 from fmnist_dist.errors import UsageError
-from fmnist_dist.recipe.evaluation import EvalResult, evaluate
+from fmnist_dist.inputs.fashion_mnist import load_split
 from fmnist_dist.inputs.images import load_image
+from fmnist_dist.recipe.data import make_loader
+from fmnist_dist.recipe.evaluation import EvalResult, evaluate
+from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.runtime.collective_errors import on_main_process_first
 from fmnist_dist.runtime.devices import wants_cpu
+from fmnist_dist.storage.weights import load_model
 
 
 @dataclass(frozen=True)

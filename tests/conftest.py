@@ -25,8 +25,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic_data(tmp_path_factory, "fmnist", TRAIN_SIZE, TEST_SIZE, seed=0)
 
 
-def synthetic_data(tmp_path_factory: pytest.TempPathFactory, name: str, train_size: int, test_size: int,
-                   seed: int) -> Path:
+def synthetic_data(
+    tmp_path_factory: pytest.TempPathFactory, name: str, train_size: int, test_size: int, seed: int
+) -> Path:
     """A synthetic FashionMNIST root of the given sizes in a new temporary directory (torchvision reads it)."""
     root = tmp_path_factory.mktemp(name)
     write_synthetic_dataset(root, train_size, test_size, seed=seed)
@@ -37,8 +38,13 @@ def cli_env(**extra: str) -> dict[str, str]:
     """The environment for CLI subprocesses: W&B offline, no GPU, quiet Accelerate."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_", "RANK", "LOCAL_RANK"))}
     # One thread per process: two processes on two cores would otherwise fight over them.
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", CUDA_VISIBLE_DEVICES="", ACCELERATE_DISABLE_RICH="1",
-               OMP_NUM_THREADS="1")
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        CUDA_VISIBLE_DEVICES="",
+        ACCELERATE_DISABLE_RICH="1",
+        OMP_NUM_THREADS="1",
+    )
     env.update(extra)
     return env
 
@@ -47,16 +53,34 @@ def run_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str) ->
     """`python -m fmnist_dist ARGS` in `cwd`, as one process."""
     return subprocess.run(
         [sys.executable, "-m", "fmnist_dist", *map(str, args)],
-        cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def launch_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file launch/cpu.yaml -m fmnist_dist ARGS` in `cwd`: two real gloo processes."""
     return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-         "--main_process_port", str(free_port()), "-m", "fmnist_dist", *map(str, args)],
-        cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CPU_LAUNCH_CONFIG),
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "fmnist_dist",
+            *map(str, args),
+        ],
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -71,15 +95,31 @@ def free_port() -> int:
 
 def train_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     """`train` on the synthetic data, quick and offline (override any flag by repeating it in `extra`)."""
-    return ["train", "--data-dir", data_dir, "--no-download", "--output-dir", output_dir,
-            "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "64", "--tracker", "none", *extra]
+    return [
+        "train",
+        "--data-dir",
+        data_dir,
+        "--no-download",
+        "--output-dir",
+        output_dir,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--eval-batch-size",
+        "64",
+        "--tracker",
+        "none",
+        *extra,
+    ]
 
 
 MULTI_NODE_LAUNCH_CONFIG = REPO / "launch" / "multi-node.yaml"
 
 
-def launch_two_nodes(node_args: list[list[str]], cwd: Path, timeout: float = 300,
-                     **env: str) -> list[subprocess.CompletedProcess]:
+def launch_two_nodes(
+    node_args: list[list[str]], cwd: Path, timeout: float = 300, **env: str
+) -> list[subprocess.CompletedProcess]:
     """Two machines of one job on this one, as the README's multi-node section runs them: for each machine rank
     i, `accelerate launch --config_file launch/multi-node.yaml --num_machines 2 --num_processes 2 --machine_rank i
     --main_process_ip 127.0.0.1 --main_process_port P -m fmnist_dist ARGS`, all started together.
@@ -97,15 +137,38 @@ def launch_two_nodes(node_args: list[list[str]], cwd: Path, timeout: float = 300
     import time
 
     port = str(free_port())
-    commands = [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_NODE_LAUNCH_CONFIG),
-                 "--num_machines", str(len(node_args)), "--num_processes", str(len(node_args)),
-                 "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-                 "-m", "fmnist_dist", *map(str, args)] for rank, args in enumerate(node_args)]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(MULTI_NODE_LAUNCH_CONFIG),
+            "--num_machines",
+            str(len(node_args)),
+            "--num_processes",
+            str(len(node_args)),
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "-m",
+            "fmnist_dist",
+            *map(str, args),
+        ]
+        for rank, args in enumerate(node_args)
+    ]
     # Output goes to files, not pipes: a node blocked on a full pipe would stall the other in a collective.
     outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
     # A session per node, so that a timeout kills its ranks too and not only the launcher.
-    nodes = [subprocess.Popen(command, cwd=cwd, env=cli_env(**env), stdout=out, stderr=err, text=True,
-                              start_new_session=True) for command, (out, err) in zip(commands, outputs)]
+    nodes = [
+        subprocess.Popen(
+            command, cwd=cwd, env=cli_env(**env), stdout=out, stderr=err, text=True, start_new_session=True
+        )
+        for command, (out, err) in zip(commands, outputs)
+    ]
     deadline = time.monotonic() + timeout
     try:
         for node in nodes:

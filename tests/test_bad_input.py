@@ -166,29 +166,46 @@ def truncate_weights(state: Path) -> None:
 
 def edit_progress(position: dict | None = None, **fields: object) -> Callable[[Path], None]:
     """Damage that reads as JSON: a progress.json with impossible values (a hand edit, say)."""
+
     def damage(state: Path) -> None:
         progress = json.loads((state / PROGRESS_FILE).read_text())
         progress["position"].update(position or {})
         progress.update(fields)
         (state / PROGRESS_FILE).write_text(json.dumps(progress))
+
     return damage
 
 
-@pytest.mark.parametrize("damage", [
-    truncate_weights,
-    edit_progress({"samples_done": -500}),
-    edit_progress({"samples_done": 10**6}),
-    edit_progress({"epoch": -1}),
-    edit_progress({"global_step": 10**30}),
-    edit_progress(epoch_loss_sum=None),
-    edit_progress(epoch_samples=-5),
-    edit_progress(world_size=0),
-    edit_progress(metrics=None),
-    edit_progress(metrics=[{"epoch": "x"}]),
-], ids=["truncated-weights", "negative-position", "position-past-the-data", "negative-epoch", "huge-step",
-        "loss-sum-null", "negative-samples", "world-size-0", "metrics-null", "metrics-record-foreign"])
-def test_resume_from_a_damaged_state_is_refused(damage: Callable[[Path], None], data_dir: Path,
-                                                output_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        truncate_weights,
+        edit_progress({"samples_done": -500}),
+        edit_progress({"samples_done": 10**6}),
+        edit_progress({"epoch": -1}),
+        edit_progress({"global_step": 10**30}),
+        edit_progress(epoch_loss_sum=None),
+        edit_progress(epoch_samples=-5),
+        edit_progress(world_size=0),
+        edit_progress(metrics=None),
+        edit_progress(metrics=[{"epoch": "x"}]),
+    ],
+    ids=[
+        "truncated-weights",
+        "negative-position",
+        "position-past-the-data",
+        "negative-epoch",
+        "huge-step",
+        "loss-sum-null",
+        "negative-samples",
+        "world-size-0",
+        "metrics-null",
+        "metrics-record-foreign",
+    ],
+)
+def test_resume_from_a_damaged_state_is_refused(
+    damage: Callable[[Path], None], data_dir: Path, output_dir: Path
+) -> None:
     (state,) = (output_dir / STATES_DIR).iterdir()
     damage(state)
     train_refused(data_dir, output_dir, "--resume", named=(str(state), "cannot be read", "--resume STATE_DIR"))
@@ -306,15 +323,20 @@ OURS = "pass a model.pth saved by fmnist-dist"
     ],
 )
 def test_bad_checkpoint_is_refused(
-    make: Callable[[Path], None] | None, problem: str, advice: str, data_dir: Path, tmp_path: Path,
+    make: Callable[[Path], None] | None,
+    problem: str,
+    advice: str,
+    data_dir: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture,
 ) -> None:
     checkpoint = tmp_path / "model.pth"
     if make is not None:
         make(checkpoint)
     before = files_in(tmp_path)
-    returncode = cli_returncode(["predict", "--checkpoint", str(checkpoint), "--index", "0",
-                                 "--data-dir", str(data_dir), "--no-download"])
+    returncode = cli_returncode(
+        ["predict", "--checkpoint", str(checkpoint), "--index", "0", "--data-dir", str(data_dir), "--no-download"]
+    )
     captured = capsys.readouterr()
     assert_refused(returncode, captured.out, captured.err, str(checkpoint), problem, advice)
     assert files_in(tmp_path) == before
@@ -324,7 +346,10 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(data_dir: 
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "model.pth"
     torch.save(RunsCodeWhenLoaded(marker), checkpoint)
-    result = run_cli(["evaluate", "--checkpoint", checkpoint, "--data-dir", data_dir, "--no-download", "--cpu"],
-                     cwd=tmp_path, **QUIET)
+    result = run_cli(
+        ["evaluate", "--checkpoint", checkpoint, "--data-dir", data_dir, "--no-download", "--cpu"],
+        cwd=tmp_path,
+        **QUIET,
+    )
     assert_refused(result.returncode, result.stdout, result.stderr, str(checkpoint), "refused", "system", RESAVE)
     assert not marker.exists(), "loading the checkpoint ran its code"

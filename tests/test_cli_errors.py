@@ -54,8 +54,16 @@ def assert_refused(args: list, cwd: Path, culprit: str, output_dir: Path) -> Non
         (["--eval-batch-size", "99999999999999999999"], "--eval-batch-size"),
         (["--threads", "99999999999999999999"], "--threads"),
     ],
-    ids=["lr-zero", "lr-negative", "batch-size-zero", "epochs-zero", "epochs-not-a-number", "workers-huge",
-         "eval-batch-huge", "threads-huge"],
+    ids=[
+        "lr-zero",
+        "lr-negative",
+        "batch-size-zero",
+        "epochs-zero",
+        "epochs-not-a-number",
+        "workers-huge",
+        "eval-batch-huge",
+        "threads-huge",
+    ],
 )
 def test_bad_train_flag_is_refused_with_one_line(flags, culprit, data_dir: Path, previous_results: Path) -> None:
     assert_refused(train_args(data_dir, previous_results, *flags), previous_results.parent, culprit, previous_results)
@@ -71,8 +79,12 @@ def test_missing_dataset_with_no_download_is_refused_with_one_line(tmp_path: Pat
 def test_missing_checkpoint_is_refused_with_one_line(data_dir: Path, previous_results: Path) -> None:
     missing = previous_results / "missing.pth"
 
-    assert_refused(["evaluate", "--checkpoint", missing, "--data-dir", data_dir, "--no-download"],
-                   previous_results.parent, str(missing), previous_results)
+    assert_refused(
+        ["evaluate", "--checkpoint", missing, "--data-dir", data_dir, "--no-download"],
+        previous_results.parent,
+        str(missing),
+        previous_results,
+    )
 
 
 def test_failed_download_is_refused_with_one_line(tmp_path: Path, previous_results: Path) -> None:

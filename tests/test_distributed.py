@@ -21,11 +21,15 @@ SHARD_EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def two_process_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+def two_process_run(
+    data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[subprocess.CompletedProcess, Path]:
     """A 2-process `train --cpu` whose eval batches of 64 do not divide the 301 test images evenly."""
     output_dir = tmp_path_factory.mktemp("two-process") / "out"
-    result = launch_cli(train_args(data_dir, output_dir, "--epochs", str(EPOCHS), "--eval-batch-size", "64", "--cpu"),
-                        cwd=output_dir.parent)
+    result = launch_cli(
+        train_args(data_dir, output_dir, "--epochs", str(EPOCHS), "--eval-batch-size", "64", "--cpu"),
+        cwd=output_dir.parent,
+    )
     return result, output_dir
 
 
@@ -73,8 +77,10 @@ def test_two_process_metrics_record_world_size_two(two_process_run) -> None:
 def test_two_process_final_accuracy_matches_single_process_evaluate(two_process_run, data_dir: Path) -> None:
     _, output_dir = two_process_run
 
-    result = run_cli(["evaluate", "--checkpoint", output_dir / "model.pth", "--data-dir", data_dir,
-                      "--no-download", "--json"], cwd=output_dir)
+    result = run_cli(
+        ["evaluate", "--checkpoint", output_dir / "model.pth", "--data-dir", data_dir, "--no-download", "--json"],
+        cwd=output_dir,
+    )
 
     assert result.returncode == 0, result.stderr
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
@@ -95,9 +101,25 @@ def test_device_line_is_printed_once_by_the_main_process(two_process_run) -> Non
 def test_scale_lr_scales_the_learning_rate_with_the_global_batch(data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     # 2 processes x 64 images: a global batch of 128, twice the reference batch of 64.
-    result = launch_cli(train_args(data_dir, output_dir, "--epochs", "1", "--lr", "0.03", "--scale-lr",
-                                   "--batch-size", "64", "--lr-schedule", "constant", "--warmup-epochs", "0",
-                                   "--cpu"), cwd=tmp_path)
+    result = launch_cli(
+        train_args(
+            data_dir,
+            output_dir,
+            "--epochs",
+            "1",
+            "--lr",
+            "0.03",
+            "--scale-lr",
+            "--batch-size",
+            "64",
+            "--lr-schedule",
+            "constant",
+            "--warmup-epochs",
+            "0",
+            "--cpu",
+        ),
+        cwd=tmp_path,
+    )
 
     assert result.returncode == 0, result.stderr
     # The optimizer's own learning rate, as Accelerate saved it with the end-of-epoch training state.
@@ -111,11 +133,33 @@ def launch_recorder(data_dir: Path, work: Path, seed: int) -> list[list[list[int
     records = work / "records"
     records.mkdir(parents=True)
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-         "--main_process_port", str(free_port()), str(RECORDER), str(records),
-         *train_args(data_dir, work / "out", "--batch-size", str(SHARD_BATCH), "--epochs", str(SHARD_EPOCHS),
-                     "--seed", str(seed), "--cpu", "--no-progress")],
-        env=cli_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CPU_LAUNCH_CONFIG),
+            "--main_process_port",
+            str(free_port()),
+            str(RECORDER),
+            str(records),
+            *train_args(
+                data_dir,
+                work / "out",
+                "--batch-size",
+                str(SHARD_BATCH),
+                "--epochs",
+                str(SHARD_EPOCHS),
+                "--seed",
+                str(seed),
+                "--cpu",
+                "--no-progress",
+            ),
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     ranks = [json.loads((records / f"rank-{rank}.json").read_text()) for rank in range(2)]

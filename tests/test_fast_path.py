@@ -115,10 +115,28 @@ def ranks(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict
     """What each of 2 real gloo processes saw: its batches from both prepared loaders, compared."""
     out_dir = tmp_path_factory.mktemp("fast-path-ranks")
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-         "--main_process_port", str(free_port()), str(FAST_PATH_HELPER), str(data_dir), str(out_dir),
-         "--batch-size", str(BATCH_SIZE), "--epochs", str(EPOCHS), "--seed", "11"],
-        env=cli_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CPU_LAUNCH_CONFIG),
+            "--main_process_port",
+            str(free_port()),
+            str(FAST_PATH_HELPER),
+            str(data_dir),
+            str(out_dir),
+            "--batch-size",
+            str(BATCH_SIZE),
+            "--epochs",
+            str(EPOCHS),
+            "--seed",
+            "11",
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]

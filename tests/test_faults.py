@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
 
-from fmnist_dist.storage.atomic_files import atomic_write
-from fmnist_dist.storage.weights import load_model, save_state_dict
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import NeuralNetwork
-from fmnist_dist.storage.training_state import find_state
-from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
+from fmnist_dist.storage.atomic_files import atomic_write
 from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
+from fmnist_dist.storage.training_state import find_state
+from fmnist_dist.storage.weights import load_model, save_state_dict
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 HANG_LIMIT_S = 60
@@ -49,29 +49,60 @@ def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def kill_args(data_dir: Path, output_dir: Path, *extra: str) -> list:
-    return train_args(data_dir, output_dir, "--epochs", "2", "--batch-size", KILL_BATCH, "--no-progress",
-                      "--checkpoint-every", KILL_CHECKPOINT_EVERY, *extra)
+    return train_args(
+        data_dir,
+        output_dir,
+        "--epochs",
+        "2",
+        "--batch-size",
+        KILL_BATCH,
+        "--no-progress",
+        "--checkpoint-every",
+        KILL_CHECKPOINT_EVERY,
+        *extra,
+    )
 
 
 def cli_command(processes: int) -> list[str]:
     """`python -m fmnist_dist`, or `accelerate launch` of two gloo processes."""
     if processes == 1:
         return [sys.executable, "-m", "fmnist_dist"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-            "--main_process_port", str(free_port()), "-m", "fmnist_dist"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fmnist_dist",
+    ]
 
 
 def run_to_end(processes: int, args: list, cwd: Path) -> None:
-    result = subprocess.run([*cli_command(processes), *map(str, args)], cwd=cwd, env=cli_env(**QUIET),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*cli_command(processes), *map(str, args)],
+        cwd=cwd,
+        env=cli_env(**QUIET),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def start_in_own_session(processes: int, args: list, cwd: Path) -> subprocess.Popen:
     """The CLI in a process group of its own, so that one killpg reaches the launcher and every rank."""
     with (cwd / "killed.log").open("wb") as log:
-        return subprocess.Popen([*cli_command(processes), *map(str, args)], cwd=cwd, env=cli_env(**QUIET),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [*cli_command(processes), *map(str, args)],
+            cwd=cwd,
+            env=cli_env(**QUIET),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def wait_for_saved_state(process: subprocess.Popen, output_dir: Path, timeout: float = 120) -> None:
@@ -143,7 +174,9 @@ class DiskFullHalfway:
 @pytest.fixture
 def disk_full_halfway(monkeypatch: pytest.MonkeyPatch) -> None:
     real_fdopen = os.fdopen
-    monkeypatch.setattr("fmnist_dist.storage.atomic_files.os.fdopen", lambda *a, **k: DiskFullHalfway(real_fdopen(*a, **k)))
+    monkeypatch.setattr(
+        "fmnist_dist.storage.atomic_files.os.fdopen", lambda *a, **k: DiskFullHalfway(real_fdopen(*a, **k))
+    )
 
 
 def test_failed_model_save_leaves_previous_model_intact(tmp_path: Path, disk_full_halfway: None) -> None:
@@ -210,13 +243,28 @@ def test_atomic_write_keeps_an_existing_files_permissions(tmp_path: Path) -> Non
 @pytest.mark.parametrize("failing_rank", [1, 0])
 def test_two_process_job_ends_when_one_rank_fails(failing_rank: int, data_dir: Path, tmp_path: Path) -> None:
     """One rank raises at step 3 (injected by tests/helpers/fail_on_rank.py); the other must not wait forever."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-               "--main_process_port", str(free_port()), str(HELPERS / "fail_on_rank.py"),
-               *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--no-progress"))]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        str(HELPERS / "fail_on_rank.py"),
+        *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--no-progress")),
+    ]
     start = time.monotonic()
     env = cli_env(FAIL_RANK=str(failing_rank), FAIL_AT_STEP="3", **QUIET)
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=HANG_LIMIT_S)
     except subprocess.TimeoutExpired:

@@ -16,9 +16,9 @@ import pytest
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args, train_finished_run
 
 from fmnist_dist.errors import UsageError
+from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.storage.plots import plot_run
 from fmnist_dist.storage.run_dir import STATES_DIR, TMP_PREFIX
-from fmnist_dist.storage.metrics_log import MetricsLog
 
 TMPFS_SIZE = "16m"  # one run's files (a state, model.pth, plots: about 8 MB) and room to fill
 QUIET = {"OMP_NUM_THREADS": "1"}
@@ -46,8 +46,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a tmpfs needs root")
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -65,8 +66,19 @@ def finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def resume_command(processes: int, args: list) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "fmnist_dist", *map(str, args)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-            "--main_process_port", str(free_port()), "-m", "fmnist_dist", *map(str, args), "--cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fmnist_dist",
+        *map(str, args),
+        "--cpu",
+    ]
 
 
 @pytest.mark.slow
@@ -79,8 +91,14 @@ def test_state_save_on_a_full_disk_is_one_line_and_leaves_no_debris(
     before = files_in(output_dir)
     args = train_args(data_dir, output_dir, "--epochs", "2", "--resume", "--checkpoint-every", "5", "--no-progress")
 
-    result = subprocess.run(resume_command(processes, args), cwd=small_disk.parent, env=cli_env(**QUIET),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        resume_command(processes, args),
+        cwd=small_disk.parent,
+        env=cli_env(**QUIET),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("fmnist-dist: error:")]
@@ -112,8 +130,9 @@ def reject_constant(name: str) -> None:
 
 def test_metrics_with_non_finite_values_are_strict_json(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    MetricsLog(path).append({"epoch": 1, "train_loss": float("nan"), "lr": float("inf"),
-                             "matrix": [[1.0, -float("inf")]]})
+    MetricsLog(path).append(
+        {"epoch": 1, "train_loss": float("nan"), "lr": float("inf"), "matrix": [[1.0, -float("inf")]]}
+    )
 
     (record,) = [json.loads(line, parse_constant=reject_constant) for line in path.read_text().splitlines()]
     assert record == {"epoch": 1, "train_loss": None, "lr": None, "matrix": [[1.0, None]]}

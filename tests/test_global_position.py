@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, train_args
 
-from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import BatchPlan, TrainingPosition
 from fmnist_dist.recipe.sampling import epoch_order
-from fmnist_dist.storage.training_state import complete_states
+from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.run_dir import STATES_DIR
+from fmnist_dist.storage.training_state import complete_states
 
 RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
 GLOBAL_BATCH = 48  # divides by 1, 2 and 3 processes
@@ -37,12 +37,13 @@ def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def train(data_dir: Path, output_dir: Path, processes: int, *extra: str,
-          record: bool = False) -> subprocess.CompletedProcess:
+def train(
+    data_dir: Path, output_dir: Path, processes: int, *extra: str, record: bool = False
+) -> subprocess.CompletedProcess:
     """`train` on `processes` gloo processes (or one plain process); with `record`, through the index recorder."""
     args = [str(a) for a in train_args(data_dir, output_dir, "--no-progress")]
     if "--global-batch-size" in extra or "--resume" in extra:  # exclusive flags; a resume keeps the saved batch
-        del args[args.index("--batch-size"):args.index("--batch-size") + 2]
+        del args[args.index("--batch-size") : args.index("--batch-size") + 2]
     args += map(str, extra)
     if processes > 1:
         args.append("--cpu")
@@ -51,11 +52,21 @@ def train(data_dir: Path, output_dir: Path, processes: int, *extra: str,
         (output_dir.parent / f"{output_dir.name}-records").mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(RECORDER), str(output_dir.parent / f"{output_dir.name}-records")]
     if processes > 1:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-                    "--num_processes", str(processes), "--main_process_port", str(free_port())]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CPU_LAUNCH_CONFIG),
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(free_port()),
+        ]
         command = [*launcher, *(command[1:] if record else ["-m", "fmnist_dist"])]
-    result = subprocess.run([*command, *args], cwd=output_dir.parent, env=cli_env(), capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [*command, *args], cwd=output_dir.parent, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -110,8 +121,18 @@ def test_the_position_counts_images_of_the_global_order() -> None:
 def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, global batch 48, 2 epochs, every state kept, every trained index recorded."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    train(data_dir, out, 1, "--global-batch-size", GLOBAL_BATCH, "--checkpoint-every", STATE_STEP,
-          "--keep-states", 100, record=True)
+    train(
+        data_dir,
+        out,
+        1,
+        "--global-batch-size",
+        GLOBAL_BATCH,
+        "--checkpoint-every",
+        STATE_STEP,
+        "--keep-states",
+        100,
+        record=True,
+    )
     return out
 
 
@@ -175,8 +196,16 @@ def test_accumulating_3_batches_of_64_equals_a_batch_of_192(data_dir: Path, tmp_
 def test_resume_from_every_state_with_accumulation_is_bit_identical(
     processes: int, data_dir: Path, tmp_path: Path
 ) -> None:
-    flags = ("--batch-size", "8", "--gradient-accumulation-steps", "3", "--checkpoint-every", "5",
-             "--keep-states", "100")
+    flags = (
+        "--batch-size",
+        "8",
+        "--gradient-accumulation-steps",
+        "3",
+        "--checkpoint-every",
+        "5",
+        "--keep-states",
+        "100",
+    )
     straight = tmp_path / "straight"
     train(data_dir, straight, processes, *flags)
     states = complete_states(straight / STATES_DIR)[:-1]  # all but the final one
@@ -199,8 +228,21 @@ def test_resume_from_every_state_with_accumulation_is_bit_identical(
 def warmup_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Cosine schedule with a 30-step warm-up, lr 0.05: the state of step 10 is mid-warm-up."""
     out = tmp_path_factory.mktemp("warmup") / "out"
-    train(data_dir, out, 1, "--lr", "0.05", "--lr-schedule", "cosine", "--warmup-steps", "30",
-          "--checkpoint-every", STATE_STEP, "--keep-states", 100)
+    train(
+        data_dir,
+        out,
+        1,
+        "--lr",
+        "0.05",
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        "30",
+        "--checkpoint-every",
+        STATE_STEP,
+        "--keep-states",
+        100,
+    )
     return out
 
 
@@ -211,8 +253,9 @@ def resume_copy(run: Path, work: Path, data_dir: Path, *flags: str) -> tuple[Pat
 
 
 @pytest.mark.slow
-def test_resume_without_flags_continues_with_the_saved_settings(warmup_run: Path, data_dir: Path,
-                                                                tmp_path: Path) -> None:
+def test_resume_without_flags_continues_with_the_saved_settings(
+    warmup_run: Path, data_dir: Path, tmp_path: Path
+) -> None:
     out, result = resume_copy(warmup_run, tmp_path / "resumed", data_dir)
 
     assert "same settings" in result.stdout

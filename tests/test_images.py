@@ -79,8 +79,10 @@ def test_a_palette_image_with_a_transparent_colour_is_flattened_by_what_it_shows
     palette.putpalette([0, 0, 0, 40, 40, 40])  # index 0: black, but transparent; index 1: the dark garment
     palette.info["transparency"] = 0
     on_white = np.where(square == 1, 40, 255).astype(np.uint8)
-    assert torch.equal(load_image(saved(palette, tmp_path / "palette.png")),
-                       load_image(saved(Image.fromarray(on_white), tmp_path / "on-white.png")))
+    assert torch.equal(
+        load_image(saved(palette, tmp_path / "palette.png")),
+        load_image(saved(Image.fromarray(on_white), tmp_path / "on-white.png")),
+    )
 
 
 def test_a_16_bit_png_is_scaled_not_clipped(garment: np.ndarray, tmp_path: Path) -> None:

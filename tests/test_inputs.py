@@ -25,8 +25,8 @@ from conftest import run_cli, train_args
 from torchvision import datasets
 
 from fmnist_dist.cli import main
-from fmnist_dist.inputs.dataset_checks import check_dataset, check_legacy_file, describe_dataset
 from fmnist_dist.errors import UsageError
+from fmnist_dist.inputs.dataset_checks import check_dataset, check_legacy_file, describe_dataset
 from fmnist_dist.inputs.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, processed_dir, raw_dir, write_idx
 from fmnist_dist.inputs.synthetic import MARKER, is_synthetic, write_synthetic_dataset
 
@@ -37,8 +37,11 @@ NOBODY = 65534  # uid and gid of the unprivileged user `nobody`
 
 def files_in(directory: Path) -> dict[str, bytes]:
     """Every regular file under `directory`, by relative path, with its bytes."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def one_error_line(returncode: int | None, err: str, *named: str) -> str:
@@ -55,8 +58,9 @@ def one_error_line(returncode: int | None, err: str, *named: str) -> str:
 def predict_index(data: Path, *flags: str) -> int | None:
     """`predict --index 0` on `data`: it reads the test split before the (absent) checkpoint."""
     try:
-        return main(["predict", "--checkpoint", str(data / "none.pth"), "--index", "0", "--data-dir", str(data),
-                     *flags])
+        return main(
+            ["predict", "--checkpoint", str(data / "none.pth"), "--index", "0", "--data-dir", str(data), *flags]
+        )
     except SystemExit as leaving:
         return leaving.code
 
@@ -96,8 +100,9 @@ def test_a_partial_dataset_is_downloaded_whole_when_allowed(
     mirror = f"http://127.0.0.1:{closed_port()}/"
     monkeypatch.setenv("no_proxy", "*")  # straight to the closed port, whatever proxy the machine has
     monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [mirror])
-    line = refused(data, capsys, "could not download", f"{mirror}train-images-idx3-ubyte.gz", "refused",
-                   "synthetic-data", flags=())
+    line = refused(
+        data, capsys, "could not download", f"{mirror}train-images-idx3-ubyte.gz", "refused", "synthetic-data", flags=()
+    )
     assert "Tried" not in line  # torchvision's multi-line message, folded into one
 
 
@@ -163,7 +168,7 @@ def check_dataset_as_nobody(data: Path) -> str:
             check_dataset(data, download=False)
         except UsageError as error:
             message = str(error)
-        except BaseException as error:  # noqa: BLE001 - anything else is what the test must catch
+        except BaseException as error:
             message = f"{type(error).__name__}: {error}"
         os.write(write_end, message.encode())
         os._exit(0)
@@ -193,8 +198,9 @@ def test_a_file_in_place_of_a_data_directory_is_named_before_any_download(
     in_the_way.parent.mkdir(parents=True, exist_ok=True)
     in_the_way.write_text("not a directory")
     monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [f"http://127.0.0.1:{closed_port()}/"])  # no real fetch
-    line = one_error_line(predict_index(data), capsys.readouterr().err, "--data-dir", f"{in_the_way.name} is a file, "
-                          "not a directory")
+    line = one_error_line(
+        predict_index(data), capsys.readouterr().err, "--data-dir", f"{in_the_way.name} is a file, not a directory"
+    )
     assert "download" not in line
     assert in_the_way.read_text() == "not a directory"
 
@@ -214,8 +220,10 @@ def write_legacy_cache(data: Path, train: Pair, test: Pair) -> None:
 
 def good_pair(n: int, seed: int = 0) -> Pair:
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
-            torch.randint(0, 10, (n,), generator=generator))
+    return (
+        torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 10, (n,), generator=generator),
+    )
 
 
 @pytest.mark.parametrize(
@@ -253,8 +261,9 @@ def test_the_cache_check_accepts_exactly_the_label_dtypes_training_can_use(tmp_p
     images, labels = good_pair(4)
     for dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
         torch.save((images, labels.to(dtype)), tmp_path / "test.pt")
-        assert accepts(lambda: F.cross_entropy(torch.zeros(4, 10), labels.to(dtype)), RuntimeError) == \
-            accepts(lambda: check_legacy_file(tmp_path / "test.pt"), UsageError), dtype
+        assert accepts(lambda: F.cross_entropy(torch.zeros(4, 10), labels.to(dtype)), RuntimeError) == accepts(
+            lambda: check_legacy_file(tmp_path / "test.pt"), UsageError
+        ), dtype
 
 
 def accepts(call: Callable[[], object], refusal: type[Exception]) -> bool:
@@ -299,8 +308,9 @@ def test_synthetic_data_force_replaces_symlinks_never_their_targets(data: Path, 
     assert len(datasets.FashionMNIST(root=str(data), train=False)) == 10
 
 
-@pytest.mark.parametrize(("make", "kind"), [(Path.mkdir, "is a directory"), (os.mkfifo, "not a regular file")],
-                         ids=["directory", "fifo"])
+@pytest.mark.parametrize(
+    ("make", "kind"), [(Path.mkdir, "is a directory"), (os.mkfifo, "not a regular file")], ids=["directory", "fifo"]
+)
 def test_synthetic_data_force_refuses_a_non_file_in_place_of_one_before_writing_anything(
     make, kind: str, data: Path, tmp_path: Path
 ) -> None:
@@ -310,8 +320,11 @@ def test_synthetic_data_force_refuses_a_non_file_in_place_of_one_before_writing_
     in_the_way.unlink()
     make(in_the_way)
     before = files_in(data)
-    result = run_cli(["synthetic-data", "--out", data, "--force", "--train-size", "20", "--test-size", "10"],
-                     cwd=tmp_path, timeout=60)
+    result = run_cli(
+        ["synthetic-data", "--out", data, "--force", "--train-size", "20", "--test-size", "10"],
+        cwd=tmp_path,
+        timeout=60,
+    )
     one_error_line(result.returncode, result.stderr, str(in_the_way), kind, "move it away")
     assert files_in(data) == before
 

@@ -15,7 +15,7 @@ from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, trai
 from processes import alive, children
 
 from fmnist_dist.runtime.launcher_death import LAUNCHER_MARK, stop_with_launcher
-from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR, STATE_PREFIX
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATE_PREFIX, STATES_DIR
 
 QUIET = {"OMP_NUM_THREADS": "1"}
 GONE_WITHIN_S = 15
@@ -37,13 +37,36 @@ def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_killing_the_launcher_stops_every_rank(long_data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-               "--main_process_port", str(free_port()), "-m", "fmnist_dist",
-               *map(str, train_args(long_data_dir, output_dir, "--cpu", "--epochs", "20", "--batch-size", "8",
-                                    "--checkpoint-every", "50", "--no-progress"))]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fmnist_dist",
+        *map(
+            str,
+            train_args(
+                long_data_dir,
+                output_dir,
+                "--cpu",
+                "--epochs",
+                "20",
+                "--batch-size",
+                "8",
+                "--checkpoint-every",
+                "50",
+                "--no-progress",
+            ),
+        ),
+    ]
     with (tmp_path / "launch.log").open("wb") as log:
-        launcher = subprocess.Popen(command, cwd=tmp_path, env=cli_env(**QUIET), stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        launcher = subprocess.Popen(
+            command, cwd=tmp_path, env=cli_env(**QUIET), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     ranks: list[int] = []
     try:
         # Once a state is saved, both ranks are training.
@@ -52,8 +75,11 @@ def test_killing_the_launcher_stops_every_rank(long_data_dir: Path, tmp_path: Pa
         assert len(ranks) == 2, ranks
         launcher.kill()
         launcher.wait(timeout=10)
-        wait_until(lambda: not any(map(alive, ranks)), GONE_WITHIN_S,
-                   f"ranks {[r for r in ranks if alive(r)]} still run {GONE_WITHIN_S} s after the launcher died")
+        wait_until(
+            lambda: not any(map(alive, ranks)),
+            GONE_WITHIN_S,
+            f"ranks {[r for r in ranks if alive(r)]} still run {GONE_WITHIN_S} s after the launcher died",
+        )
     finally:
         for pid in [launcher.pid, *ranks]:
             if alive(pid):
@@ -66,19 +92,28 @@ def test_killing_the_launcher_stops_every_rank(long_data_dir: Path, tmp_path: Pa
 
 def test_a_process_started_by_a_launcher_ends_with_it(tmp_path: Path) -> None:
     """A stand-in launcher (a plain parent) starts a rank, then dies by SIGKILL: the rank gets SIGTERM."""
-    rank = ("import sys, time\n"
-            "from fmnist_dist.runtime.launcher_death import stop_with_launcher\n"
-            "assert stop_with_launcher()\n"
-            "print('armed', flush=True)\n"
-            "time.sleep(60)\n")
-    launcher = ("import os, subprocess, sys\n"
-                f"rank = subprocess.Popen([sys.executable, '-c', {rank!r}], stdout=subprocess.PIPE, "
-                "stderr=subprocess.DEVNULL, text=True)\n"
-                "assert rank.stdout.readline() == 'armed\\n'\n"
-                "print(rank.pid, flush=True)\n"
-                "os.kill(os.getpid(), 9)\n")
-    result = subprocess.run([sys.executable, "-c", launcher], env=cli_env(**{LAUNCHER_MARK: "test"}),
-                            capture_output=True, text=True, timeout=60)
+    rank = (
+        "import sys, time\n"
+        "from fmnist_dist.runtime.launcher_death import stop_with_launcher\n"
+        "assert stop_with_launcher()\n"
+        "print('armed', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    launcher = (
+        "import os, subprocess, sys\n"
+        f"rank = subprocess.Popen([sys.executable, '-c', {rank!r}], stdout=subprocess.PIPE, "
+        "stderr=subprocess.DEVNULL, text=True)\n"
+        "assert rank.stdout.readline() == 'armed\\n'\n"
+        "print(rank.pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", launcher],
+        env=cli_env(**{LAUNCHER_MARK: "test"}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr
     rank_pid = int(result.stdout)
     try:

@@ -8,8 +8,8 @@ import torch
 from conftest import run_cli
 from torchvision import datasets
 
-from fmnist_dist.recipe.model import NeuralNetwork
 from fmnist_dist.inputs.synthetic import MARKER
+from fmnist_dist.recipe.model import NeuralNetwork
 
 # The quickstart's state_dict: https://pytorch.org/tutorials/beginner/basics/quickstart_tutorial.html
 QUICKSTART_SHAPES = {

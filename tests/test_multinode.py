@@ -15,8 +15,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")
-def two_node_run(data_dir: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> tuple[list[subprocess.CompletedProcess], Path]:
+def two_node_run(
+    data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[subprocess.CompletedProcess], Path]:
     output_dir = tmp_path_factory.mktemp("two-node") / "out"
     args = train_args(data_dir, output_dir, "--cpu", "--no-progress")
     return launch_two_nodes([args, args], cwd=output_dir.parent), output_dir

@@ -18,8 +18,7 @@ from conftest import cli_env, run_cli, synthetic_data, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.storage.output_dir import OutputDirLock
-from fmnist_dist.storage.run_dir import LOCK_FILE
-from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
+from fmnist_dist.storage.run_dir import LOCK_FILE, PROGRESS_FILE, STATES_DIR
 
 PREFIX = "fmnist-dist: error: "
 QUIET = {"OMP_NUM_THREADS": "1"}
@@ -27,8 +26,11 @@ QUIET = {"OMP_NUM_THREADS": "1"}
 
 def hashes(directory: Path) -> dict[str, str]:
     """Every file under `directory` (hidden ones included), by relative path, with its SHA-256."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -63,16 +65,26 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(data_dir: Path, ear
     before = hashes(earlier_run)
     result = run_cli(train_args(data_dir, earlier_run, "--epochs", "1"), cwd=earlier_run.parent, **QUIET)
     line = one_error_line(result)
-    for word in (str(earlier_run), "holds an earlier run", "saved state", "metrics.jsonl", "model.pth",
-                 "--resume", "--overwrite"):
+    for word in (
+        str(earlier_run),
+        "holds an earlier run",
+        "saved state",
+        "metrics.jsonl",
+        "model.pth",
+        "--resume",
+        "--overwrite",
+    ):
         assert word in line, (word, line)
     assert hashes(earlier_run) == before  # byte for byte, and nothing added (not even the lock file)
 
 
 def test_overwrite_starts_afresh_and_removes_only_what_fmnist_dist_wrote(data_dir: Path, earlier_run: Path) -> None:
     assert states(earlier_run) == ["step-000000032", "step-000000064"]
-    unrelated = {earlier_run / "notes.txt": b"mine", earlier_run / STATES_DIR / "README": b"mine too",
-                 earlier_run / STATES_DIR / "step-000000099" / "data.bin": b"not a state: no progress.json"}
+    unrelated = {
+        earlier_run / "notes.txt": b"mine",
+        earlier_run / STATES_DIR / "README": b"mine too",
+        earlier_run / STATES_DIR / "step-000000099" / "data.bin": b"not a state: no progress.json",
+    }
     for path, content in unrelated.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
@@ -80,8 +92,11 @@ def test_overwrite_starts_afresh_and_removes_only_what_fmnist_dist_wrote(data_di
     unfinished.mkdir()
     (unfinished / "model.safetensors").write_bytes(b"partial")
 
-    result = run_cli(train_args(data_dir, earlier_run, "--epochs", "1", "--overwrite", "--no-progress"),
-                     cwd=earlier_run.parent, **QUIET)
+    result = run_cli(
+        train_args(data_dir, earlier_run, "--epochs", "1", "--overwrite", "--no-progress"),
+        cwd=earlier_run.parent,
+        **QUIET,
+    )
 
     assert result.returncode == 0, result.stderr
     assert states(earlier_run) == ["step-000000032"]  # the earlier step-64 is gone: a fresh history
@@ -120,15 +135,24 @@ def busy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_jobs_started_together_one_runs_the_other_refuses(busy_data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     args = train_args(busy_data_dir, output_dir, "--batch-size", "8", "--no-progress", "--seed")
-    jobs = [subprocess.Popen([sys.executable, "-m", "fmnist_dist", *map(str, args), str(seed)], cwd=tmp_path,
-                             env=cli_env(**QUIET), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for seed in (1, 2)]
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fmnist_dist", *map(str, args), str(seed)],
+            cwd=tmp_path,
+            env=cli_env(**QUIET),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
     results = [(job.pid, *job.communicate(timeout=300), job.returncode) for job in jobs]
 
     assert sorted(returncode for *_, returncode in results) == [0, 2], results
     (winner,) = [pid for pid, *_, returncode in results if returncode == 0]
-    (refused,) = [subprocess.CompletedProcess([], returncode, out, err)
-                  for _, out, err, returncode in results if returncode == 2]
+    (refused,) = [
+        subprocess.CompletedProcess([], returncode, out, err) for _, out, err, returncode in results if returncode == 2
+    ]
     line = one_error_line(refused)
     assert f"{output_dir} is in use by another fmnist-dist job (pid {winner} on " in line, line
     assert states(output_dir) and not (output_dir / LOCK_FILE).exists()
@@ -137,8 +161,9 @@ def test_two_jobs_started_together_one_runs_the_other_refuses(busy_data_dir: Pat
 RACERS = 8
 
 
-def _race_for_the_lock(output_dir: Path, barrier: multiprocessing.synchronize.Barrier,
-                       results: multiprocessing.Queue) -> None:
+def _race_for_the_lock(
+    output_dir: Path, barrier: multiprocessing.synchronize.Barrier, results: multiprocessing.Queue
+) -> None:
     """One job's start-up: take the lock at the barrier, report (pid, refusal or None), hold it until all tried."""
     with OutputDirLock(output_dir) as lock:
         barrier.wait()
@@ -152,8 +177,9 @@ def _race_for_the_lock(output_dir: Path, barrier: multiprocessing.synchronize.Ba
 
 
 @pytest.mark.parametrize("lock_file_left", [False, True], ids=["fresh", "left-by-a-killed-job"])
-def test_of_jobs_racing_for_a_directory_one_holds_it_and_every_other_names_it(tmp_path: Path,
-                                                                             lock_file_left: bool) -> None:
+def test_of_jobs_racing_for_a_directory_one_holds_it_and_every_other_names_it(
+    tmp_path: Path, lock_file_left: bool
+) -> None:
     forked = multiprocessing.get_context("fork")
     for attempt in range(5):  # the race is short: run it several times
         output_dir = tmp_path / str(attempt)
@@ -161,8 +187,7 @@ def test_of_jobs_racing_for_a_directory_one_holds_it_and_every_other_names_it(tm
             output_dir.mkdir()
             (output_dir / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 1, "host": "gone", "token": "0"}))
         barrier, results = forked.Barrier(RACERS), forked.Queue()
-        racers = [forked.Process(target=_race_for_the_lock, args=(output_dir, barrier, results))
-                  for _ in range(RACERS)]
+        racers = [forked.Process(target=_race_for_the_lock, args=(output_dir, barrier, results)) for _ in range(RACERS)]
         for racer in racers:
             racer.start()
         outcomes = [results.get(timeout=60) for _ in racers]

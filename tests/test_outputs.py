@@ -24,11 +24,11 @@ import pytest
 from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, train_args
 from PIL import Image
 
-from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.cli import main
 from fmnist_dist.inputs.fashion_mnist import load_split
-from fmnist_dist.storage.plots import CONFUSION_SIZE, CURVES_SIZE, DPI
+from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.storage.plots import CONFUSION_SIZE, CURVES_SIZE, DPI
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +78,18 @@ def run_on_terminal(command: Sequence[str], cwd: Path, timeout: float = 300, **e
 
 def launch_command(*args: object) -> list[str]:
     """What conftest's launch_cli runs: `accelerate launch` with launch/cpu.yaml, two gloo processes."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-            "--main_process_port", str(free_port()), "-m", "fmnist_dist", *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fmnist_dist",
+        *map(str, args),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +124,12 @@ def test_terminal_shows_one_bar_per_epoch_from_the_main_process_only(data_dir: P
 
 def test_no_progress_flag_removes_the_bar_on_a_terminal(data_dir: Path, tmp_path: Path) -> None:
     returncode, output = run_on_terminal(
-        [sys.executable, "-m", "fmnist_dist",
-         *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--no-progress"))],
+        [
+            sys.executable,
+            "-m",
+            "fmnist_dist",
+            *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--no-progress")),
+        ],
         tmp_path,
     )
     assert returncode == 0, output[-3000:]
@@ -208,8 +222,19 @@ def test_predict_bad_image_file_is_a_one_line_usage_error(
 
 
 def test_evaluate_json_has_per_class_accuracy_consistent_with_the_total(piped_job: Job, data_dir: Path) -> None:
-    result = run_cli(["evaluate", "--checkpoint", piped_job.output_dir / "model.pth", "--data-dir", data_dir,
-                      "--no-download", "--cpu", "--json"], piped_job.output_dir)
+    result = run_cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            piped_job.output_dir / "model.pth",
+            "--data-dir",
+            data_dir,
+            "--no-download",
+            "--cpu",
+            "--json",
+        ],
+        piped_job.output_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     final_epoch = MetricsLog.read(piped_job.output_dir / "metrics.jsonl")[-1]
@@ -222,8 +247,18 @@ def test_evaluate_json_has_per_class_accuracy_consistent_with_the_total(piped_jo
 
 
 def test_evaluate_prints_one_line_per_class(piped_job: Job, data_dir: Path) -> None:
-    result = run_cli(["evaluate", "--checkpoint", piped_job.output_dir / "model.pth", "--data-dir", data_dir,
-                      "--no-download", "--cpu"], piped_job.output_dir)
+    result = run_cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            piped_job.output_dir / "model.pth",
+            "--data-dir",
+            data_dir,
+            "--no-download",
+            "--cpu",
+        ],
+        piped_job.output_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     total, *per_class = result.stdout.splitlines()
     assert total.startswith("test accuracy ")

@@ -18,8 +18,8 @@ from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, synthetic_d
 from processes import children
 
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE
-from fmnist_dist.storage.training_state import complete_states
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
+from fmnist_dist.storage.training_state import complete_states
 
 LONG_TRAIN_SIZE = 12000  # 375 steps of 32 per epoch: a signal after the first epoch lands mid-way in the second
 FIRST_EPOCH_LINE = "epoch 1/2:"
@@ -34,8 +34,17 @@ def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def command(processes: int) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "fmnist_dist"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-            "--main_process_port", str(free_port()), "-m", "fmnist_dist"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fmnist_dist",
+    ]
 
 
 def args(data_dir: Path, output_dir: Path, processes: int, *extra: str) -> list[str]:
@@ -52,19 +61,37 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def run_to_end(data_dir: Path, output_dir: Path, processes: int) -> subprocess.CompletedProcess:
-    result = subprocess.run([*command(processes), *args(data_dir, output_dir, processes)], cwd=output_dir.parent,
-                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*command(processes), *args(data_dir, output_dir, processes)],
+        cwd=output_dir.parent,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def run_and_signal(data_dir: Path, output_dir: Path, processes: int, signum: int, target: str,
-                   after: str = FIRST_EPOCH_LINE, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+def run_and_signal(
+    data_dir: Path,
+    output_dir: Path,
+    processes: int,
+    signum: int,
+    target: str,
+    after: str = FIRST_EPOCH_LINE,
+    extra: tuple[str, ...] = (),
+) -> tuple[int, str]:
     """Start the run; once a line starts with `after`, send `signum` to `target` ("run", "rank" 1 or "launcher")."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([*command(processes), *args(data_dir, output_dir, processes, *extra)],
-                               cwd=output_dir.parent,
-                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [*command(processes), *args(data_dir, output_dir, processes, *extra)],
+        cwd=output_dir.parent,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     try:
         for line in process.stdout:
@@ -91,8 +118,14 @@ def uninterrupted(long_data_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("processes", "signum", "target"),
-    [(1, signal.SIGTERM, "run"), (1, signal.SIGUSR1, "run"), (1, signal.SIGINT, "run"),
-     (2, signal.SIGTERM, "rank"), (2, signal.SIGUSR1, "rank"), (2, signal.SIGTERM, "launcher")],
+    [
+        (1, signal.SIGTERM, "run"),
+        (1, signal.SIGUSR1, "run"),
+        (1, signal.SIGINT, "run"),
+        (2, signal.SIGTERM, "rank"),
+        (2, signal.SIGUSR1, "rank"),
+        (2, signal.SIGTERM, "launcher"),
+    ],
     ids=["SIGTERM", "SIGUSR1", "SIGINT", "SIGTERM-one-rank", "SIGUSR1-one-rank", "SIGTERM-launcher"],
 )
 def test_a_signal_stops_every_process_at_one_step_with_a_state_and_resume_is_bit_identical(
@@ -140,8 +173,14 @@ def test_a_signal_agreed_on_after_the_last_optimizer_step_lets_the_run_finish(
 ) -> None:
     out = tmp_path / "out"
     # 10 optimizer steps of 1,200 images an epoch: sent during epoch 2, the stop is agreed on at step 20, its last.
-    code, output = run_and_signal(long_data_dir, out, 1, signal.SIGTERM, "run",
-                                  extra=("--batch-size", "100", "--gradient-accumulation-steps", "12"))
+    code, output = run_and_signal(
+        long_data_dir,
+        out,
+        1,
+        signal.SIGTERM,
+        "run",
+        extra=("--batch-size", "100", "--gradient-accumulation-steps", "12"),
+    )
 
     assert code == 0, output
     assert "fmnist-dist: SIGTERM arrived after the last optimizer step; finishing the run" in output
@@ -151,8 +190,11 @@ def test_a_signal_agreed_on_after_the_last_optimizer_step_lets_the_run_finish(
 
 
 def digests(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".fmnist-dist.lock"}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".fmnist-dist.lock"
+    }
 
 
 @pytest.mark.slow

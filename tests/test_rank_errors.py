@@ -26,17 +26,43 @@ ERROR = "fmnist-dist: error: "
 
 def node_command(machine_rank: int, port: int, args: Sequence) -> list[str]:
     """`accelerate launch` of node `machine_rank` of two, one process each, meeting on 127.0.0.1:`port`."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "-m", "fmnist_dist", *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--machine_rank",
+        str(machine_rank),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "fmnist_dist",
+        *map(str, args),
+    ]
 
 
 def start_two_nodes(node_args: Sequence[Sequence], cwd: Path) -> list[subprocess.Popen]:
     """Both nodes' launchers, each in a session of its own, output (stdout and stderr together) piped."""
     port = free_port()
-    return [subprocess.Popen(node_command(rank, port, args), cwd=cwd, env=cli_env(**QUIET), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-            for rank, args in enumerate(node_args)]
+    return [
+        subprocess.Popen(
+            node_command(rank, port, args),
+            cwd=cwd,
+            env=cli_env(**QUIET),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for rank, args in enumerate(node_args)
+    ]
 
 
 def finish(nodes: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
@@ -69,8 +95,9 @@ def no_traceback_through_fmnist_dist(output: str) -> bool:
 def test_missing_data_on_the_second_node_is_reported_there_and_ends_both(data_dir: Path, tmp_path: Path) -> None:
     missing = tmp_path / "not-copied-here"
     common = ("--cpu", "--epochs", "1", "--no-progress")
-    nodes = start_two_nodes([train_args(data_dir, tmp_path / "out", *common),
-                             train_args(missing, tmp_path / "out", *common)], tmp_path)
+    nodes = start_two_nodes(
+        [train_args(data_dir, tmp_path / "out", *common), train_args(missing, tmp_path / "out", *common)], tmp_path
+    )
     (code0, output0), (code1, output1) = finish(nodes, PROMPT_S)
 
     assert code0 != 0 and code1 != 0
@@ -84,8 +111,10 @@ def test_missing_data_on_the_second_node_is_reported_there_and_ends_both(data_di
 
 def test_an_output_dir_not_shared_by_the_nodes_is_refused_before_training(data_dir: Path, tmp_path: Path) -> None:
     common = ("--cpu", "--epochs", "1", "--no-progress")
-    nodes = start_two_nodes([train_args(data_dir, tmp_path / "node0-out", *common),
-                             train_args(data_dir, tmp_path / "node1-out", *common)], tmp_path)
+    nodes = start_two_nodes(
+        [train_args(data_dir, tmp_path / "node0-out", *common), train_args(data_dir, tmp_path / "node1-out", *common)],
+        tmp_path,
+    )
     (code0, output0), (code1, output1) = finish(nodes, PROMPT_S)
 
     assert code0 != 0 and code1 != 0
@@ -102,8 +131,18 @@ def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_process_whose_peer_died_mid_training_ends_with_one_line(long_data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    args = train_args(long_data_dir, output_dir, "--cpu", "--epochs", "20", "--batch-size", "8",
-                      "--checkpoint-every", "50", "--no-progress")
+    args = train_args(
+        long_data_dir,
+        output_dir,
+        "--cpu",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "50",
+        "--no-progress",
+    )
     nodes = start_two_nodes([args, args], tmp_path)
     deadline = time.monotonic() + 120
     while not list(output_dir.glob(f"{STATES_DIR}/*/{PROGRESS_FILE}")):  # both are training

@@ -16,8 +16,8 @@ import torch
 from conftest import TEST_SIZE, TRAIN_SIZE, launch_cli, run_cli, train_args
 
 from fmnist_dist.errors import UsageError
-from fmnist_dist.storage.training_state import complete_states, discard_state, find_state, unfinished_states
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR, TMP_PREFIX, TRASH_PREFIX
+from fmnist_dist.storage.training_state import complete_states, discard_state, find_state, unfinished_states
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,17 @@ BATCH = 32
 CHECKPOINT_EVERY = 10
 KEEP_STATES = 3
 # Per-epoch results that must not depend on the restart (timings do).
-DETERMINISTIC_KEYS = ("epoch", "global_step", "train_loss", "test_loss", "test_accuracy", "test_samples",
-                      "train_samples", "world_size", "confusion_matrix")
+DETERMINISTIC_KEYS = (
+    "epoch",
+    "global_step",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "test_samples",
+    "train_samples",
+    "world_size",
+    "confusion_matrix",
+)
 QUIET = {"OMP_NUM_THREADS": "1"}  # one thread per process: faster on a small shared CPU
 # These runs stop by finishing `--epochs 2` and continue with `--epochs 4`: a schedule that depends on the
 # total (cosine) would differ from a straight 4-epoch run, so they train at a constant rate.
@@ -79,8 +88,9 @@ def plant_unfinished_state(output_dir: Path) -> Path:
 def straight_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 epochs without a stop."""
     work = tmp_path_factory.mktemp("straight")
-    check(run_cli(train_args(data_dir, work / "out", "--epochs", EPOCHS, "--batch-size", BATCH, *CONSTANT), work,
-                  **QUIET))
+    check(
+        run_cli(train_args(data_dir, work / "out", "--epochs", EPOCHS, "--batch-size", BATCH, *CONSTANT), work, **QUIET)
+    )
     return work / "out"
 
 
@@ -89,8 +99,20 @@ def resumed_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     """2 epochs, then `--epochs 4 --resume`: W&B offline, a state every 10 steps, a decoy `.tmp-` state."""
     work = tmp_path_factory.mktemp("resumed")
     out = work / "out"
-    args = train_args(data_dir, out, "--batch-size", BATCH, *CONSTANT, "--tracker", "wandb", "--no-progress",
-                      "--checkpoint-every", CHECKPOINT_EVERY, "--keep-states", KEEP_STATES)
+    args = train_args(
+        data_dir,
+        out,
+        "--batch-size",
+        BATCH,
+        *CONSTANT,
+        "--tracker",
+        "wandb",
+        "--no-progress",
+        "--checkpoint-every",
+        CHECKPOINT_EVERY,
+        "--keep-states",
+        KEEP_STATES,
+    )
     first = run_cli([*args, "--epochs", STOP_AFTER], cwd=work, **QUIET)
     check(first)
     saved_progress = json.loads((find_state(out, "latest") / PROGRESS_FILE).read_text())
@@ -98,8 +120,13 @@ def resumed_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     plant_unfinished_state(out)
     second = run_cli([*args, "--epochs", EPOCHS, "--resume"], cwd=work, **QUIET)
     check(second)
-    return {"work": work, "out": out, "saved_progress": saved_progress, "metrics_after_stop": metrics_after_stop,
-            "log": second.stdout + second.stderr}
+    return {
+        "work": work,
+        "out": out,
+        "saved_progress": saved_progress,
+        "metrics_after_stop": metrics_after_stop,
+        "log": second.stdout + second.stderr,
+    }
 
 
 def test_resumed_model_is_bit_identical_to_a_straight_run(straight_run: Path, resumed_run: dict) -> None:
@@ -168,6 +195,7 @@ def test_a_deletion_interrupted_midway_leaves_no_part_of_a_state_under_a_states_
         if Path(path).exists():
             next(Path(path).iterdir()).unlink()
             raise KeyboardInterrupt
+
     monkeypatch.setattr(shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         discard_state(state)
@@ -211,8 +239,15 @@ def test_two_process_resumed_metrics_match_the_straight_run(two_process_runs: di
 def checkpointed_epoch(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One epoch with a state every 5 optimizer steps (the first ones mid-epoch), all kept."""
     out = tmp_path_factory.mktemp("checkpointed") / "out"
-    check(run_cli(train_args(data_dir, out, "--epochs", "1", "--checkpoint-every", "5", "--keep-states", "100",
-                             "--no-progress"), out.parent, **QUIET))
+    check(
+        run_cli(
+            train_args(
+                data_dir, out, "--epochs", "1", "--checkpoint-every", "5", "--keep-states", "100", "--no-progress"
+            ),
+            out.parent,
+            **QUIET,
+        )
+    )
     return out
 
 
@@ -228,8 +263,23 @@ def test_a_run_resumed_from_an_older_state_is_the_run_that_resume_auto_continues
     older = abandoned[0]  # step 5; the abandoned run went on to save higher steps
     abandoned_step = progress_of(abandoned[-1])["position"]["global_step"]
 
-    branch = run_cli(train_args(data_dir, out, "--epochs", "1", "--resume", older, "--batch-size", "64",
-                                "--keep-states", "2", "--no-progress"), tmp_path, **QUIET)
+    branch = run_cli(
+        train_args(
+            data_dir,
+            out,
+            "--epochs",
+            "1",
+            "--resume",
+            older,
+            "--batch-size",
+            "64",
+            "--keep-states",
+            "2",
+            "--no-progress",
+        ),
+        tmp_path,
+        **QUIET,
+    )
     check(branch)
     branch_step = read_metrics(out)[-1]["global_step"]
     assert branch_step < abandoned_step
@@ -250,16 +300,20 @@ def test_a_new_seed_is_refused_mid_epoch_and_taken_at_an_epoch_end(
     mid_epoch, epoch_end = states[0], states[-1]
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
-    refused = run_cli(train_args(data_dir, out, "--epochs", "1", "--resume", mid_epoch, "--seed", "7"), tmp_path,
-                      **QUIET)
+    refused = run_cli(
+        train_args(data_dir, out, "--epochs", "1", "--resume", mid_epoch, "--seed", "7"), tmp_path, **QUIET
+    )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     (line,) = refused.stderr.strip().splitlines()
     for word in (str(mid_epoch), "mid-epoch", "--seed 7 (saved: 0)", "twice", "resume without --seed"):
         assert word in line, (word, line)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
-    taken = run_cli(train_args(data_dir, out, "--epochs", "2", "--resume", epoch_end, "--seed", "7",
-                               "--no-progress"), tmp_path, **QUIET)
+    taken = run_cli(
+        train_args(data_dir, out, "--epochs", "2", "--resume", epoch_end, "--seed", "7", "--no-progress"),
+        tmp_path,
+        **QUIET,
+    )
     check(taken)
     assert "seed 0 -> 7" in taken.stdout
 
@@ -289,8 +343,11 @@ def test_copies_the_user_made_beside_the_states_are_never_resumed_or_pruned(
     newest = complete_states(out / STATES_DIR)[-1]
     copies = [Path(shutil.copytree(newest, newest.with_name(newest.name + suffix))) for suffix in ("-mine", ".keep")]
 
-    resumed = run_cli(train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--keep-states", "1",
-                                 "--no-progress"), tmp_path, **QUIET)
+    resumed = run_cli(
+        train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--keep-states", "1", "--no-progress"),
+        tmp_path,
+        **QUIET,
+    )
 
     check(resumed)
     assert f"resuming from {newest} at epoch 2" in resumed.stdout, resumed.stdout

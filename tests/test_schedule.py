@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR
 
-from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.recipe.schedule import WARMUP_START_FACTOR, build_scheduler
+from fmnist_dist.settings.train_config import TrainConfig
 
 LR, STEPS_PER_EPOCH, EPOCHS, WARMUP = 0.1, 10, 3, 7
 
@@ -35,10 +35,14 @@ def ours(schedule: str, start_step: int = 0, **flags) -> tuple:
 def test_warmup_then_cosine_equals_pytorchs_schedulers() -> None:
     reference_optimizer = sgd()
     total = EPOCHS * STEPS_PER_EPOCH
-    reference = SequentialLR(reference_optimizer, [
-        LinearLR(reference_optimizer, start_factor=WARMUP_START_FACTOR, total_iters=WARMUP),
-        CosineAnnealingLR(reference_optimizer, T_max=total - WARMUP),
-    ], milestones=[WARMUP])
+    reference = SequentialLR(
+        reference_optimizer,
+        [
+            LinearLR(reference_optimizer, start_factor=WARMUP_START_FACTOR, total_iters=WARMUP),
+            CosineAnnealingLR(reference_optimizer, T_max=total - WARMUP),
+        ],
+        milestones=[WARMUP],
+    )
 
     scheduler, optimizer = ours("cosine")
     expected = rates(reference, reference_optimizer, total)
@@ -49,8 +53,9 @@ def test_warmup_then_cosine_equals_pytorchs_schedulers() -> None:
 def test_onecycle_equals_pytorchs_with_the_warmup_as_its_rising_phase() -> None:
     reference_optimizer = sgd()
     total = EPOCHS * STEPS_PER_EPOCH
-    reference = OneCycleLR(reference_optimizer, max_lr=LR, total_steps=total, pct_start=(WARMUP + 1) / total,
-                           cycle_momentum=False)
+    reference = OneCycleLR(
+        reference_optimizer, max_lr=LR, total_steps=total, pct_start=(WARMUP + 1) / total, cycle_momentum=False
+    )
 
     scheduler, optimizer = ours("onecycle")
     expected = rates(reference, reference_optimizer, total)

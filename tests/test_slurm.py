@@ -22,7 +22,6 @@ import pytest
 import torch
 from conftest import REPO, cli_env, launch_cli, synthetic_data, train_args
 
-
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
@@ -100,8 +99,16 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 def sbatch_command(log_dir: Path, job_name: str, *options: str) -> list[str]:
     """`sbatch` of launch/slurm.sbatch on both nodes, one CPU each; the output in log_dir/slurm-<job id>.out."""
-    return ["sbatch", f"--job-name={job_name}", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
-            f"--output={log_dir}/slurm-%j.out", *options, str(SBATCH_SCRIPT)]
+    return [
+        "sbatch",
+        f"--job-name={job_name}",
+        "--nodes=2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        f"--output={log_dir}/slurm-%j.out",
+        *options,
+        str(SBATCH_SCRIPT),
+    ]
 
 
 def job_log(log_dir: Path) -> tuple[str, str]:
@@ -127,15 +134,22 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cpu_job(slurm_env: dict[str, str], job_data: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, str]:
+def cpu_job(
+    slurm_env: dict[str, str], job_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[subprocess.CompletedProcess, Path, str]:
     """`FMNIST_DIST_CPU=1 sbatch --wait launch/slurm.sbatch` on n1 and n2, one process each, run to the end."""
     log_dir = tmp_path_factory.mktemp("cpu-job")
     output_dir = log_dir / "out"
     flags = train_args(job_data, output_dir, *JOB_FLAGS)[1:]
     try:
-        result = subprocess.run([*sbatch_command(log_dir, job_name("cpu"), "--wait"), *map(str, flags)], cwd=REPO,
-                                env={**slurm_env, "FMNIST_DIST_CPU": "1"}, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [*sbatch_command(log_dir, job_name("cpu"), "--wait"), *map(str, flags)],
+            cwd=REPO,
+            env={**slurm_env, "FMNIST_DIST_CPU": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         cancel(job_name("cpu"), slurm_env)
     return result, output_dir, job_log(log_dir)[1]
@@ -168,26 +182,42 @@ def job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
 
 
 def test_preempted_job_requeues_itself_and_ends_with_the_uninterrupted_weights(
-        slurm_env: dict[str, str], job_data: Path, uninterrupted_weights, tmp_path: Path) -> None:
+    slurm_env: dict[str, str], job_data: Path, uninterrupted_weights, tmp_path: Path
+) -> None:
     output_dir = tmp_path / "out"
     flags = train_args(job_data, output_dir, *JOB_FLAGS)[1:]
     env = {**slurm_env, "FMNIST_DIST_CPU": "1"}
     # Not `sbatch --wait`: it returns as soon as the job is requeued (SLURM reports it as ended for a moment).
-    submitted = subprocess.run([*sbatch_command(tmp_path, job_name("preempt"), "--parsable"), *map(str, flags)],
-                               cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    submitted = subprocess.run(
+        [*sbatch_command(tmp_path, job_name("preempt"), "--parsable"), *map(str, flags)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     job_id = submitted.stdout.strip().split(";")[0]
     log = tmp_path / f"slurm-{job_id}.out"
     try:
-        wait_until(lambda: log.exists() and f"epoch 1/{EPOCHS}:" in log.read_text(), 180,
-                   "the job did not finish its first epoch in time")
+        wait_until(
+            lambda: log.exists() and f"epoch 1/{EPOCHS}:" in log.read_text(),
+            180,
+            "the job did not finish its first epoch in time",
+        )
         # What `#SBATCH --signal=B:USR1@120` does ahead of the time limit: USR1 to the batch shell only.
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
         # SLURM holds a requeued job for its credential lifetime (120 s by default; 10 s on the test cluster).
         # Starting it sooner (`scontrol update StartTime=now`) can fail: "Job credential revoked".
-        wait_until(lambda: job_fields(job_id, env).get("Restarts") == "1", 90,
-                   f"job {job_id} was not requeued:\n{log.read_text()[-3000:]}")
-        wait_until(lambda: job_fields(job_id, env).get("JobState") in ENDED, 240,
-                   f"job {job_id} did not end:\n{log.read_text()[-3000:]}")
+        wait_until(
+            lambda: job_fields(job_id, env).get("Restarts") == "1",
+            90,
+            f"job {job_id} was not requeued:\n{log.read_text()[-3000:]}",
+        )
+        wait_until(
+            lambda: job_fields(job_id, env).get("JobState") in ENDED,
+            240,
+            f"job {job_id} did not end:\n{log.read_text()[-3000:]}",
+        )
         ended = job_fields(job_id, env)
     finally:
         cancel(job_name("preempt"), env)
@@ -209,17 +239,30 @@ def fake_accelerate(bin_dir: Path, body: str) -> None:
 
 
 def test_node_that_never_starts_ends_the_job_within_the_bound_with_a_clear_message(
-        slurm_env: dict[str, str], job_data: Path, tmp_path: Path) -> None:
+    slurm_env: dict[str, str], job_data: Path, tmp_path: Path
+) -> None:
     # n2's task never gets to `accelerate launch` (as on a node with a hung file system); n1's launches for real.
-    fake_accelerate(tmp_path / "bin", f'[[ $SLURMD_NODENAME == n2 ]] && exec sleep 600\n'
-                                      f'exec {Path(sys.executable).parent / "accelerate"} "$@"')
-    env = {**slurm_env, "FMNIST_DIST_CPU": "1", "FMNIST_DIST_RDZV_TIMEOUT": str(RDZV_TIMEOUT_S),
-           "PATH": f"{tmp_path / 'bin'}{os.pathsep}{slurm_env['PATH']}"}
+    fake_accelerate(
+        tmp_path / "bin",
+        f'[[ $SLURMD_NODENAME == n2 ]] && exec sleep 600\nexec {Path(sys.executable).parent / "accelerate"} "$@"',
+    )
+    env = {
+        **slurm_env,
+        "FMNIST_DIST_CPU": "1",
+        "FMNIST_DIST_RDZV_TIMEOUT": str(RDZV_TIMEOUT_S),
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{slurm_env['PATH']}",
+    }
     flags = train_args(job_data, tmp_path / "out", *JOB_FLAGS)[1:]
     started = time.monotonic()
     try:
-        result = subprocess.run([*sbatch_command(tmp_path, job_name("never"), "--wait"), *map(str, flags)],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [*sbatch_command(tmp_path, job_name("never"), "--wait"), *map(str, flags)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         cancel(job_name("never"), slurm_env)
     elapsed = time.monotonic() - started
@@ -231,21 +274,45 @@ def test_node_that_never_starts_ends_the_job_within_the_bound_with_a_clear_messa
     assert "fmnist-dist: error: the training step failed" in log
 
 
-@pytest.mark.parametrize(("variables", "sbatch_options", "processes", "device_flags"), [
-    ({}, ["--gpus-per-node=2"], 2, []),  # GPU nodes by default, one process per allocated GPU
-    ({"FMNIST_DIST_CPU": "1", "FMNIST_DIST_PROCESSES_PER_NODE": "2"}, ["--gpus-per-node=0"], 2, ["--cpu"]),
-], ids=["gpu-nodes", "cpu-nodes"])
+@pytest.mark.parametrize(
+    ("variables", "sbatch_options", "processes", "device_flags"),
+    [
+        ({}, ["--gpus-per-node=2"], 2, []),  # GPU nodes by default, one process per allocated GPU
+        ({"FMNIST_DIST_CPU": "1", "FMNIST_DIST_PROCESSES_PER_NODE": "2"}, ["--gpus-per-node=0"], 2, ["--cpu"]),
+    ],
+    ids=["gpu-nodes", "cpu-nodes"],
+)
 def test_each_node_launches_one_process_per_gpu_or_as_many_as_asked_on_cpu_nodes(
-        slurm_env: dict[str, str], tmp_path: Path, variables: dict[str, str], sbatch_options: list[str],
-        processes: int, device_flags: list[str]) -> None:
+    slurm_env: dict[str, str],
+    tmp_path: Path,
+    variables: dict[str, str],
+    sbatch_options: list[str],
+    processes: int,
+    device_flags: list[str],
+) -> None:
     # The test cluster's nodes declare 4 CPUs and 2 (fake) GPUs each; the fake launcher records its arguments.
     fake_accelerate(tmp_path / "bin", f'printf "%s\\n" "$@" >{tmp_path}/"$SLURMD_NODENAME".args')
     env = {**slurm_env, **variables, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{slurm_env['PATH']}"}
     try:
         result = subprocess.run(
-            ["sbatch", "--wait", f"--job-name={job_name('launch')}", "--nodes=2", "--cpus-per-task=4", *sbatch_options,
-             f"--output={tmp_path}/slurm-%j.out", str(SBATCH_SCRIPT), "--epochs", "1"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            [
+                "sbatch",
+                "--wait",
+                f"--job-name={job_name('launch')}",
+                "--nodes=2",
+                "--cpus-per-task=4",
+                *sbatch_options,
+                f"--output={tmp_path}/slurm-%j.out",
+                str(SBATCH_SCRIPT),
+                "--epochs",
+                "1",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         cancel(job_name("launch"), slurm_env)
 
@@ -259,16 +326,30 @@ def test_each_node_launches_one_process_per_gpu_or_as_many_as_asked_on_cpu_nodes
         assert (option["--num_machines"], option["--num_processes"]) == ("2", str(2 * processes))
         assert option["--main_process_ip"] == "n1"
         assert option["--num_cpu_threads_per_process"] == str(4 // processes)  # the task's CPUs, shared
-        assert args[args.index("-m"):] == ["-m", "fmnist_dist", "train", *device_flags, "--resume", "auto",
-                                           "--epochs", "1"]
+        assert args[args.index("-m") :] == [
+            "-m",
+            "fmnist_dist",
+            "train",
+            *device_flags,
+            "--resume",
+            "auto",
+            "--epochs",
+            "1",
+        ]
         ports.add(option["--main_process_port"])
     assert len(ports) == 1
 
 
 def test_gpu_job_without_gpus_is_refused_in_one_line(slurm_env: dict[str, str], tmp_path: Path) -> None:
     try:
-        result = subprocess.run(sbatch_command(tmp_path, job_name("nogpu"), "--wait"), cwd=REPO, env=slurm_env,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            sbatch_command(tmp_path, job_name("nogpu"), "--wait"),
+            cwd=REPO,
+            env=slurm_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         cancel(job_name("nogpu"), slurm_env)
 

@@ -21,9 +21,9 @@ from conftest import launch_cli, run_cli, train_args
 from wandb.proto import wandb_internal_pb2
 
 from fmnist_dist.recipe.model import CLASSES
-from fmnist_dist.training.job import SAMPLE_IMAGES
 from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.tracking.wandb_tracker import ignore_unusable_init_timeout, rejected_flag
+from fmnist_dist.training.job import SAMPLE_IMAGES
 
 pytestmark = pytest.mark.slow
 
@@ -77,11 +77,11 @@ def read_wandb_log(path: Path) -> Iterator[wandb_internal_pb2.Record]:
         if block - position % block < header:  # the rest of a block too short for a chunk is padding
             position += block - position % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[position:position + header])
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + header])
         if kind == 0:  # zero padding up to the end of the block
             position += block - position % block
             continue
-        pieces += data[position + header:position + header + length]
+        pieces += data[position + header : position + header + length]
         position += header + length
         if kind in (full, last):
             record = wandb_internal_pb2.Record()
@@ -116,15 +116,24 @@ def _tracked_job(runner, data_dir: Path, cwd: Path, *flags: str) -> TrackedJob:
 @pytest.fixture(scope="module")
 def launched_job(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrackedJob:
     """Two real gloo processes with W&B offline, named by the flags, storing the model, in a fresh directory."""
-    return _tracked_job(launch_cli, data_dir, tmp_path_factory.mktemp("wandb-launch"),
-                        "--run-name", RUN_NAME, "--run-group", RUN_GROUP, "--tags", *TAGS, "--log-model")
+    return _tracked_job(
+        launch_cli,
+        data_dir,
+        tmp_path_factory.mktemp("wandb-launch"),
+        "--run-name",
+        RUN_NAME,
+        "--run-group",
+        RUN_GROUP,
+        "--tags",
+        *TAGS,
+        "--log-model",
+    )
 
 
 @pytest.fixture(scope="module")
 def every_epoch_job(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrackedJob:
     """One process with W&B offline and `--log-samples-every-epoch`."""
-    return _tracked_job(run_cli, data_dir, tmp_path_factory.mktemp("wandb-every-epoch"),
-                        "--log-samples-every-epoch")
+    return _tracked_job(run_cli, data_dir, tmp_path_factory.mktemp("wandb-every-epoch"), "--log-samples-every-epoch")
 
 
 def test_a_two_process_job_makes_exactly_one_offline_run(launched_job: TrackedJob) -> None:
@@ -146,9 +155,7 @@ def test_run_name_group_and_tags_come_from_the_flags(launched_job: TrackedJob) -
 
 
 def test_the_run_config_records_the_world_size(launched_job: TrackedJob) -> None:
-    config = {
-        item.key: json.loads(item.value_json) for r in launched_job.of_type("config") for item in r.config.update
-    }
+    config = {item.key: json.loads(item.value_json) for r in launched_job.of_type("config") for item in r.config.update}
     assert config["world_size"] == 2
     assert config["epochs"] == EPOCHS
 
@@ -189,7 +196,8 @@ def test_no_model_artifact_without_log_model(every_epoch_job: TrackedJob) -> Non
 def test_training_goes_on_when_wandb_cannot_start(data_dir: Path, tmp_path: Path) -> None:
     result = run_cli(
         train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb"),
-        tmp_path, WANDB_MODE="not-a-mode",
+        tmp_path,
+        WANDB_MODE="not-a-mode",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "W&B could not start" in line]
@@ -200,15 +208,20 @@ def test_training_goes_on_when_wandb_cannot_start(data_dir: Path, tmp_path: Path
     assert len(MetricsLog.read(tmp_path / "out" / "metrics.jsonl")) == 1
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    (["--wandb-project", "a/b"], "--wandb-project is invalid: Invalid project name 'a/b'"),
-    (["--tags", "ok", "x" * 300], "--tags is invalid: run_tags: Value error, Tag 'xxx"),
-], ids=["project", "tag"])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--wandb-project", "a/b"], "--wandb-project is invalid: Invalid project name 'a/b'"),
+        (["--tags", "ok", "x" * 300], "--tags is invalid: run_tags: Value error, Tag 'xxx"),
+    ],
+    ids=["project", "tag"],
+)
 def test_a_wandb_flag_wandb_rejects_is_named_in_one_warning_and_training_goes_on(
     flags: list[str], expected: str, data_dir: Path, tmp_path: Path
 ) -> None:
-    result = run_cli(train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb", *flags),
-                     tmp_path)
+    result = run_cli(
+        train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb", *flags), tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (warning,) = [line for line in result.stderr.splitlines() if line.startswith("fmnist-dist: warning: ")]
     assert f"W&B could not start ({expected}" in warning and "WANDB_" not in warning
@@ -223,10 +236,19 @@ def test_rejected_flag_names_the_flag_and_wandbs_reason() -> None:
     )
 
 
-@pytest.mark.parametrize(("value", "kept"), [
-    ("0", False), ("-1", False), ("abc", False), ("", False), ("nan", False), ("inf", False),
-    ("0.5", True), ("2", True),
-])
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("0", False),
+        ("-1", False),
+        ("abc", False),
+        ("", False),
+        ("nan", False),
+        ("inf", False),
+        ("0.5", True),
+        ("2", True),
+    ],
+)
 def test_only_a_positive_finite_init_timeout_is_kept(
     value: str, kept: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -53,9 +53,17 @@ def test_a_wrong_key_with_no_network_falls_back_to_offline_within_the_init_timeo
     env = user_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=closed_port_url())
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "fmnist_dist",
-         *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb"))],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fmnist_dist",
+            *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb")),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,13 +77,19 @@ def test_a_wrong_key_with_no_network_falls_back_to_offline_within_the_init_timeo
 def test_online_mode_without_credentials_on_a_terminal_records_offline_without_prompting(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    command = [sys.executable, "-m", "fmnist_dist",
-               *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb",
-                                    "--no-progress"))]
+    command = [
+        sys.executable,
+        "-m",
+        "fmnist_dist",
+        *map(
+            str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb", "--no-progress")
+        ),
+    ]
     # run_on_terminal fails the test if the run is still waiting (at wandb's prompt) when the time is up. wandb
     # prompts only on a terminal and when not silent.
-    returncode, output = run_on_terminal(command, tmp_path, timeout=120, HOME=str(tmp_path), WANDB_MODE="online",
-                                         WANDB_SILENT="false")
+    returncode, output = run_on_terminal(
+        command, tmp_path, timeout=120, HOME=str(tmp_path), WANDB_MODE="online", WANDB_SILENT="false"
+    )
     assert returncode == 0, output[-3000:]
     assert "WANDB_MODE=online but no W&B credentials were found" in output
     assert len(offline_runs(tmp_path)) == 1
@@ -83,18 +97,26 @@ def test_online_mode_without_credentials_on_a_terminal_records_offline_without_p
 
 def credentials_found(home: Path, **env: str) -> bool:
     """What the job's credential lookup says, in a fresh process with `home` as HOME."""
-    code = "from fmnist_dist.tracking.wandb_tracker import has_wandb_credentials, prepare_wandb; prepare_wandb(); " \
-           "print(has_wandb_credentials())"
-    result = subprocess.run([sys.executable, "-c", code], env=user_env(home, **env), capture_output=True,
-                            text=True, timeout=120)
+    code = (
+        "from fmnist_dist.tracking.wandb_tracker import has_wandb_credentials, prepare_wandb; prepare_wandb(); "
+        "print(has_wandb_credentials())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=user_env(home, **env), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()[-1] == "True"
 
 
 def test_a_key_stored_by_wandb_login_is_found(tmp_path: Path) -> None:
     assert not credentials_found(tmp_path)
-    login = subprocess.run([str(WANDB_CLI), "login", "--no-verify", FAKE_KEY], env=user_env(tmp_path),
-                           capture_output=True, text=True, timeout=120)
+    login = subprocess.run(
+        [str(WANDB_CLI), "login", "--no-verify", FAKE_KEY],
+        env=user_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert login.returncode == 0, login.stderr[-3000:]
     # wandb 0.31 stores it for its own default host, which is not api.wandb.ai: only wandb knows where to look.
     netrc = (tmp_path / ".netrc").read_text()
@@ -108,9 +130,17 @@ def test_a_key_in_the_environment_is_found(tmp_path: Path) -> None:
 
 def test_a_malformed_key_records_offline_with_one_warning(data_dir: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "fmnist_dist",
-         *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb"))],
-        cwd=tmp_path, env=user_env(tmp_path, WANDB_API_KEY="too-short"), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fmnist_dist",
+            *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb")),
+        ],
+        cwd=tmp_path,
+        env=user_env(tmp_path, WANDB_API_KEY="too-short"),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("fmnist-dist: warning: ")]
@@ -122,10 +152,17 @@ def train_online_unreachable(data_dir: Path, tmp_path: Path, *flags: str, **env:
     """A 1-epoch job that asks W&B to run online with a wrong key and no server, plus `flags` and `env`. The
     timeout fails the test if the job does not end by itself."""
     return subprocess.run(
-        [sys.executable, "-m", "fmnist_dist",
-         *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb", *flags))],
-        cwd=tmp_path, env=user_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=closed_port_url(), **env),
-        capture_output=True, text=True, timeout=INIT_TIMEOUT_SECONDS + START_UP_ALLOWANCE + 60,
+        [
+            sys.executable,
+            "-m",
+            "fmnist_dist",
+            *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb", *flags)),
+        ],
+        cwd=tmp_path,
+        env=user_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=closed_port_url(), **env),
+        capture_output=True,
+        text=True,
+        timeout=INIT_TIMEOUT_SECONDS + START_UP_ALLOWANCE + 60,
     )
 
 

@@ -16,8 +16,17 @@ from torchvision import datasets
 
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.inputs.idx import (
-    LEGACY_FILES, RAW_FILES, SPLIT_FILES, check_dataset_root, check_split_files, images_problem, is_present,
-    labels_problem, processed_dir, raw_dir, reads_legacy_cache,
+    LEGACY_FILES,
+    RAW_FILES,
+    SPLIT_FILES,
+    check_dataset_root,
+    check_split_files,
+    images_problem,
+    is_present,
+    labels_problem,
+    processed_dir,
+    raw_dir,
+    reads_legacy_cache,
 )
 from fmnist_dist.inputs.synthetic import is_synthetic
 
@@ -56,15 +65,18 @@ def check_legacy_file(path: Path) -> None:
     image)."""
     try:
         loaded = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as error:  # noqa: BLE001 - any failure to unpickle means the same to the user
+    except Exception as error:
         raise _legacy_error(path, f"it cannot be read ({first_line(error)})") from error
     if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2 and all(map(torch.is_tensor, loaded))):
         raise _legacy_error(path, "it does not hold an (images, labels) pair of tensors")
     images, labels = loaded
     if images.dtype != torch.uint8 or images.dim() != 3 or labels.dim() != 1 or labels.dtype not in LABEL_DTYPES:
-        raise _legacy_error(path, f"it holds {images.dim()}-d {images.dtype} images and {labels.dim()}-d "
-                                  f"{labels.dtype} labels, not N x 28 x 28 uint8 images and N int64 (or uint8) "
-                                  "labels")
+        raise _legacy_error(
+            path,
+            f"it holds {images.dim()}-d {images.dtype} images and {labels.dim()}-d "
+            f"{labels.dtype} labels, not N x 28 x 28 uint8 images and N int64 (or uint8) "
+            "labels",
+        )
     if problem := images_problem(tuple(images.shape)) or labels_problem(len(images), labels):
         raise _legacy_error(path, problem)
 
@@ -109,10 +121,14 @@ def download_failure(error: BaseException) -> str:
 
 def _missing_message(raw: Path, missing: list[str]) -> str:
     if len(missing) == len(RAW_FILES):
-        return (f"FashionMNIST is not in {raw} and --no-download was given; drop --no-download to fetch it, "
-                f"or point --data-dir at a copy; {OFFLINE_HINT}")
-    return (f"FashionMNIST in {raw} is incomplete ({', '.join(missing)} missing; torchvision reads all four files) "
-            "and --no-download was given; drop --no-download to fetch all four, or copy the missing files there")
+        return (
+            f"FashionMNIST is not in {raw} and --no-download was given; drop --no-download to fetch it, "
+            f"or point --data-dir at a copy; {OFFLINE_HINT}"
+        )
+    return (
+        f"FashionMNIST in {raw} is incomplete ({', '.join(missing)} missing; torchvision reads all four files) "
+        "and --no-download was given; drop --no-download to fetch all four, or copy the missing files there"
+    )
 
 
 def _legacy_error(path: Path, problem: str) -> UsageError:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_dist.storage.atomic_files import atomic_write
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.recipe.model import IMAGE_SIZE, NUM_CLASSES
+from fmnist_dist.storage.atomic_files import atomic_write
 
 UBYTE_TYPE_CODE = 0x08
 # The four raw files of each split, as torchvision's FashionMNIST names them.
@@ -103,8 +103,10 @@ def is_present(path: Path) -> bool:
     """
     try:
         if path.is_symlink() and not path.exists():
-            raise UsageError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
-                             "remove the link or point it at the file")
+            raise UsageError(
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                "remove the link or point it at the file"
+            )
         if not path.exists():
             return False
         if not path.is_file():

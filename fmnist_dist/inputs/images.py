@@ -41,9 +41,10 @@ def load_image(path: Path) -> torch.Tensor:
                 _check_finite(image, path)
                 gray = to_grayscale(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise UsageError(f"image {path} is too large to open safely ({first_line(error)}); shrink it to at most "
-                         f"{Image.MAX_IMAGE_PIXELS} pixels (it is scaled to {IMAGE_SIZE}x{IMAGE_SIZE} anyway)"
-                         ) from error
+        raise UsageError(
+            f"image {path} is too large to open safely ({first_line(error)}); shrink it to at most "
+            f"{Image.MAX_IMAGE_PIXELS} pixels (it is scaled to {IMAGE_SIZE}x{IMAGE_SIZE} anyway)"
+        ) from error
     # ValueError: a mode Pillow cannot convert to grayscale.
     except (OSError, ValueError, UnidentifiedImageError) as error:
         raise UsageError(f"cannot read image {path} ({first_line(error)}); pass a PNG or JPEG file") from error
@@ -78,8 +79,10 @@ def to_grayscale(image: Image.Image) -> Image.Image:
 def _check_finite(image: Image.Image, path: Path) -> None:
     """Refuse a float image with NaN or infinite pixels, which no scaling can turn into brightness."""
     if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
-        raise UsageError(f"image {path} holds non-finite pixel values (NaN or infinity); pass an image of finite "
-                         "values (a PNG or JPEG file)")
+        raise UsageError(
+            f"image {path} holds non-finite pixel values (NaN or infinity); pass an image of finite "
+            "values (a PNG or JPEG file)"
+        )
 
 
 def _opaque_where_not(image: Image.Image, transparent: float) -> Image.Image:

@@ -20,10 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_dist.storage.atomic_files import atomic_write
 from fmnist_dist.errors import UsageError, first_line
-from fmnist_dist.inputs.idx import LEGACY_FILES, RAW_FILES, SPLIT_FILES, check_dataset_root, processed_dir, raw_dir, write_idx
+from fmnist_dist.inputs.idx import (
+    LEGACY_FILES,
+    RAW_FILES,
+    SPLIT_FILES,
+    check_dataset_root,
+    processed_dir,
+    raw_dir,
+    write_idx,
+)
 from fmnist_dist.recipe.model import IMAGE_SIZE, NUM_CLASSES
+from fmnist_dist.storage.atomic_files import atomic_write
 
 MAX_SHIFT = 2
 BLOBS_PER_CLASS = 4
@@ -97,8 +105,10 @@ def write_synthetic_dataset(out_dir: Path, train_size: int, test_size: int, seed
     atomic_write(raw / MARKER, lambda f: f.write(f"{marker}\n".encode()))
     # Last: should a write above fail, the old cache stays, and with it a dataset torchvision can still read.
     if removed := remove_legacy_cache(out_dir):
-        print(f"removed torchvision's old cache {', '.join(map(str, removed))}: torchvision would read it instead "
-              f"of the new files in {raw}")
+        print(
+            f"removed torchvision's old cache {', '.join(map(str, removed))}: torchvision would read it instead "
+            f"of the new files in {raw}"
+        )
     return raw
 
 
@@ -106,8 +116,10 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
     """Refuse, before anything is written, an `out_dir` the dataset cannot go in or (without `force`) replace."""
     check_dataset_root(out_dir, "--out")
     if not force and (existing := existing_dataset_files(out_dir)):
-        raise UsageError(f"{out_dir} already holds a FashionMNIST dataset ({existing[0]}); pass --force to replace "
-                         "it with synthetic data, or choose another --out")
+        raise UsageError(
+            f"{out_dir} already holds a FashionMNIST dataset ({existing[0]}); pass --force to replace "
+            "it with synthetic data, or choose another --out"
+        )
     for name in (*RAW_FILES, MARKER):
         _check_replaceable(raw_dir(out_dir) / name)
 
@@ -122,20 +134,24 @@ def _check_replaceable(path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        raise UsageError(f"cannot look at {path} ({first_line(error)}); check its permissions, or choose another "
-                         "--out") from error
+        raise UsageError(
+            f"cannot look at {path} ({first_line(error)}); check its permissions, or choose another --out"
+        ) from error
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
-        raise UsageError(f"{path} is {kind}; move it away so that the dataset file can be written there, or "
-                         "choose another --out")
+        raise UsageError(
+            f"{path} is {kind}; move it away so that the dataset file can be written there, or choose another --out"
+        )
 
 
 def _make_directory(directory: Path, out_dir: Path) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UsageError(f"--out {out_dir}: cannot create {directory} ({first_line(error)}); pass a directory you "
-                         "can write to as --out") from error
+        raise UsageError(
+            f"--out {out_dir}: cannot create {directory} ({first_line(error)}); pass a directory you "
+            "can write to as --out"
+        ) from error
     return directory
 
 
@@ -153,8 +169,10 @@ def remove_legacy_cache(out_dir: Path) -> list[Path]:
         try:
             path.unlink()
         except OSError as error:
-            raise UsageError(f"could not remove {path} ({first_line(error)}), which torchvision would read instead "
-                             f"of the new files in {raw_dir(out_dir)}; delete {path.parent} yourself") from error
+            raise UsageError(
+                f"could not remove {path} ({first_line(error)}), which torchvision would read instead "
+                f"of the new files in {raw_dir(out_dir)}; delete {path.parent} yourself"
+            ) from error
     return stale
 
 

@@ -88,7 +88,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     return _loader(dataset, num_workers, pin_memory, batch_size=batch_size, shuffle=shuffle)
 
 
-def ordered_loader(dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int, pin_memory: bool) -> DataLoader:
+def ordered_loader(
+    dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int, pin_memory: bool
+) -> DataLoader:
     """A DataLoader over `dataset` in the batches of indices that `batch_sampler` yields."""
     return _loader(dataset, num_workers, pin_memory, batch_sampler=batch_sampler)
 

@@ -19,7 +19,6 @@ CLASSES = (
 )
 
 
-
 class NeuralNetwork(nn.Module):
     """Flatten, then Linear 784→512, ReLU, Linear 512→512, ReLU, Linear 512→10 (the quickstart's model)."""
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fmnist_dist.settings.train_config import DEFAULT_BATCH_SIZE, TrainConfig
 from fmnist_dist.errors import UsageError
+from fmnist_dist.settings.train_config import DEFAULT_BATCH_SIZE, TrainConfig
 
 
 @dataclass

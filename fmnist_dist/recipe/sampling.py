@@ -42,9 +42,9 @@ class GlobalOrderBatchSampler(Sampler[list[int]]):
         self.start = samples_done
 
     def __iter__(self) -> Iterator[list[int]]:
-        remaining = epoch_order(self.dataset_size, self.seed, self.epoch)[self.start:].tolist()
+        remaining = epoch_order(self.dataset_size, self.seed, self.epoch)[self.start :].tolist()
         for first in range(0, len(remaining), self.batch_size):
-            yield remaining[first:first + self.batch_size]
+            yield remaining[first : first + self.batch_size]
 
     def __len__(self) -> int:
         return math.ceil((self.dataset_size - self.start) / self.batch_size)

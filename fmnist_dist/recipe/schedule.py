@@ -1,9 +1,9 @@
 """The learning-rate schedule: PyTorch's own schedulers, stepped once per optimizer step.
 
-    --lr-schedule constant   linear warm-up (LinearLR), then --lr throughout (ConstantLR with factor 1)
-    --lr-schedule cosine     linear warm-up, then CosineAnnealingLR from --lr down to 0 at the last step
-    --lr-schedule onecycle   OneCycleLR (its own warm-up lasts --warmup-*, 30% of the run by default;
-                             momentum is left at --momentum)
+--lr-schedule constant   linear warm-up (LinearLR), then --lr throughout (ConstantLR with factor 1)
+--lr-schedule cosine     linear warm-up, then CosineAnnealingLR from --lr down to 0 at the last step
+--lr-schedule onecycle   OneCycleLR (its own warm-up lasts --warmup-*, 30% of the run by default;
+                         momentum is left at --momentum)
 """
 
 from __future__ import annotations
@@ -69,11 +69,18 @@ def _schedule(optimizer: Optimizer, cfg: TrainConfig, total: int, warmup: int, s
     if cfg.lr_schedule == "onecycle":
         # OneCycleLR peaks at step pct_start * total - 1: (warmup + 1) / total puts the peak at step `warmup`, as
         # the linear warm-up does (and a 1-step warm-up is no rising phase of length 0, which divides by zero).
-        return OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total,
-                          pct_start=(warmup + 1) / total if warmup else ONECYCLE_DEFAULT_WARMUP,
-                          cycle_momentum=False)
-    after_warmup = (CosineAnnealingLR(optimizer, T_max=total - warmup) if cfg.lr_schedule == "cosine"
-                    else ConstantLR(optimizer, factor=1.0, total_iters=0))
+        return OneCycleLR(
+            optimizer,
+            max_lr=optimizer.param_groups[0]["lr"],
+            total_steps=total,
+            pct_start=(warmup + 1) / total if warmup else ONECYCLE_DEFAULT_WARMUP,
+            cycle_momentum=False,
+        )
+    after_warmup = (
+        CosineAnnealingLR(optimizer, T_max=total - warmup)
+        if cfg.lr_schedule == "cosine"
+        else ConstantLR(optimizer, factor=1.0, total_iters=0)
+    )
     if not warmup:
         return after_warmup
     ramp = LinearLR(optimizer, start_factor=start_factor, end_factor=1.0, total_iters=warmup)

@@ -55,7 +55,7 @@ def fail_together(processes: Processes) -> Iterator[None]:
     own: Exception | None = None
     try:
         yield
-    except Exception as error:  # noqa: BLE001 - any error must reach the other processes, or they wait for it
+    except Exception as error:
         own = error
     failures = _exchange(processes, own)
     if own is not None and not isinstance(own, UsageError):

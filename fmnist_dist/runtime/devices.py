@@ -10,8 +10,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 
-from fmnist_dist.settings.train_config import MAX_THREADS, check_at_most
 from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.settings.train_config import MAX_THREADS, check_at_most
 
 # Where Accelerate's fp8 backends (transformer_engine, MS-AMP, torchao) run: NVIDIA GPUs, and Intel Gaudi 2 and later.
 FP8_DEVICES = frozenset({"cuda", "hpu"})
@@ -112,8 +112,10 @@ def precision_refusals_as_usage_errors() -> Iterator[None]:
 def _precision_refusal(error: ValueError | ImportError) -> UsageError | None:
     """The usage error for Accelerate's refusal of a mixed precision; None when `error` is not one."""
     if "fp8" in str(error):
-        return UsageError(f"{_precision_source(False)} fp8 cannot run here: {FP8_NEEDS} "
-                          f"(Accelerate: {first_line(error)}); pass --mixed-precision bf16 or --mixed-precision no")
+        return UsageError(
+            f"{_precision_source(False)} fp8 cannot run here: {FP8_NEEDS} "
+            f"(Accelerate: {first_line(error)}); pass --mixed-precision bf16 or --mixed-precision no"
+        )
     if "mixed precision" in str(error):
         return UsageError(f"{first_line(error)}; pass --mixed-precision no, or a mode this device supports")
     return None

@@ -33,8 +33,20 @@ MAX_FLOAT32 = 3.4028234663852886e38
 
 # Settings of one invocation, never carried over from a saved state to a resumed run.
 # Mixed precision is among them because what a device can run depends on the machine the run continues on.
-PER_INVOCATION = frozenset({"resume", "overwrite", "output_dir", "progress", "cpu", "num_workers", "data_on_device",
-                            "download", "threads", "mixed_precision"})
+PER_INVOCATION = frozenset(
+    {
+        "resume",
+        "overwrite",
+        "output_dir",
+        "progress",
+        "cpu",
+        "num_workers",
+        "data_on_device",
+        "download",
+        "threads",
+        "mixed_precision",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -84,13 +96,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._check_upper_bounds()
         check_positive("--epochs", self.epochs)
-        for flag, value in (("--batch-size", self.batch_size), ("--global-batch-size", self.global_batch_size),
-                            ("--gradient-accumulation-steps", self.gradient_accumulation_steps)):
+        for flag, value in (
+            ("--batch-size", self.batch_size),
+            ("--global-batch-size", self.global_batch_size),
+            ("--gradient-accumulation-steps", self.gradient_accumulation_steps),
+        ):
             if value is not None:
                 check_positive(flag, value)
         if self.batch_size is not None and self.global_batch_size is not None:
-            raise UsageError("--batch-size (per process) and --global-batch-size (all processes) exclude each "
-                             "other; pass only one of them")
+            raise UsageError(
+                "--batch-size (per process) and --global-batch-size (all processes) exclude each "
+                "other; pass only one of them"
+            )
         check_positive("--eval-batch-size", self.eval_batch_size)
         check_positive("--lr", self.lr)
         check_positive("--log-every", self.log_every)
@@ -107,8 +124,9 @@ class TrainConfig:
         if self.warmup_steps and self.warmup_epochs:
             raise UsageError("--warmup-steps and --warmup-epochs exclude each other; pass only one of them")
         if self.resume == "":
-            raise UsageError("--resume got an empty value; pass a state directory, `auto`, or --resume alone (the "
-                             "newest state)")
+            raise UsageError(
+                "--resume got an empty value; pass a state directory, `auto`, or --resume alone (the newest state)"
+            )
         if self.overwrite and self.resume is not None:
             raise UsageError("--overwrite (start afresh) and --resume (continue) exclude each other; pass only one")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -116,11 +134,17 @@ class TrainConfig:
         check_seed("--seed", self.seed)
 
     def _check_upper_bounds(self) -> None:
-        counts = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--eval-batch-size": self.eval_batch_size,
-                  "--global-batch-size": self.global_batch_size, "--log-every": self.log_every,
-                  "--gradient-accumulation-steps": self.gradient_accumulation_steps,
-                  "--checkpoint-every": self.checkpoint_every, "--keep-states": self.keep_states,
-                  "--warmup-steps": self.warmup_steps}
+        counts = {
+            "--epochs": self.epochs,
+            "--batch-size": self.batch_size,
+            "--eval-batch-size": self.eval_batch_size,
+            "--global-batch-size": self.global_batch_size,
+            "--log-every": self.log_every,
+            "--gradient-accumulation-steps": self.gradient_accumulation_steps,
+            "--checkpoint-every": self.checkpoint_every,
+            "--keep-states": self.keep_states,
+            "--warmup-steps": self.warmup_steps,
+        }
         for flag, value in counts.items():
             if value is not None:
                 check_at_most(flag, value, MAX_COUNT)
@@ -163,14 +187,21 @@ class TrainConfig:
         carried = {k: v for k, v in saved.items() if k in names and k not in given and k not in PER_INVOCATION}
         # The two batch flags exclude each other, and so do the two warm-up flags: the one given now replaces the
         # saved one.
-        for one, other in (("batch_size", "global_batch_size"), ("global_batch_size", "batch_size"),
-                           ("warmup_steps", "warmup_epochs"), ("warmup_epochs", "warmup_steps")):
+        for one, other in (
+            ("batch_size", "global_batch_size"),
+            ("global_batch_size", "batch_size"),
+            ("warmup_steps", "warmup_epochs"),
+            ("warmup_epochs", "warmup_steps"),
+        ):
             if one in given and getattr(self, one) is not None:
                 carried.pop(other, None)
         carried = {k: _from_log(k, v) for k, v in carried.items()}
         merged = replace(self, **carried)
-        changed = {k: (saved[k], v) for k, v in merged.to_log().items()
-                   if k in saved and k not in PER_INVOCATION and _from_log(k, saved[k]) != getattr(merged, k)}
+        changed = {
+            k: (saved[k], v)
+            for k, v in merged.to_log().items()
+            if k in saved and k not in PER_INVOCATION and _from_log(k, saved[k]) != getattr(merged, k)
+        }
         return merged, changed
 
 
@@ -204,8 +235,10 @@ def check_count(flag: str, value: int) -> None:
 def check_momentum(momentum: float) -> None:
     """Refuse an SGD momentum outside [0, 1): at 1 or more the velocity never decays and training diverges."""
     if not 0 <= momentum < 1:
-        raise UsageError(f"--momentum must be at least 0 and below 1 (got {momentum}); SGD momentum of 1 or more "
-                         "adds up every gradient without forgetting and diverges; pass a value such as 0.9")
+        raise UsageError(
+            f"--momentum must be at least 0 and below 1 (got {momentum}); SGD momentum of 1 or more "
+            "adds up every gradient without forgetting and diverges; pass a value such as 0.9"
+        )
 
 
 def check_at_most(flag: str, value: float, limit: float) -> None:

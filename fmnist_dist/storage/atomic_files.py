@@ -30,8 +30,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    with reporting_write_errors(path, f"the previous {path.name}, if any, is unchanged; free some space or fix "
-                                      "the file system, then run again"):
+    with reporting_write_errors(
+        path, f"the previous {path.name}, if any, is unchanged; free some space or fix the file system, then run again"
+    ):
         # os.open applies the umask as open() does (tempfile.mkstemp would make the file private to its owner).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:

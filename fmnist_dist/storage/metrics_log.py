@@ -60,8 +60,10 @@ def _metrics_record(line: str, number: int, path: Path) -> dict[str, Any]:
     else:
         problem = metrics_record_problem(record)
     if problem:
-        raise UsageError(f"line {number} of {path} is not an fmnist-dist metrics record ({problem}); "
-                         "pass the metrics.jsonl or --output-dir of a training run")
+        raise UsageError(
+            f"line {number} of {path} is not an fmnist-dist metrics record ({problem}); "
+            "pass the metrics.jsonl or --output-dir of a training run"
+        )
     return record
 
 
@@ -87,8 +89,11 @@ def is_number(value: Any) -> bool:
 
 
 def _is_confusion_matrix(matrix: Any) -> bool:
-    return (isinstance(matrix, list) and len(matrix) == len(CLASSES)
-            and all(isinstance(row, list) and len(row) == len(CLASSES) and all(map(_is_count, row)) for row in matrix))
+    return (
+        isinstance(matrix, list)
+        and len(matrix) == len(CLASSES)
+        and all(isinstance(row, list) and len(row) == len(CLASSES) and all(map(_is_count, row)) for row in matrix)
+    )
 
 
 def _is_count(value: Any) -> bool:

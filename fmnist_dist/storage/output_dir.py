@@ -62,8 +62,10 @@ class OutputDirLock:
                 self._fd = self._try_lock()
                 if self._fd is not None:
                     return
-        raise UsageError(f"--output-dir {self.output_dir}: its lock file {self.path} changed {LOCK_ATTEMPTS} times "
-                         "while this job tried to take it; stop the other jobs using it, or choose another --output-dir")
+        raise UsageError(
+            f"--output-dir {self.output_dir}: its lock file {self.path} changed {LOCK_ATTEMPTS} times "
+            "while this job tried to take it; stop the other jobs using it, or choose another --output-dir"
+        )
 
     def release(self) -> None:
         """Remove the lock file and release the lock (nothing happens when it is not held)."""
@@ -116,8 +118,10 @@ class OutputDirLock:
             stale = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             if self.path.is_symlink():  # a link to nowhere: not a lock file that any job of ours made
-                raise UsageError(f"{self.path} is a symbolic link, not fmnist-dist's lock file; remove it, or "
-                                 "choose another --output-dir") from None
+                raise UsageError(
+                    f"{self.path} is a symbolic link, not fmnist-dist's lock file; remove it, or "
+                    "choose another --output-dir"
+                ) from None
             return False  # released meanwhile
         try:
             fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -9,11 +9,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and clusters
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
-from fmnist_dist.recipe.model import CLASSES  # noqa: E402
-from fmnist_dist.storage.atomic_files import atomic_write  # noqa: E402
+from fmnist_dist.recipe.model import CLASSES
+from fmnist_dist.storage.atomic_files import atomic_write
 
 DPI = 100
 CURVES_SIZE = (10, 4)  # inches; at DPI, 1000 x 400 pixels

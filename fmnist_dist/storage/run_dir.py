@@ -1,14 +1,14 @@
 """The files of a training run's output directory (`--output-dir`): every name under it is declared here once.
 
-    <output-dir>/
-        model.pth                   final weights (plain state_dict)
-        metrics.jsonl               one epoch record per line
-        curves.png, confusion.png   plots drawn from metrics.jsonl
-        .fmnist-dist.lock           held by the job that owns the directory
-        state/
-            step-000000120/         a complete resumable state (Accelerate's files + progress.json)
-            .tmp-step-000000140/    a state being written (renamed to step-... once complete)
-            .trash-step-000000100/  a state being deleted (renamed first, so no part of it keeps a state's name)
+<output-dir>/
+    model.pth                   final weights (plain state_dict)
+    metrics.jsonl               one epoch record per line
+    curves.png, confusion.png   plots drawn from metrics.jsonl
+    .fmnist-dist.lock           held by the job that owns the directory
+    state/
+        step-000000120/         a complete resumable state (Accelerate's files + progress.json)
+        .tmp-step-000000140/    a state being written (renamed to step-... once complete)
+        .trash-step-000000100/  a state being deleted (renamed first, so no part of it keeps a state's name)
 """
 
 from __future__ import annotations
@@ -90,5 +90,6 @@ def trash_state(state: Path) -> Path:
 
 def is_unfinished_state_name(name: str) -> bool:
     """Whether `name` is a `.tmp-step-*` or `.trash-step-*` directory that an interrupted save or deletion left."""
-    return any(name.startswith(prefix) and is_state_name(name.removeprefix(prefix))
-               for prefix in (TMP_PREFIX, TRASH_PREFIX))
+    return any(
+        name.startswith(prefix) and is_state_name(name.removeprefix(prefix)) for prefix in (TMP_PREFIX, TRASH_PREFIX)
+    )

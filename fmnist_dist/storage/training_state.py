@@ -16,17 +16,22 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from fmnist_dist.storage import strict_json
-from fmnist_dist.storage.atomic_files import atomic_write, reporting_write_errors
-from fmnist_dist.settings.train_config import MAX_COUNT, RESUME_AUTO, RESUME_LATEST
 from fmnist_dist.errors import UsageError, first_line
-from fmnist_dist.storage.metrics_log import is_number, metrics_record_problem
-from fmnist_dist.storage.run_dir import (
-    PROGRESS_FILE, TMP_PREFIX, RunDirectory, is_state_name, is_unfinished_state_name, tmp_state, trash_state,
-)
 from fmnist_dist.recipe.position import TrainingPosition
 from fmnist_dist.runtime.collective_errors import fail_together
-
+from fmnist_dist.settings.train_config import MAX_COUNT, RESUME_AUTO, RESUME_LATEST
+from fmnist_dist.storage import strict_json
+from fmnist_dist.storage.atomic_files import atomic_write, reporting_write_errors
+from fmnist_dist.storage.metrics_log import is_number, metrics_record_problem
+from fmnist_dist.storage.run_dir import (
+    PROGRESS_FILE,
+    TMP_PREFIX,
+    RunDirectory,
+    is_state_name,
+    is_unfinished_state_name,
+    tmp_state,
+    trash_state,
+)
 
 
 @dataclass
@@ -122,10 +127,18 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
 def _progress_problem(progress: Progress) -> str | None:
     """What makes a loaded progress impossible (a hand edit, another program's file), or None."""
     position = progress.position
-    counts = {"position.epoch": position.epoch, "position.samples_done": position.samples_done,
-              "position.global_step": position.global_step, "save_index": progress.save_index}
-    sizes = {"dataset_size": progress.dataset_size, "world_size": progress.world_size,
-             "per_process_batch": progress.per_process_batch, "global_batch_size": progress.global_batch_size}
+    counts = {
+        "position.epoch": position.epoch,
+        "position.samples_done": position.samples_done,
+        "position.global_step": position.global_step,
+        "save_index": progress.save_index,
+    }
+    sizes = {
+        "dataset_size": progress.dataset_size,
+        "world_size": progress.world_size,
+        "per_process_batch": progress.per_process_batch,
+        "global_batch_size": progress.global_batch_size,
+    }
     bounds = [(name, value, 0) for name, value in counts.items()] + [(name, value, 1) for name, value in sizes.items()]
     for name, value, least in bounds:
         if not (type(value) is int and least <= value <= MAX_COUNT):
@@ -184,7 +197,7 @@ def read_progress(state_dir: Path) -> Progress:
     """The progress saved in a state's progress.json (model and optimizer are restored by `restore_state`)."""
     try:
         return Progress.from_dict(json.loads((state_dir / PROGRESS_FILE).read_text()))
-    except Exception as error:  # noqa: BLE001 - a damaged or foreign file fails in json or in Progress
+    except Exception as error:
         raise UsageError(_unreadable(state_dir, error)) from error
 
 
@@ -192,13 +205,15 @@ def restore_state(accelerator: Accelerator, state_dir: Path) -> None:
     """Restore the prepared model and optimizer and the RNG states from `state_dir` (all processes call this)."""
     try:
         accelerator.load_state(str(state_dir))
-    except Exception as error:  # noqa: BLE001 - damaged files fail in safetensors, torch or pickle readers
+    except Exception as error:
         raise UsageError(_unreadable(state_dir, error)) from error
 
 
 def _unreadable(state_dir: Path, error: BaseException) -> str:
-    return (f"--resume: the state {state_dir} cannot be read ({type(error).__name__}: {first_line(error)}); "
-            "pass an earlier state with --resume STATE_DIR, or start afresh with --overwrite")
+    return (
+        f"--resume: the state {state_dir} cannot be read ({type(error).__name__}: {first_line(error)}); "
+        "pass an earlier state with --resume STATE_DIR, or start afresh with --overwrite"
+    )
 
 
 def complete_states(root: Path) -> list[Path]:

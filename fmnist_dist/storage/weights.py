@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.recipe.model import NeuralNetwork
 from fmnist_dist.storage.atomic_files import atomic_write, file_problem
 from fmnist_dist.storage.run_dir import STATE_WEIGHTS_FILE
-from fmnist_dist.recipe.model import NeuralNetwork
 
 SAFETENSORS_SUFFIX = ".safetensors"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -61,9 +61,10 @@ def _check_checkpoint_file(path: Path) -> None:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(path, device="cpu")
-    except Exception as error:  # noqa: BLE001 - SafetensorError, or an OSError while reading
-        raise UsageError(f"checkpoint {path} is not a readable safetensors file ({first_line(error)}); "
-                         "re-save it or train again") from error
+    except Exception as error:
+        raise UsageError(
+            f"checkpoint {path} is not a readable safetensors file ({first_line(error)}); re-save it or train again"
+        ) from error
 
 
 def _read_torch_save(path: Path) -> dict[str, torch.Tensor]:
@@ -72,9 +73,11 @@ def _read_torch_save(path: Path) -> dict[str, torch.Tensor]:
     # torch.save writes a zip archive (a pickle, protocol 2 or later, with the legacy format); anything else,
     # such as a text file, is not for torch.load, whose pickle reader would misname it.
     if not start.startswith((ZIP_MAGIC, PICKLE_PROTO)):
-        raise UsageError(f"checkpoint {path} is not a PyTorch checkpoint (not the zip archive or pickle that "
-                         "torch.save writes): another kind of file, or truncated or corrupted; pass a model.pth "
-                         "(re-save it or train again)")
+        raise UsageError(
+            f"checkpoint {path} is not a PyTorch checkpoint (not the zip archive or pickle that "
+            "torch.save writes): another kind of file, or truncated or corrupted; pass a model.pth "
+            "(re-save it or train again)"
+        )
     try:
         with warnings.catch_warnings():
             # torch warns that it validates sparse tensors; they are refused right after (_weight_problem).
@@ -85,7 +88,7 @@ def _read_torch_save(path: Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} was refused: loading it would {_forbidden_action(error)}, not just read weights; "
             "load only state_dicts saved by torch.save(model.state_dict()) (re-save a whole pickled model that way)"
         ) from error
-    except Exception as error:  # noqa: BLE001 - a damaged file fails anywhere in the zip or pickle readers
+    except Exception as error:
         raise UsageError(
             f"checkpoint {path} is truncated or corrupted ({_first_sentence(error)}); re-save it or train again"
         ) from error

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.errors import first_line
+from fmnist_dist.recipe.model import CLASSES
 
 WANDB = "wandb"
 OFFLINE = "offline"
@@ -33,8 +33,12 @@ ONLINE_MODES = frozenset({"online", "run", "shared"})
 # instead. A working connection starts a run in a few seconds; WANDB_INIT_TIMEOUT (wandb's variable) overrides it.
 INIT_TIMEOUT_SECONDS = 10.0
 # The wandb.init arguments our flags set: the flag, and the wandb setting each one becomes.
-FLAG_SETTINGS = {"project": ("--wandb-project", "project"), "name": ("--run-name", "run_name"),
-                 "group": ("--run-group", "run_group"), "tags": ("--tags", "run_tags")}
+FLAG_SETTINGS = {
+    "project": ("--wandb-project", "project"),
+    "name": ("--run-name", "run_name"),
+    "group": ("--run-group", "run_group"),
+    "tags": ("--tags", "run_tags"),
+}
 
 
 def choose_wandb_mode() -> str:
@@ -47,12 +51,14 @@ def choose_wandb_mode() -> str:
     try:
         if has_wandb_credentials():
             return asked or "online"
-    except Exception as error:  # noqa: BLE001 - e.g. a malformed WANDB_API_KEY: record offline, never fail training
+    except Exception as error:
         _warn(f"W&B credentials are unusable ({first_line(error)}); recording the run offline")
         return OFFLINE
     if asked is not None:
-        _warn(f"WANDB_MODE={asked} but no W&B credentials were found (run `wandb login` or set WANDB_API_KEY); "
-              "recording the run offline")
+        _warn(
+            f"WANDB_MODE={asked} but no W&B credentials were found (run `wandb login` or set WANDB_API_KEY); "
+            "recording the run offline"
+        )
     return OFFLINE
 
 
@@ -82,8 +88,10 @@ def ignore_unusable_init_timeout() -> None:
     value = os.environ.get(wandb.env.INIT_TIMEOUT)
     if value is None or _is_positive_seconds(value):
         return
-    _warn(f"{wandb.env.INIT_TIMEOUT}={value!r} is not a positive number of seconds; ignoring it "
-          f"(W&B waits up to {INIT_TIMEOUT_SECONDS:g} s for its server)")
+    _warn(
+        f"{wandb.env.INIT_TIMEOUT}={value!r} is not a positive number of seconds; ignoring it "
+        f"(W&B waits up to {INIT_TIMEOUT_SECONDS:g} s for its server)"
+    )
     del os.environ[wandb.env.INIT_TIMEOUT]  # wandb reads the environment again at each setup
 
 
@@ -136,11 +144,13 @@ def start_run(
             prepare_wandb()
             mode = choose_wandb_mode()
         _init_trackers(accelerator, project, run_config, {**wandb_kwargs, "mode": mode})
-    except Exception as error:  # noqa: BLE001 - any tracker failure must leave training running
+    except Exception as error:
         rejected = rejected_setting({"project": project, **wandb_kwargs})
         if rejected is None and mode in ONLINE_MODES:
-            _warn(f"W&B could not start {mode} ({wandb_error_reason(error)}); recording the run offline instead "
-                  "(`wandb sync` uploads it later)")
+            _warn(
+                f"W&B could not start {mode} ({wandb_error_reason(error)}); recording the run offline instead "
+                "(`wandb sync` uploads it later)"
+            )
             return start_run_offline(accelerator, project, run_config, wandb_kwargs)
         # Offline, a mode of the user's own, or a setting offline would reject too: nothing else to try.
         _drop_trackers(accelerator, f"W&B could not start ({rejected or wandb_error_reason(error)})")
@@ -181,7 +191,7 @@ def rejected_variable() -> str | None:
 def _rejection(check: Callable[..., object], *args: Any, **kwargs: Any) -> str | None:
     try:
         check(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - wandb's UsageError, pydantic's ValidationError, a ValueError...
+    except Exception as error:
         return wandb_error_reason(error)
     return None
 
@@ -203,7 +213,7 @@ def start_run_offline(
     """Start the run offline after an online start failed (same arguments as `start_run`); return its id."""
     try:
         _init_trackers(accelerator, project, run_config, {**wandb_kwargs, "mode": OFFLINE})
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         _drop_trackers(accelerator, f"W&B could not start offline either ({wandb_error_reason(error)})")
         return None
     return _run_id(accelerator)
@@ -232,7 +242,7 @@ def log_values(accelerator: Accelerator, values: dict[str, Any], step: int) -> N
         return
     try:
         accelerator.log(values, step=step)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         _drop_trackers(accelerator, f"W&B logging failed ({first_line(error)})")
 
 
@@ -276,7 +286,7 @@ def log_model_artifact(accelerator: Accelerator, path: Path) -> None:
         artifact = wandb.Artifact(name, type="model")
         artifact.add_file(str(path))
         run.log_artifact(artifact)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         _warn(f"W&B could not store {path} as an artifact ({first_line(error)})")
 
 
@@ -292,7 +302,7 @@ def finish_run(accelerator: Accelerator) -> None:
     """Close the run (on every process: Accelerate makes it a no-op where no tracker runs)."""
     try:
         accelerator.end_training()
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         _warn(f"W&B did not close cleanly ({first_line(error)})")
 
 

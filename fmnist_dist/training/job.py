@@ -1,8 +1,8 @@
 """`fmnist-dist train`: builds the Accelerator, data, model and optimizer, runs the Trainer, saves the results.
 
-    fmnist-dist train                                                      # one device
-    accelerate launch --config_file launch/multi-gpu.yaml -m fmnist_dist train   # every GPU of a node
-    accelerate launch --config_file launch/cpu.yaml -m fmnist_dist train --cpu   # 2 CPU processes (gloo)
+fmnist-dist train                                                      # one device
+accelerate launch --config_file launch/multi-gpu.yaml -m fmnist_dist train   # every GPU of a node
+accelerate launch --config_file launch/cpu.yaml -m fmnist_dist train --cpu   # 2 CPU processes (gloo)
 """
 
 from __future__ import annotations
@@ -21,30 +21,38 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 import fmnist_dist
-from fmnist_dist.storage.weights import save_state_dict
-from fmnist_dist.runtime.devices import (
-    apply_threads, check_precision_runs, precision_in_effect, precision_refusals_as_usage_errors, wants_cpu,
-)
-from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.errors import UsageError
 from fmnist_dist.inputs.dataset_checks import describe_dataset
 from fmnist_dist.inputs.fashion_mnist import load_split
 from fmnist_dist.recipe.data import first_images, is_on_device, make_loader, ordered_loader, place_on_device
-from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import NeuralNetwork
-from fmnist_dist.storage.output_dir import OutputDirLock, claim_output_dir, remove_earlier_run
-from fmnist_dist.storage.plots import plot_run
 from fmnist_dist.recipe.position import BatchPlan, steps_per_epoch
-from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
-from fmnist_dist.runtime.collective_errors import fail_together, on_main_process_first
-from fmnist_dist.training.resume import check_resumable, describe_resume, plan_start, record_setup
 from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
 from fmnist_dist.recipe.schedule import build_scheduler, peak_lr
-from fmnist_dist.storage.training_state import restore_state
-from fmnist_dist.storage.metrics_log import MetricsLog
-from fmnist_dist.storage.run_dir import RunDirectory
-from fmnist_dist.tracking.wandb_tracker import (
-    WANDB, finish_run, log_model_artifact, mark_preempting, start_run,
+from fmnist_dist.runtime.collective_errors import fail_together, on_main_process_first
+from fmnist_dist.runtime.devices import (
+    apply_threads,
+    check_precision_runs,
+    precision_in_effect,
+    precision_refusals_as_usage_errors,
+    wants_cpu,
 )
+from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
+from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.storage.output_dir import OutputDirLock, claim_output_dir, remove_earlier_run
+from fmnist_dist.storage.plots import plot_run
+from fmnist_dist.storage.run_dir import RunDirectory
+from fmnist_dist.storage.training_state import restore_state
+from fmnist_dist.storage.weights import save_state_dict
+from fmnist_dist.tracking.wandb_tracker import (
+    WANDB,
+    finish_run,
+    log_model_artifact,
+    mark_preempting,
+    start_run,
+)
+from fmnist_dist.training.resume import check_resumable, describe_resume, plan_start, record_setup
 from fmnist_dist.training.trainer import Trainer, TrainingData
 
 # A process that loses its peers fails its next collective after this long instead of waiting forever.
@@ -52,7 +60,9 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 SAMPLE_IMAGES = 32
 
 
-def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset(), stop: StopRequest | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: TrainConfig, given: frozenset[str] = frozenset(), stop: StopRequest | None = None
+) -> dict[str, Any]:
     """Train as `cfg` says; return the final epoch's metrics (on every process).
 
     Args:
@@ -88,26 +98,54 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = GlobalOrderBatchSampler(len(train_set), plan.micro_batch, cfg.seed)
     model, optimizer, train_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader_for(train_set, cfg, sampler), test_loader_for(test_set, cfg, plan.processes),
-        device_placement=[None, None, loader_placement(train_set, accelerator),
-                          loader_placement(test_set, accelerator)],
+        model,
+        optimizer,
+        train_loader_for(train_set, cfg, sampler),
+        test_loader_for(test_set, cfg, plan.processes),
+        device_placement=[
+            None,
+            None,
+            loader_placement(train_set, accelerator),
+            loader_placement(test_set, accelerator),
+        ],
     )
     if start.state_dir is not None:
         restore_state(accelerator, start.state_dir)
         set_hyperparameters(optimizer, cfg)  # flags given now override the restored optimizer's
-    scheduler = accelerator.prepare(build_scheduler(
-        optimizer.optimizer, cfg, plan.global_batch, steps_per_epoch(plan.global_batch, len(train_set)),
-        progress.position.schedule_step(plan.global_batch, len(train_set)),
-    ))
+    scheduler = accelerator.prepare(
+        build_scheduler(
+            optimizer.optimizer,
+            cfg,
+            plan.global_batch,
+            steps_per_epoch(plan.global_batch, len(train_set)),
+            progress.position.schedule_step(plan.global_batch, len(train_set)),
+        )
+    )
     if cfg.overwrite:  # only now that the settings, data, model and schedule have been built without error
         remove_earlier_run(accelerator, cfg.output_dir)
     run_dir = RunDirectory(cfg.output_dir)
-    progress.wandb_run_id = start_run(
-        accelerator, cfg.wandb_project, run_config(cfg, accelerator, plan), wandb_init_kwargs(cfg, progress.wandb_run_id)
-    ) or progress.wandb_run_id
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, TrainingData(train_loader, sampler, plan, len(train_set)),
-                      test_loader, progress, MetricsLog(run_dir.metrics, progress.metrics),
-                      first_images(test_set, SAMPLE_IMAGES), stop)
+    progress.wandb_run_id = (
+        start_run(
+            accelerator,
+            cfg.wandb_project,
+            run_config(cfg, accelerator, plan),
+            wandb_init_kwargs(cfg, progress.wandb_run_id),
+        )
+        or progress.wandb_run_id
+    )
+    trainer = Trainer(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        TrainingData(train_loader, sampler, plan, len(train_set)),
+        test_loader,
+        progress,
+        MetricsLog(run_dir.metrics, progress.metrics),
+        first_images(test_set, SAMPLE_IMAGES),
+        stop,
+    )
     try:
         trainer.fit()
         save_final_model(accelerator, model, run_dir.model)
@@ -177,12 +215,17 @@ def load_datasets(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
     Raises:
         UsageError: on every process, when the data is missing or damaged on any (say on one node only).
     """
-    train_set, test_set = on_main_process_first(accelerator, lambda: (
-        load_split(cfg.data_dir, train=True, download=cfg.download),
-        load_split(cfg.data_dir, train=False, download=cfg.download),
-    ))
-    return (place_on_device(train_set, accelerator, cfg.data_on_device),
-            place_on_device(test_set, accelerator, cfg.data_on_device))
+    train_set, test_set = on_main_process_first(
+        accelerator,
+        lambda: (
+            load_split(cfg.data_dir, train=True, download=cfg.download),
+            load_split(cfg.data_dir, train=False, download=cfg.download),
+        ),
+    )
+    return (
+        place_on_device(train_set, accelerator, cfg.data_on_device),
+        place_on_device(test_set, accelerator, cfg.data_on_device),
+    )
 
 
 def train_loader_for(train_set, cfg: TrainConfig, sampler: GlobalOrderBatchSampler) -> DataLoader:
@@ -198,8 +241,10 @@ def test_loader_for(test_set, cfg: TrainConfig, processes: int) -> DataLoader:
 def _loading_options(dataset, cfg: TrainConfig) -> dict[str, Any]:
     """The user's workers and pinned memory, unless the data already lives on the device."""
     on_device = is_on_device(dataset)
-    return {"num_workers": 0 if on_device else cfg.num_workers,
-            "pin_memory": not on_device and torch.cuda.is_available() and not cfg.cpu}
+    return {
+        "num_workers": 0 if on_device else cfg.num_workers,
+        "pin_memory": not on_device and torch.cuda.is_available() and not cfg.cpu,
+    }
 
 
 def loader_placement(dataset, accelerator: Accelerator) -> bool | None:

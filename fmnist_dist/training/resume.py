@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import BatchPlan
+from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.training_state import Progress, find_state, read_progress
 
 
@@ -81,14 +81,20 @@ def describe_resume(start: Start, plan: BatchPlan) -> str:
     """One line: the state, where it stands, and every setting that differs from the run that saved it."""
     saved, position = start.progress, start.progress.position
     changes = [f"{name} {old} -> {new}" for name, (old, new) in (start.changed or {}).items()]
-    for name, old, new in (("world size", saved.world_size, plan.processes),
-                           ("per-process batch", saved.per_process_batch, plan.per_process),
-                           ("global batch", saved.global_batch_size, plan.global_batch)):
+    for name, old, new in (
+        ("world size", saved.world_size, plan.processes),
+        ("per-process batch", saved.per_process_batch, plan.per_process),
+        ("global batch", saved.global_batch_size, plan.global_batch),
+    ):
         if old != new:
             changes.append(f"{name} {old} -> {new}")
     if position.epoch >= start.cfg.epochs:
-        return (f"fmnist-dist: {start.state_dir} has trained {position.epoch} epoch(s), --epochs is "
-                f"{start.cfg.epochs}: nothing to train (pass a larger --epochs to train on)")
-    return (f"fmnist-dist: resuming from {start.state_dir} at epoch {position.epoch + 1}, image "
-            f"{position.samples_done}/{saved.dataset_size}, optimizer step {position.global_step}; "
-            + (f"changed: {', '.join(changes)}" if changes else "same settings"))
+        return (
+            f"fmnist-dist: {start.state_dir} has trained {position.epoch} epoch(s), --epochs is "
+            f"{start.cfg.epochs}: nothing to train (pass a larger --epochs to train on)"
+        )
+    return (
+        f"fmnist-dist: resuming from {start.state_dir} at epoch {position.epoch + 1}, image "
+        f"{position.samples_done}/{saved.dataset_size}, optimizer step {position.global_step}; "
+        + (f"changed: {', '.join(changes)}" if changes else "same settings")
+    )

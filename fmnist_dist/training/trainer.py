@@ -23,17 +23,17 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fmnist_dist.runtime.devices import precision_in_effect
-from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.evaluation import EvalResult, evaluate
 from fmnist_dist.recipe.position import BatchPlan
-from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
-from fmnist_dist.training.progress_bar import progress_bar
 from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
-from fmnist_dist.storage.training_state import Progress, save_training_state
+from fmnist_dist.runtime.devices import precision_in_effect
+from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
+from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.storage.training_state import Progress, save_training_state
 from fmnist_dist.tracking.wandb_tracker import log_predictions, log_values
+from fmnist_dist.training.progress_bar import progress_bar
 
 # Optimizer steps between the processes' agreement on stopping (one tiny gather): a signal is acted on
 # within this many steps, and a fast run pays for one collective per this many steps, not per step.
@@ -155,8 +155,9 @@ class Trainer:
             if stop and not self._run_finished():
                 self._stopped()
             if stop:  # after the last epoch only the model and the plots are left: a second or so
-                self.accelerator.print(f"fmnist-dist: {self._stop_signal} arrived after the last optimizer "
-                                       "step; finishing the run")
+                self.accelerator.print(
+                    f"fmnist-dist: {self._stop_signal} arrived after the last optimizer step; finishing the run"
+                )
 
     def _train_epoch(self) -> EpochStats:
         position, size = self.position, self.train.size
@@ -166,8 +167,9 @@ class Trainer:
         batches = iter(self.train.loader)
         totals = EpochTotals(self.accelerator.device, self.progress.epoch_loss_sum, self.progress.epoch_samples)
         start = time.perf_counter()
-        bar = progress_bar(self.accelerator, self.cfg.progress, f"epoch {position.epoch + 1}/{self.cfg.epochs}",
-                           size - first_sample)
+        bar = progress_bar(
+            self.accelerator, self.cfg.progress, f"epoch {position.epoch + 1}/{self.cfg.epochs}", size - first_sample
+        )
         try:
             while not position.epoch_finished(size):
                 step_samples = position.step_samples(self.train.plan.global_batch, size)
@@ -179,8 +181,9 @@ class Trainer:
         finally:
             bar.close()
         total_loss, total_samples = totals.fold(self.accelerator)
-        return EpochStats(total_loss / total_samples, round(total_samples), time.perf_counter() - start,
-                          size - first_sample)
+        return EpochStats(
+            total_loss / total_samples, round(total_samples), time.perf_counter() - start, size - first_sample
+        )
 
     def _optimizer_step(self, batches, step_samples: int) -> tuple[torch.Tensor, int]:
         """One optimizer step over the next `step_samples` images; returns this process's loss sum and images."""
@@ -222,8 +225,15 @@ class Trainer:
             # Reading a loss synchronises with the device, so it happens only on logged steps.
             loss = self.accelerator.reduce(step_loss, "sum").item() / step_samples
             bar.set_postfix(loss=loss)
-            log_values(self.accelerator, {"train/loss": loss, "train/lr": self.current_lr(),
-                                          "train/epoch": self.position.epoch_fraction(self.train.size)}, step)
+            log_values(
+                self.accelerator,
+                {
+                    "train/loss": loss,
+                    "train/lr": self.current_lr(),
+                    "train/epoch": self.position.epoch_fraction(self.train.size),
+                },
+                step,
+            )
         checkpoint_due = bool(self.cfg.checkpoint_every) and step % self.cfg.checkpoint_every == 0
         if not (checkpoint_due or step % STOP_CHECK_EVERY == 0):
             return
@@ -308,8 +318,9 @@ class Trainer:
 
     def log_predictions(self, result: EvalResult) -> None:
         """Log the confusion matrix and the sample images with their predictions to W&B."""
-        log_predictions(self.accelerator, self.sample_images, result.predictions, result.targets,
-                        self.position.global_step)
+        log_predictions(
+            self.accelerator, self.sample_images, result.predictions, result.targets, self.position.global_step
+        )
 
     def current_lr(self) -> float:
         """The learning rate the next optimizer step uses."""

@@ -21,17 +21,18 @@ from pathlib import Path
 import torch
 from torchvision.transforms import ToTensor
 
-from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.inputs.fashion_mnist import load_split
 from fmnist_dist.recipe.data import InMemoryFashionMNIST, ordered_loader
-from fmnist_dist.training.job import build_accelerator
 from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
+from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.training.job import build_accelerator
 
 
 def compare_batches(data_dir: Path, batch_size: int, epochs: int, seed: int) -> dict:
     """This rank's batches from both loaders, compared, for every epoch."""
-    cfg = TrainConfig(cpu=True, tracker="none", seed=seed, batch_size=batch_size,
-                      output_dir=Path(tempfile.gettempdir()))
+    cfg = TrainConfig(
+        cpu=True, tracker="none", seed=seed, batch_size=batch_size, output_dir=Path(tempfile.gettempdir())
+    )
     accelerator = build_accelerator(cfg)
     fast_set = load_split(data_dir, train=True, download=False)
     torchvision_set = load_split(data_dir, train=True, download=False, transform=ToTensor())
@@ -47,14 +48,16 @@ def compare_batches(data_dir: Path, batch_size: int, epochs: int, seed: int) -> 
         for sampler in samplers:
             sampler.set_position(epoch, 0)
         for (images, labels), (expected_images, expected_labels) in zip(fast_loader, torchvision_loader, strict=True):
-            batches.append({
-                "epoch": epoch,
-                "images_equal": torch.equal(images, expected_images) and images.dtype == expected_images.dtype,
-                "labels_equal": torch.equal(labels, expected_labels) and labels.dtype == expected_labels.dtype,
-                "dtype": str(images.dtype),
-                "shape": list(images.shape),
-                "labels": labels.tolist(),
-            })
+            batches.append(
+                {
+                    "epoch": epoch,
+                    "images_equal": torch.equal(images, expected_images) and images.dtype == expected_images.dtype,
+                    "labels_equal": torch.equal(labels, expected_labels) and labels.dtype == expected_labels.dtype,
+                    "dtype": str(images.dtype),
+                    "shape": list(images.shape),
+                    "labels": labels.tolist(),
+                }
+            )
     result = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "batches": batches}
     # As the job does at its end: a process that exits with its process group alive can abort in gloo's teardown.
     accelerator.end_training()
