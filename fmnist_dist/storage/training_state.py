@@ -43,6 +43,8 @@ class Progress:
         epoch_loss_sum, epoch_samples: summed training loss and image count of the epoch so far, over all
             processes (so a resumed run reports the same epoch loss as an uninterrupted one).
         dataset_size: training images; a state resumes only on the same training set.
+        training_data: what it was trained on, {"data_dir": ..., "fingerprint": ...} (`inputs.fashion_mnist.
+            fingerprint` of the images and labels); None in states saved before it was recorded.
         world_size, per_process_batch, global_batch_size: how the run that saved it was split.
         config: the run's settings (`TrainConfig.to_log()`), the defaults of a resumed run.
         wandb_run_id: the W&B run to continue.
@@ -63,6 +65,7 @@ class Progress:
     wandb_run_id: str | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     save_index: int = 0
+    training_data: dict[str, str] | None = None
 
     @property
     def global_step(self) -> int:
@@ -153,6 +156,9 @@ def _progress_problem(progress: Progress) -> str | None:
         return "its config is not an object or its metrics not a list"
     if not (progress.wandb_run_id is None or isinstance(progress.wandb_run_id, str)):
         return f"wandb_run_id is {progress.wandb_run_id!r}, not a string"
+    data, data_keys = progress.training_data, ("data_dir", "fingerprint")
+    if not (data is None or (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in data_keys))):
+        return f"training_data is {data!r}, not an object of strings {', '.join(data_keys)}"
     for number, record in enumerate(progress.metrics, 1):
         if problem := metrics_record_problem(record):
             return f"its record of epoch {number}: {problem}"

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 import fmnist_dist
 from fmnist_dist.errors import UsageError
 from fmnist_dist.inputs.dataset_checks import describe_dataset
-from fmnist_dist.inputs.fashion_mnist import load_split
+from fmnist_dist.inputs.fashion_mnist import fingerprint, load_split
 from fmnist_dist.recipe.data import first_images, is_on_device, make_loader, ordered_loader, place_on_device
 from fmnist_dist.recipe.model import NeuralNetwork
 from fmnist_dist.recipe.position import BatchPlan, steps_per_epoch
@@ -89,11 +89,13 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
     set_seed(cfg.seed)  # the same initial weights on every process, and reproducible ones
     train_set, test_set = load_datasets(cfg, accelerator)
     plan = BatchPlan.from_config(cfg, accelerator.num_processes)
-    check_resumable(start, len(train_set))
+    training_set_fingerprint = fingerprint(train_set)
+    check_resumable(start, len(train_set), training_set_fingerprint)
     accelerator.print(describe_setup(accelerator, plan, cfg.data_dir))
     if start.state_dir is not None:
         accelerator.print(describe_resume(start, plan))
     record_setup(progress, plan, len(train_set))
+    progress.training_data = {"data_dir": str(cfg.data_dir), "fingerprint": training_set_fingerprint}
     model = NeuralNetwork()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = GlobalOrderBatchSampler(len(train_set), plan.micro_batch, cfg.seed)

@@ -59,13 +59,28 @@ def check_same_epoch_order(state_dir: Path, progress: Progress, changed: dict[st
         )
 
 
-def check_resumable(start: Start, dataset_size: int) -> None:
-    """Refuse to continue a state on another training set: its position would mean other images."""
-    saved = start.progress.dataset_size
-    if start.state_dir is not None and saved != dataset_size:
+def check_resumable(start: Start, dataset_size: int, fingerprint: str) -> None:
+    """Refuse to continue a state on another training set: its position would mean other images.
+
+    A state saved before fingerprints were recorded is checked by its image count only.
+
+    Args:
+        fingerprint: `inputs.fashion_mnist.fingerprint` of the training set loaded now.
+    """
+    if start.state_dir is None:
+        return
+    saved, trained_on = start.progress.dataset_size, start.progress.training_data
+    if saved != dataset_size:
         raise UsageError(
             f"--resume: the state {start.state_dir} was saved training on {saved} images, but "
             f"{start.cfg.data_dir} has {dataset_size}; resume with the same --data-dir, or start afresh with --overwrite"
+        )
+    if trained_on is not None and trained_on["fingerprint"] != fingerprint:
+        raise UsageError(
+            f"--resume: the state {start.state_dir} was trained on other images: the training set in "
+            f"{trained_on['data_dir']} (fingerprint {trained_on['fingerprint']}), not the one now in "
+            f"{start.cfg.data_dir} (fingerprint {fingerprint}); resume on the training set it was saved on, or start "
+            "afresh with --overwrite"
         )
 
 
