@@ -20,6 +20,7 @@ from typing import NoReturn
 
 import fmnist_dist
 from fmnist_dist.errors import UsageError
+from fmnist_dist.inputs.backgrounds import BACKGROUNDS
 from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.runtime.launcher_death import stop_with_launcher
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
@@ -256,6 +257,13 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--index", type=int, nargs="+", help="test-set indices")
     what.add_argument("--image", type=Path, nargs="+", help="image files (PNG, JPEG; any size)")
+    parser.add_argument(
+        "--background",
+        choices=BACKGROUNDS,
+        default="auto",
+        help="with --image: the ground the garments stand on; white (a product photo) is inverted to "
+        "FashionMNIST's light on dark, and transparent parts are filled with it; auto judges each image",
+    )
     parser.set_defaults(handler=_predict, command_parser=parser)
 
 
@@ -335,7 +343,9 @@ def _predict(args: argparse.Namespace) -> int:
     from fmnist_dist.inference import predict_files, predict_test_images
 
     if args.image:
-        predictions = predict_files(args.checkpoint, args.image)
+        predictions = predict_files(args.checkpoint, args.image, args.background)
+    elif args.background != "auto":
+        raise UsageError("--background describes the files of --image; test images (--index) need none")
     else:
         predictions = predict_test_images(args.checkpoint, args.data_dir, args.download, args.index)
     for p in predictions:

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from fmnist_dist.errors import UsageError
+from fmnist_dist.inputs.backgrounds import Background
 from fmnist_dist.inputs.fashion_mnist import load_split
 from fmnist_dist.inputs.images import load_image
 from fmnist_dist.recipe.data import make_loader
@@ -48,13 +49,18 @@ def predict_test_images(checkpoint: Path, data_dir: Path, download: bool, indice
     if bad := [i for i in indices if not 0 <= i < len(test_set)]:
         raise UsageError(f"--index {bad[0]} is outside the test set (0-{len(test_set) - 1}); pick an index in range")
     images = torch.stack([test_set[i][0] for i in indices])
-    actual = [CLASSES[int(test_set[i][1])] for i in indices]
+    actual: list[str | None] = [CLASSES[int(test_set[i][1])] for i in indices]
     return _predict(checkpoint, images, [f"test[{i}]" for i in indices], actual)
 
 
-def predict_files(checkpoint: Path, paths: Sequence[Path]) -> list[Prediction]:
-    """Predictions for image files (PNG, JPEG, any size), converted to 28x28 grayscale like the training data."""
-    images = torch.stack([load_image(path) for path in paths])
+def predict_files(checkpoint: Path, paths: Sequence[Path], background: Background = "auto") -> list[Prediction]:
+    """Predictions for image files (PNG, JPEG, any size), converted to 28x28 grayscale like the training data.
+
+    Args:
+        background: the ground the garments stand on ("white", "black"), or "auto" to judge it per image
+            (`inputs.images.load_image`).
+    """
+    images = torch.stack([load_image(path, background) for path in paths])
     return _predict(checkpoint, images, [str(p) for p in paths], [None] * len(paths))
 
 

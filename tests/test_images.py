@@ -9,7 +9,11 @@ form is the negative 255 - P, a dark garment on white.
 
 from __future__ import annotations
 
+import os
+import signal
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from test_cli_usability import one_error_line
+from test_inputs import message_as_nobody
 
 from fmnist_dist.cli import main
 from fmnist_dist.inputs.fashion_mnist import load_split
@@ -148,3 +153,121 @@ def test_an_image_larger_than_pillow_opens_safely_is_refused_in_one_line(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         one_error_line(capsys, ["predict", "--image", str(png)], str(png), "too large", "1000 pixels")
+
+
+# ------------------------------------------------------------------------------- what stands in place of an image
+
+
+def dangling_link(path: Path) -> Path:
+    path.symlink_to(path.parent / "gone.png")
+    return path
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def directory(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (fifo, "not a regular file"),
+        (lambda path: Path("/dev/zero"), "not a regular file"),
+        (directory, "is a directory"),
+        (dangling_link, "symbolic link"),
+        (lambda path: path, "does not exist"),
+    ],
+    ids=["fifo", "device", "directory", "dangling-link", "missing"],
+)
+def test_an_image_that_is_no_regular_file_is_refused_in_one_line_without_reading_it(
+    make: Callable[[Path], Path], named: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """As --checkpoint and the dataset files are: opening a FIFO would wait for a writer forever, /dev/zero never
+    ends. A reader that hangs fails the test (SIGALRM) rather than the suite."""
+    path = make(tmp_path / "shoe.png")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f"reading {path} hung"))
+    signal.alarm(20)
+    try:
+        one_error_line(capsys, ["predict", "--image", str(path)], f"image {path} ", named)
+    finally:
+        signal.alarm(0)
+
+
+def test_an_image_the_user_may_not_read_is_refused_in_one_line(garment: np.ndarray) -> None:
+    with tempfile.TemporaryDirectory() as shared:
+        Path(shared).chmod(0o755)
+        png = saved(Image.fromarray(garment), Path(shared) / "shoe.png")
+        png.chmod(0)
+        message = message_as_nobody(lambda: load_image(png))
+    assert message.startswith(f"cannot read image {png} (") and "Permission denied" in message, message
+    assert "check its permissions" in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------------------------- --background
+
+
+def ambiguous_cut_out(garment: np.ndarray) -> Image.Image:
+    """A mid-grey garment (160) cut out on a transparent ground (the garment's brightest pixels are opaque, the rest,
+    border included, transparent): "auto" calls it light and lays it on black, although its photo stood on white."""
+    grey = np.full_like(garment, 160)
+    alpha = np.where(garment > 100, 255, 0).astype(np.uint8)
+    return Image.fromarray(np.stack([grey, grey, grey, alpha], axis=-1))
+
+
+def laid_on(cut_out: Image.Image, ground: str) -> Image.Image:
+    """The cut-out as a plain RGB image on a `ground` ("white" or "black")."""
+    flat = Image.new("RGB", cut_out.size, ground)
+    flat.paste(cut_out, mask=cut_out.getchannel("A"))
+    return flat
+
+
+@pytest.mark.parametrize("ground", ["white", "black"])
+def test_background_white_or_black_lays_a_transparent_image_on_that_ground(
+    garment: np.ndarray, tmp_path: Path, ground: str
+) -> None:
+    """Laid on white, the garment is dark on a light ground and is inverted, as "auto" inverts the photo on white."""
+    cut_out = ambiguous_cut_out(garment)
+    transparent = saved(cut_out, tmp_path / "cut-out.png")
+    on_ground = saved(laid_on(cut_out, ground), tmp_path / f"on-{ground}.png")
+    assert np.array_equal(np.asarray(to_grayscale(cut_out, ground)), np.asarray(laid_on(cut_out, ground).convert("L")))
+    assert torch.equal(load_image(transparent, ground), load_image(on_ground))
+
+
+def test_background_white_or_black_decides_the_inversion_of_an_opaque_image(
+    garment: np.ndarray, tmp_path: Path
+) -> None:
+    """Whatever its border: "white" inverts the image, "black" takes it as it is."""
+    light_garment = saved(Image.fromarray(garment), tmp_path / "light.png")
+    negative = saved(Image.fromarray(255 - garment), tmp_path / "negative.png")
+    assert torch.equal(load_image(light_garment, "white"), load_image(negative, "black"))
+    assert torch.equal(load_image(negative, "white"), load_image(light_garment, "black"))
+    assert torch.equal(load_image(light_garment, "black"), load_image(light_garment))  # "auto": its border is dark
+
+
+def test_background_auto_is_the_automatic_choice_as_before(garment: np.ndarray, tmp_path: Path) -> None:
+    """The default: the ambiguous cut-out is laid on black (its garment counts as light), a dark one on white."""
+    ambiguous = saved(ambiguous_cut_out(garment), tmp_path / "cut-out.png")
+    assert torch.equal(load_image(ambiguous, "auto"), load_image(ambiguous, "black"))
+    dark = saved(dark_garment_on_transparent_black(garment, "RGBA"), tmp_path / "dark.png")
+    assert torch.equal(load_image(dark, "auto"), load_image(dark, "white"))
+
+
+def test_predict_background_reaches_every_image_and_is_refused_with_index(
+    garment: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pth"
+    torch.save(NeuralNetwork().state_dict(), checkpoint)
+    cut_out = ambiguous_cut_out(garment)
+    on_white = saved(laid_on(cut_out, "white"), tmp_path / "on-white.png")
+    transparent = saved(cut_out, tmp_path / "cut-out.png")
+    argv = ["predict", "--checkpoint", str(checkpoint), "--image", str(on_white), str(transparent)]
+    assert main([*argv, "--background", "white"]) == 0
+    white_line, transparent_line = capsys.readouterr().out.splitlines()
+    assert transparent_line.split(": ", 1)[1] == white_line.split(": ", 1)[1]
+    one_error_line(capsys, ["predict", "--index", "0", "--background", "white"], "--background", "--image")

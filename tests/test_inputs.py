@@ -148,14 +148,14 @@ def test_a_file_the_user_may_not_read_is_refused(data_dir: Path) -> None:
         for path in [data, *data.rglob("*")]:  # readable by anyone (pytest's copies are private), but for one file
             path.chmod(0o755 if path.is_dir() else 0o644)
         (raw_dir(data) / TEST_LABELS).chmod(0)
-        message = check_dataset_as_nobody(data)
+        message = message_as_nobody(lambda: check_dataset(data, download=False))
     assert message.startswith(f"cannot read {raw_dir(data) / TEST_LABELS} ("), message
     assert "Permission denied" in message
     assert "check its permissions" in message and "\n" not in message
 
 
-def check_dataset_as_nobody(data: Path) -> str:
-    """`check_dataset(data)`'s error message (or "no error"), from a child process running as user `nobody`."""
+def message_as_nobody(call: Callable[[], object]) -> str:
+    """`call()`'s UsageError message (or "no error"), from a forked child process running as user `nobody`."""
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # the child: drop root, check, report, and leave without running pytest's teardown
@@ -165,7 +165,7 @@ def check_dataset_as_nobody(data: Path) -> str:
             if os.geteuid() == 0:
                 os.setgid(NOBODY)
                 os.setuid(NOBODY)
-            check_dataset(data, download=False)
+            call()
         except UsageError as error:
             message = str(error)
         except BaseException as error:
