@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# A real two-node SLURM cluster on this one machine, for the tests (`.ci/run` uses it; as root you can too):
+# A real two-node SLURM cluster on this one machine, for the tests (`.ci/run` uses it; as root you can too).
+# `up` installs packages (apt-get), starts daemons and may add lines to /etc/hosts: tests/test_slurm.py runs it
+# only with FMNIST_DIST_SLURM_SETUP=1, and otherwise uses a cluster that is up or skips.
 #   .ci/slurm-cluster.sh up       # install SLURM and MUNGE if missing, start them, wait until both nodes are idle
 #   .ci/slurm-cluster.sh status   # exit 0 when both nodes answer, 1 otherwise
 #   .ci/slurm-cluster.sh down     # cancel every job, stop every daemon it started, remove everything it wrote

@@ -2,8 +2,10 @@
 this machine, nodes n1 and n2): CPU nodes train as one job, a preempted job requeues itself and continues, a
 node that never starts ends the job within the rendezvous bound, and GPU nodes get one process per GPU.
 
-The cluster is the one `.ci/slurm-cluster.sh up` started, else one started here for this module (root, SLURM
-installed or apt-get present). Where neither works the tests are skipped with the reason; with
+The cluster is the one `.ci/slurm-cluster.sh up` started. Only with FMNIST_DIST_SLURM_SETUP=1 do the tests start
+one themselves for this module (as root, installing SLURM and MUNGE with apt-get if missing, starting their daemons
+and adding n1 and n2 to /etc/hosts; stopped and undone afterwards): `pytest` never installs packages or changes
+system files unasked. Where there is no cluster the tests are skipped with the reason and how to opt in; with
 FMNIST_DIST_REQUIRE_SLURM=1 (as `.ci/run` sets) they fail instead.
 """
 
@@ -15,7 +17,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -38,9 +42,46 @@ NEVER_STARTS_BOUND_S = 60
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
+# The opt-in: the tests may start (and install) a cluster themselves.
+SETUP_VARIABLE = "FMNIST_DIST_SLURM_SETUP"
+# CI: a cluster that cannot be used fails the tests instead of skipping them.
+REQUIRE_VARIABLE = "FMNIST_DIST_REQUIRE_SLURM"
+
+
+class ClusterPlan(Enum):
+    """What the SLURM tests do about the cluster."""
+
+    USE = "use the cluster that is up"
+    START = "start one (opted in)"
+    UNAVAILABLE = "skip, or fail where a cluster is required"
+
+
+def cluster_plan(env: Mapping[str, str], cluster_up: bool, cannot_start: str | None) -> tuple[ClusterPlan, str]:
+    """Use a cluster that is up; start one only when `env` opts in and it can be started; else say why not.
+
+    Args:
+        cluster_up: whether `.ci/slurm-cluster.sh status` found a cluster.
+        cannot_start: why this machine cannot start one (`why_slurm_cannot_start`), or None.
+
+    Returns:
+        The plan, and for UNAVAILABLE the reason (which says how to opt in when that is what is missing).
+    """
+    if cluster_up:
+        return ClusterPlan.USE, ""
+    if env.get(SETUP_VARIABLE) != "1":
+        return ClusterPlan.UNAVAILABLE, (
+            f"no SLURM test cluster is up; start one (`sudo .ci/slurm-cluster.sh up`), or set {SETUP_VARIABLE}=1 to "
+            "let the tests start one as root, which installs slurmctld, slurmd, slurm-client and munge with apt-get "
+            "if missing, starts their daemons and adds n1 and n2 to /etc/hosts (undone when the tests end)"
+        )
+    if cannot_start is not None:
+        return ClusterPlan.UNAVAILABLE, f"{SETUP_VARIABLE}=1, but {cannot_start}"
+    return ClusterPlan.START, ""
+
+
 def slurm_unavailable(reason: str) -> None:
-    if os.environ.get("FMNIST_DIST_REQUIRE_SLURM") == "1":
-        pytest.fail(f"FMNIST_DIST_REQUIRE_SLURM=1 but {reason}")
+    if os.environ.get(REQUIRE_VARIABLE) == "1":
+        pytest.fail(f"{REQUIRE_VARIABLE}=1 but {reason}")
     pytest.skip(reason)
 
 
@@ -48,30 +89,44 @@ def why_slurm_cannot_start() -> str | None:
     if not sys.platform.startswith("linux"):
         return "the SLURM test cluster runs on Linux only"
     if os.geteuid() != 0:
-        return "no SLURM test cluster is up, and starting one needs root (`sudo .ci/slurm-cluster.sh up`)"
+        return "starting the SLURM test cluster needs root (`sudo .ci/slurm-cluster.sh up`)"
     if not shutil.which("sbatch") and not shutil.which("apt-get"):
         return "SLURM is not installed and there is no apt-get to install it (slurmctld slurmd slurm-client munge)"
     return None
 
 
-@pytest.fixture(scope="module")
-def slurm_env() -> Iterator[dict[str, str]]:
-    """The environment for sbatch and friends: this cluster's SLURM_CONF, this venv's `accelerate` on PATH."""
-    started_here = False
-    if subprocess.run([CLUSTER_SCRIPT, "status"], capture_output=True).returncode != 0:
-        reason = why_slurm_cannot_start()
-        if reason:
-            slurm_unavailable(reason)
-        up = subprocess.run([CLUSTER_SCRIPT, "up"], capture_output=True, text=True, timeout=600)
+def cluster_script(command: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`.ci/slurm-cluster.sh COMMAND` (status only reads: its config file, `sinfo`; up and down change the system)."""
+    return subprocess.run([CLUSTER_SCRIPT, command], capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def slurm_cluster() -> Iterator[dict[str, str]]:
+    """The environment for sbatch and friends: this cluster's SLURM_CONF, this venv's `accelerate` on PATH.
+
+    A cluster is started (and stopped afterwards) only as `cluster_plan` says; else the tests skip or fail.
+    """
+    plan, reason = cluster_plan(os.environ, cluster_script("status").returncode == 0, why_slurm_cannot_start())
+    if plan is ClusterPlan.UNAVAILABLE:
+        slurm_unavailable(reason)
+    if plan is ClusterPlan.START:
+        up = cluster_script("up")
         if up.returncode != 0:
             slurm_unavailable(f"`.ci/slurm-cluster.sh up` failed: {up.stderr.strip() or up.stdout.strip()}")
-        started_here = True
     # Nothing of an enclosing SLURM job (when pytest itself runs under one) may leak into these jobs.
     env = {k: v for k, v in cli_env().items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env.update(SLURM_CONF=str(SLURM_CONF), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
-    yield env
-    if started_here:
-        subprocess.run([CLUSTER_SCRIPT, "down"], capture_output=True, timeout=120)
+    try:
+        yield env
+    finally:
+        if plan is ClusterPlan.START:
+            cluster_script("down", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> Iterator[dict[str, str]]:
+    with slurm_cluster() as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
