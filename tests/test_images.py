@@ -108,14 +108,19 @@ def test_32_bit_images_are_scaled_from_the_range_their_values_fill(garment: np.n
 def test_predict_gives_a_transparent_image_the_answer_of_the_garment_on_white(
     garment: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    on_white = saved(Image.fromarray(255 - garment).convert("RGB"), tmp_path / "on-white.png")
+    transparent = saved(dark_garment_on_transparent_black(garment, "RGBA"), tmp_path / "transparent.png")
+    white_answer, transparent_answer = predicted(capsys, tmp_path, [on_white, transparent])
+    assert transparent_answer == white_answer
+
+
+def predicted(capsys: pytest.CaptureFixture, tmp_path: Path, images: list[Path], *flags: str) -> list[str]:
+    """`predict --image IMAGES FLAGS`'s answer for each image (class and probability), from an untrained model."""
     torch.manual_seed(0)
     checkpoint = tmp_path / "model.pth"
     torch.save(NeuralNetwork().state_dict(), checkpoint)
-    on_white = saved(Image.fromarray(255 - garment).convert("RGB"), tmp_path / "on-white.png")
-    transparent = saved(dark_garment_on_transparent_black(garment, "RGBA"), tmp_path / "transparent.png")
-    assert main(["predict", "--checkpoint", str(checkpoint), "--image", str(on_white), str(transparent)]) == 0
-    white_line, transparent_line = capsys.readouterr().out.splitlines()
-    assert transparent_line.split(": ", 1)[1] == white_line.split(": ", 1)[1]
+    assert main(["predict", "--checkpoint", str(checkpoint), "--image", *map(str, images), *flags]) == 0
+    return [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
 
 
 def test_a_16_bit_png_with_a_transparent_colour_is_scaled_like_its_8_bit_twin(
@@ -260,14 +265,9 @@ def test_background_auto_is_the_automatic_choice_as_before(garment: np.ndarray, 
 def test_predict_background_reaches_every_image_and_is_refused_with_index(
     garment: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "model.pth"
-    torch.save(NeuralNetwork().state_dict(), checkpoint)
     cut_out = ambiguous_cut_out(garment)
     on_white = saved(laid_on(cut_out, "white"), tmp_path / "on-white.png")
     transparent = saved(cut_out, tmp_path / "cut-out.png")
-    argv = ["predict", "--checkpoint", str(checkpoint), "--image", str(on_white), str(transparent)]
-    assert main([*argv, "--background", "white"]) == 0
-    white_line, transparent_line = capsys.readouterr().out.splitlines()
-    assert transparent_line.split(": ", 1)[1] == white_line.split(": ", 1)[1]
+    white_answer, transparent_answer = predicted(capsys, tmp_path, [on_white, transparent], "--background", "white")
+    assert transparent_answer == white_answer
     one_error_line(capsys, ["predict", "--index", "0", "--background", "white"], "--background", "--image")
