@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,16 @@ from fmnist_dist.recipe.position import TrainingPosition
 from fmnist_dist.runtime.collective_errors import fail_together
 from fmnist_dist.settings.train_config import MAX_COUNT, RESUME_AUTO, RESUME_LATEST
 from fmnist_dist.storage import strict_json
-from fmnist_dist.storage.atomic_files import atomic_write, reporting_write_errors
+from fmnist_dist.storage.atomic_files import atomic_write, reporting_write_errors, umask_file_mode
 from fmnist_dist.storage.metrics_log import is_number, metrics_record_problem
 from fmnist_dist.storage.run_dir import (
+    COMPLETE_PREFIX,
     PROGRESS_FILE,
     TMP_PREFIX,
     RunDirectory,
-    is_state_name,
+    complete_state,
+    final_state,
+    is_complete_state_name,
     is_unfinished_state_name,
     tmp_state,
     trash_state,
@@ -91,6 +95,11 @@ class Progress:
 def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Progress, keep: int) -> Path:
     """Save model, optimizer, RNG states and `progress` (all processes call this); keep the newest `keep` states.
 
+    At every moment of the save, of the replacement of a state of the same step and of the pruning, `--resume
+    auto` finds a complete state, the newest one there is: the new state is written under `.tmp-step-N`,
+    renamed to `.complete-step-N` once complete (resumable from then on, and newer than any `step-N`), and only
+    then does it replace an older `step-N` and are the oldest states deleted.
+
     Raises:
         UsageError: on every process, when any process could not write its part (a full disk, say); the
             unfinished state is removed and the earlier states are left as they were.
@@ -98,30 +107,78 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
     run_dir = RunDirectory(Path(output_dir))
     root, final = run_dir.states, run_dir.state(progress.global_step)
     tmp = tmp_state(final)
-    advice = "the earlier states are intact; free some space, then continue with --resume"
+    kept, then = _what_a_failed_save_keeps(root)
     try:
         # Each stretch ends with an exchange of errors, which is also the barrier between the stretches.
-        with fail_together(accelerator), reporting_write_errors(final, advice):
+        with fail_together(accelerator), reporting_write_errors(final, kept, then):
             if accelerator.is_main_process:
-                _remove_unfinished(root)
+                finish_interrupted_saves(root)
                 tmp.mkdir(parents=True)
                 saved = complete_states(root)  # in save order: the last one has the highest index
                 progress.save_index = 1 + (_save_index(saved[-1]) if saved else 0)
-        with fail_together(accelerator), reporting_write_errors(final, advice):
+        with fail_together(accelerator), reporting_write_errors(final, kept, then):
             accelerator.save_state(str(tmp))
-        with fail_together(accelerator), reporting_write_errors(final, advice):
+        with fail_together(accelerator), reporting_write_errors(final, kept, then):
             if accelerator.is_main_process:
+                give_umask_modes(tmp)
                 text = strict_json.dumps(asdict(progress), indent=1)
                 atomic_write(tmp / PROGRESS_FILE, lambda f: f.write(text.encode()))
-                if final.exists():  # a state of the same step from a replayed stretch
-                    discard_state(final)
-                tmp.rename(final)
+                tmp.rename(complete_state(final))  # every process's part and progress.json are written: complete
+                _put_in_place(complete_state(final))
                 _prune(root, keep)
     except Exception:
         if accelerator.is_main_process:  # after the exchange: no process writes into it any more
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # never raises over the error that ended the save
         raise
     return final
+
+
+def _what_a_failed_save_keeps(root: Path) -> tuple[str, str]:
+    """What a failed save leaves to resume, and how to go on: the earlier states, or, before the first, none."""
+    if complete_states(root):
+        return "the earlier states are intact", "continue with --resume"
+    return (
+        "no state of this run had been saved yet",
+        "train again (--resume auto starts afresh where there is no state)",
+    )
+
+
+def finish_interrupted_saves(root: Path) -> None:
+    """Finish what interrupted saves and deletions left under `root` (the main process, holding the lock).
+
+    A complete state still named `.complete-step-N` takes the place of `step-N`, which it is newer than; the
+    unfinished `.tmp-` and `.trash-` directories are deleted.
+
+    Raises:
+        OSError: a complete state could not be renamed into place.
+    """
+    for complete in root.glob(f"{COMPLETE_PREFIX}*") if root.is_dir() else ():
+        if complete in complete_states(root):
+            _put_in_place(complete)
+    for unfinished in unfinished_states(root):
+        shutil.rmtree(unfinished, ignore_errors=True)
+
+
+def _put_in_place(complete: Path) -> None:
+    """Rename the complete state `complete` (`.complete-step-N`) to `step-N`, discarding an older `step-N` first
+    (until the rename, `complete` is the one `--resume auto` takes)."""
+    final = final_state(complete)
+    if final.exists():  # a state of the same step from a replayed stretch
+        discard_state(final)
+    complete.rename(final)
+
+
+def give_umask_modes(directory: Path) -> None:
+    """Give every file in `directory` the mode the umask gives a new file (safetensors writes its files private
+    to their owner, 0600, whatever the umask), so that other accounts read states on shared storage as usual.
+
+    Raises:
+        OSError: a mode could not be changed.
+    """
+    mode = umask_file_mode()
+    for path in directory.iterdir():
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
 
 
 def _progress_problem(progress: Progress) -> str | None:
@@ -221,11 +278,14 @@ def complete_states(root: Path) -> list[Path]:
 
     Only the names fmnist-dist gives (`step-` and the step's digits) count: a copy the user made beside them
     (`step-000000120-mine`) is never resumed by `--resume auto`, pruned by `--keep-states` or removed by
-    `--overwrite` (`--resume` takes it when named).
+    `--overwrite` (`--resume` takes it when named). A `.complete-step-N` (a save interrupted before it took its
+    name) counts instead of the older `step-N` it was about to replace.
     """
     if not root.is_dir():
         return []
-    states = sorted(p for p in root.iterdir() if is_state_name(p.name) and (p / PROGRESS_FILE).is_file())
+    found = sorted(p for p in root.iterdir() if is_complete_state_name(p.name) and (p / PROGRESS_FILE).is_file())
+    by_step = {final_state(p): p for p in sorted(found, key=lambda p: p.name.startswith(COMPLETE_PREFIX))}
+    states = sorted(by_step.values(), key=final_state)
     return sorted(states, key=_save_index)  # stable: states of older versions, all 0, stay in step order
 
 
@@ -244,11 +304,6 @@ def unfinished_states(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return [p for p in root.iterdir() if p.is_dir() and is_unfinished_state_name(p.name)]
-
-
-def _remove_unfinished(root: Path) -> None:
-    for unfinished in unfinished_states(root):
-        shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def discard_state(state: Path) -> None:
