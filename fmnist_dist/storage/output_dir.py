@@ -234,8 +234,8 @@ def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
     """`--overwrite`: delete the earlier run's states in `output_dir` (so nothing resumes them), and nothing else.
 
     That is its complete states, and the unfinished `.tmp-step-*` and `.trash-step-*` ones, under `state/`. Its
-    metrics.jsonl, model.pth and plots stay until the new run replaces them (atomically), so a new run that fails, or diverges, leaves
-    the earlier results as they were. Every process calls this; the main process deletes.
+    metrics.jsonl, model.pth and plots stay until the new run replaces them (atomically), so a new run that
+    fails, or diverges, leaves the earlier results as they were. Every process calls this; the main process deletes.
 
     Raises:
         UsageError: on every process, when a file cannot be deleted.

@@ -12,10 +12,14 @@ import math
 import shutil
 import stat
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
+import torch
 from accelerate import Accelerator
+from torch import nn
 
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.recipe.position import TrainingPosition
@@ -27,6 +31,7 @@ from fmnist_dist.storage.metrics_log import is_number, metrics_record_problem
 from fmnist_dist.storage.run_dir import (
     COMPLETE_PREFIX,
     PROGRESS_FILE,
+    STATE_WEIGHTS_FILE,
     TMP_PREFIX,
     RunDirectory,
     complete_state,
@@ -36,6 +41,8 @@ from fmnist_dist.storage.run_dir import (
     tmp_state,
     trash_state,
 )
+
+OLD_RUN_ID = "wandb_run_id"  # progress.json's name of `tracker_run_id` in states of earlier versions
 
 
 @dataclass
@@ -49,7 +56,7 @@ class Progress:
         dataset_size: training images; a state resumes only on the same training set.
         world_size, per_process_batch, global_batch_size: how the run that saved it was split.
         config: the run's settings (`TrainConfig.to_log()`), the defaults of a resumed run.
-        wandb_run_id: the W&B run to continue.
+        tracker_run_id: the tracker's run to continue (the W&B run id); saved as `wandb_run_id` before.
         metrics: the records of the finished epochs.
         save_index: this state's place in the order of the saves into its output directory (1 for the first).
             Newest means most recently saved: a run resumed from an older state saves lower step numbers than
@@ -64,7 +71,7 @@ class Progress:
     per_process_batch: int = 0
     global_batch_size: int = 0
     config: dict[str, Any] = field(default_factory=dict)
-    wandb_run_id: str | None = None
+    tracker_run_id: str | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     save_index: int = 0
 
@@ -79,6 +86,9 @@ class Progress:
         Raises:
             ValueError, TypeError, KeyError: the file is not a state's progress, or its position is impossible.
         """
+        saved = dict(saved)
+        if OLD_RUN_ID in saved:  # a state saved before the run id was named for what it is
+            saved.setdefault("tracker_run_id", saved.pop(OLD_RUN_ID))
         progress = cls(**{**saved, "position": TrainingPosition(**saved["position"])})
         if problem := _progress_problem(progress):
             raise ValueError(problem)
@@ -208,8 +218,8 @@ def _progress_problem(progress: Progress) -> str | None:
             return f"{name} is {value!r}, not a finite number of at least 0"
     if not (isinstance(progress.config, dict) and isinstance(progress.metrics, list)):
         return "its config is not an object or its metrics not a list"
-    if not (progress.wandb_run_id is None or isinstance(progress.wandb_run_id, str)):
-        return f"wandb_run_id is {progress.wandb_run_id!r}, not a string"
+    if not (progress.tracker_run_id is None or isinstance(progress.tracker_run_id, str)):
+        return f"tracker_run_id is {progress.tracker_run_id!r}, not a string"
     for number, record in enumerate(progress.metrics, 1):
         if problem := metrics_record_problem(record):
             return f"its record of epoch {number}: {problem}"
@@ -258,12 +268,81 @@ def read_progress(state_dir: Path) -> Progress:
         raise UsageError(_unreadable(state_dir, error)) from error
 
 
-def restore_state(accelerator: Accelerator, state_dir: Path) -> None:
-    """Restore the prepared model and optimizer and the RNG states from `state_dir` (all processes call this)."""
-    try:
-        accelerator.load_state(str(state_dir))
-    except Exception as error:
-        raise UsageError(_unreadable(state_dir, error)) from error
+def restore_state(
+    accelerator: Accelerator, state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Restore the prepared model and optimizer and the RNG states from `state_dir` (all processes call this),
+    after checking every tensor the state holds for them against them: names, shapes, dtypes, finite values.
+
+    Raises:
+        UsageError: on every process, when the state cannot be read or does not fit the model or optimizer.
+    """
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper loads into the inner one
+    check = partial(_check_optimizer_state, state_dir, _parameter_names(accelerator.unwrap_model(model)))
+    with fail_together(accelerator):
+        handle = torch_optimizer.register_load_state_dict_pre_hook(check)
+        try:
+            _check_weights(state_dir, accelerator.unwrap_model(model))
+            accelerator.load_state(str(state_dir))
+        except UsageError:
+            raise
+        except Exception as error:
+            raise UsageError(_unreadable(state_dir, error)) from error
+        finally:
+            handle.remove()
+
+
+def _check_weights(state_dir: Path, model: nn.Module) -> None:
+    """Refuse a state whose model weights do not fit `model` (before Accelerate copies them in, casting them)."""
+    path = state_dir / STATE_WEIGHTS_FILE
+    if not path.is_file():
+        return  # Accelerate's load names the missing file
+    saved, expected = safetensors.torch.load_file(path), model.state_dict()
+    if keys := sorted(saved.keys() ^ expected.keys()):
+        raise _misfit(state_dir, f"its model weights {STATE_WEIGHTS_FILE} differ in their names: {keys[:5]}")
+    for name, tensor in saved.items():
+        if problem := _tensor_problem(tensor, expected[name]):
+            raise _misfit(state_dir, f"the model's {name} {problem}")
+
+
+def _check_optimizer_state(
+    state_dir: Path, names: dict[torch.Tensor, str], optimizer: torch.optim.Optimizer, saved: dict[str, Any]
+) -> None:
+    """Refuse optimizer state that does not fit the optimizer's parameters (torch would cast its tensors, and
+    checks no shape of them); a load_state_dict pre-hook, so it sees the tensors as saved."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    indices = [index for group in saved["param_groups"] for index in group["params"]]
+    if len(indices) != len(params):
+        raise _misfit(state_dir, f"its optimizer state is for {len(indices)} parameters, the model has {len(params)}")
+    for index, param in zip(indices, params, strict=True):
+        for key, value in saved["state"].get(index, {}).items():
+            like = param if isinstance(value, torch.Tensor) and value.dim() > 0 else value  # a step count: a scalar
+            if isinstance(value, torch.Tensor) and (problem := _tensor_problem(value, like)):
+                raise _misfit(state_dir, f"the optimizer's {key} of {names.get(param, 'a parameter')} {problem}")
+
+
+def _tensor_problem(found: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """How a restored tensor differs from the one it restores (shape, dtype), or that it is not finite; or None."""
+    if found.shape != expected.shape or found.dtype != expected.dtype:
+        return f"is {_kind(found)}, not {_kind(expected)}"
+    if found.is_floating_point() and not torch.isfinite(found).all():
+        return "holds non-finite values (NaN or infinity)"
+    return None
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def _parameter_names(model: nn.Module) -> dict[torch.Tensor, str]:
+    return {param: name for name, param in model.named_parameters()}
+
+
+def _misfit(state_dir: Path, problem: str) -> UsageError:
+    return UsageError(
+        f"--resume: the state {state_dir} does not fit this model and optimizer: {problem}; pass another state "
+        "with --resume STATE_DIR, or start afresh with --overwrite"
+    )
 
 
 def _unreadable(state_dir: Path, error: BaseException) -> str:
