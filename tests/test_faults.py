@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, synthetic_data, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import NeuralNetwork
@@ -275,3 +275,24 @@ def test_two_process_job_ends_when_one_rank_fails(failing_rank: int, data_dir: P
     assert f"injected failure on rank {failing_rank} at step 3" in output
     assert time.monotonic() - start < HANG_LIMIT_S
     assert not (tmp_path / "out" / "model.pth").exists()
+
+
+# ------------------------------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o077], ids=["umask-002", "umask-077"])
+def test_every_file_a_run_writes_gets_the_mode_the_umask_gives(umask: int, data_dir: Path, tmp_path: Path) -> None:
+    old = os.umask(umask)  # the CLI's process inherits it
+    try:
+        result = run_cli(train_args(data_dir, tmp_path / "out", "--epochs", "1", "--no-progress"), tmp_path, **QUIET)
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stderr
+    written = sorted((tmp_path / "out").rglob("*"))
+    assert any(p.name == "model.safetensors" for p in written) and any(p.name == "model.pth" for p in written)
+    wrong = {
+        str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+        for p in written
+        if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask
+    }
+    assert wrong == {}

@@ -18,7 +18,7 @@ from typing import IO
 from fmnist_dist.errors import UsageError, first_line
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write `path` so that a crash at any moment leaves either its old contents or its new ones.
 
     `write` fills a hidden temporary file in the same directory, which is flushed to disk and then renamed over
