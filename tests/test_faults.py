@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, synthetic_data, train_args
+from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, run_cli, synthetic_data, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import NeuralNetwork
@@ -296,3 +296,35 @@ def test_every_file_a_run_writes_gets_the_mode_the_umask_gives(umask: int, data_
         if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask
     }
     assert wrong == {}
+
+
+# ---------------------------------------------------------------------------- a kill mid-replacement of a state
+
+
+def test_a_kill_while_a_state_of_the_same_step_is_replaced_resumes_from_that_step(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    steps = -(-TRAIN_SIZE // 32)  # an epoch's optimizer steps at train_args' batch of 32
+    args = train_args(
+        data_dir, out, "--epochs", "1", "--checkpoint-every", steps, "--keep-states", "1", "--no-progress"
+    )
+    killed = subprocess.run(
+        [sys.executable, str(HELPERS / "killed_mid_state_replacement.py"), *map(str, args)],
+        cwd=tmp_path,
+        env=cli_env(**QUIET),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    final = out / STATES_DIR / f"step-{steps:09d}"
+    assert not final.exists()  # the older state of the step is gone, the new one not yet in its place
+
+    resumed = run_cli(
+        train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--no-progress"), tmp_path, **QUIET
+    )
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {final} at epoch 2" in resumed.stdout, resumed.stdout
+    assert len(MetricsLog.read(out / "metrics.jsonl")) == 2
