@@ -80,15 +80,14 @@ def cli_command(processes: int) -> list[str]:
     ]
 
 
-def run_to_end(processes: int, args: list, cwd: Path) -> None:
-    result = subprocess.run(
-        [*cli_command(processes), *map(str, args)],
-        cwd=cwd,
-        env=cli_env(**QUIET),
-        capture_output=True,
-        text=True,
-        timeout=300,
+def run_quietly(command: list[str], args: list, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*command, *map(str, args)], cwd=cwd, env=cli_env(**QUIET), capture_output=True, text=True, timeout=300
     )
+
+
+def run_to_end(processes: int, args: list, cwd: Path) -> None:
+    result = run_quietly(cli_command(processes), args, cwd)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -309,14 +308,7 @@ def test_a_kill_while_a_state_of_the_same_step_is_replaced_resumes_from_that_ste
     args = train_args(
         data_dir, out, "--epochs", "1", "--checkpoint-every", steps, "--keep-states", "1", "--no-progress"
     )
-    killed = subprocess.run(
-        [sys.executable, str(HELPERS / "killed_mid_state_replacement.py"), *map(str, args)],
-        cwd=tmp_path,
-        env=cli_env(**QUIET),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    killed = run_quietly([sys.executable, str(HELPERS / "killed_mid_state_replacement.py")], args, tmp_path)
     assert killed.returncode == 9, killed.stderr[-3000:]
     final = out / STATES_DIR / f"step-{steps:09d}"
     assert not final.exists()  # the older state of the step is gone, the new one not yet in its place
