@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
+from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, run_cli, synthetic_data, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import NeuralNetwork
@@ -80,15 +80,14 @@ def cli_command(processes: int) -> list[str]:
     ]
 
 
-def run_to_end(processes: int, args: list, cwd: Path) -> None:
-    result = subprocess.run(
-        [*cli_command(processes), *map(str, args)],
-        cwd=cwd,
-        env=cli_env(**QUIET),
-        capture_output=True,
-        text=True,
-        timeout=300,
+def run_quietly(command: list[str], args: list, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*command, *map(str, args)], cwd=cwd, env=cli_env(**QUIET), capture_output=True, text=True, timeout=300
     )
+
+
+def run_to_end(processes: int, args: list, cwd: Path) -> None:
+    result = run_quietly(cli_command(processes), args, cwd)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -275,3 +274,49 @@ def test_two_process_job_ends_when_one_rank_fails(failing_rank: int, data_dir: P
     assert f"injected failure on rank {failing_rank} at step 3" in output
     assert time.monotonic() - start < HANG_LIMIT_S
     assert not (tmp_path / "out" / "model.pth").exists()
+
+
+# ------------------------------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o077], ids=["umask-002", "umask-077"])
+def test_every_file_a_run_writes_gets_the_mode_the_umask_gives(umask: int, data_dir: Path, tmp_path: Path) -> None:
+    old = os.umask(umask)  # the CLI's process inherits it
+    try:
+        result = run_cli(train_args(data_dir, tmp_path / "out", "--epochs", "1", "--no-progress"), tmp_path, **QUIET)
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stderr
+    written = sorted((tmp_path / "out").rglob("*"))
+    assert any(p.name == "model.safetensors" for p in written) and any(p.name == "model.pth" for p in written)
+    wrong = {
+        str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+        for p in written
+        if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask
+    }
+    assert wrong == {}
+
+
+# ---------------------------------------------------------------------------- a kill mid-replacement of a state
+
+
+def test_a_kill_while_a_state_of_the_same_step_is_replaced_resumes_from_that_step(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    steps = -(-TRAIN_SIZE // 32)  # an epoch's optimizer steps at train_args' batch of 32
+    args = train_args(
+        data_dir, out, "--epochs", "1", "--checkpoint-every", steps, "--keep-states", "1", "--no-progress"
+    )
+    killed = run_quietly([sys.executable, str(HELPERS / "killed_mid_state_replacement.py")], args, tmp_path)
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    final = out / STATES_DIR / f"step-{steps:09d}"
+    assert not final.exists()  # the older state of the step is gone, the new one not yet in its place
+
+    resumed = run_cli(
+        train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--no-progress"), tmp_path, **QUIET
+    )
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {final} at epoch 2" in resumed.stdout, resumed.stdout
+    assert len(MetricsLog.read(out / "metrics.jsonl")) == 2

@@ -4,6 +4,8 @@ resume or overwrite; --overwrite removes only what fmnist-dist wrote; one job at
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -11,14 +13,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import cli_env, run_cli, synthetic_data, train_args
 
 from fmnist_dist.errors import UsageError
-from fmnist_dist.storage.output_dir import OutputDirLock
-from fmnist_dist.storage.run_dir import LOCK_FILE, PROGRESS_FILE, STATES_DIR
+from fmnist_dist.storage import output_dir as output_dir_module
+from fmnist_dist.storage.output_dir import OutputDirLock, read_holder
+from fmnist_dist.storage.run_dir import LOCK_FILE, LOCK_GATE_FILE, PROGRESS_FILE, STATES_DIR
 
 PREFIX = "fmnist-dist: error: "
 QUIET = {"OMP_NUM_THREADS": "1"}
@@ -40,6 +45,13 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(PREFIX), result.stderr
     return lines[0]
+
+
+def assert_released(output_dir: Path) -> None:
+    """The lock file is in place (it is never deleted), free, and names no job."""
+    with (output_dir / LOCK_FILE).open("rb") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while a job holds it
+    assert read_holder(output_dir / LOCK_FILE) is None
 
 
 def states(output_dir: Path) -> list[str]:
@@ -75,7 +87,7 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(data_dir: Path, ear
         "--overwrite",
     ):
         assert word in line, (word, line)
-    assert hashes(earlier_run) == before  # byte for byte, and nothing added (not even the lock file)
+    assert hashes(earlier_run) == before  # byte for byte, nothing added, and the lock file named no job again
 
 
 def test_overwrite_starts_afresh_and_removes_only_what_fmnist_dist_wrote(data_dir: Path, earlier_run: Path) -> None:
@@ -103,7 +115,7 @@ def test_overwrite_starts_afresh_and_removes_only_what_fmnist_dist_wrote(data_di
     assert len((earlier_run / "metrics.jsonl").read_text().splitlines()) == 1
     assert not unfinished.exists()
     assert {path: path.read_bytes() for path in unrelated} == unrelated
-    assert not (earlier_run / LOCK_FILE).exists()
+    assert_released(earlier_run)
 
 
 def test_an_unrelated_state_folder_survives_a_new_run(data_dir: Path, tmp_path: Path) -> None:
@@ -155,7 +167,8 @@ def test_two_jobs_started_together_one_runs_the_other_refuses(busy_data_dir: Pat
     ]
     line = one_error_line(refused)
     assert f"{output_dir} is in use by another fmnist-dist job (pid {winner} on " in line, line
-    assert states(output_dir) and not (output_dir / LOCK_FILE).exists()
+    assert states(output_dir)
+    assert_released(output_dir)
 
 
 RACERS = 8
@@ -199,7 +212,8 @@ def test_of_jobs_racing_for_a_directory_one_holds_it_and_every_other_names_it(
         assert len(refusals) == RACERS - 1
         for refusal in refusals:
             assert f"is in use by another fmnist-dist job (pid {holder} on " in refusal, refusal
-        assert sorted(p.name for p in output_dir.iterdir()) == []  # released, and no temporary lock records
+        assert sorted(p.name for p in output_dir.iterdir()) == [LOCK_FILE, LOCK_GATE_FILE]  # and nothing temporary
+        assert_released(output_dir)
 
 
 def test_a_lock_file_that_is_a_link_to_nowhere_is_refused(tmp_path: Path) -> None:
@@ -207,3 +221,91 @@ def test_a_lock_file_that_is_a_link_to_nowhere_is_refused(tmp_path: Path) -> Non
     with OutputDirLock(tmp_path) as lock, pytest.raises(UsageError, match="is a symbolic link, not fmnist-dist's"):
         lock.acquire()
     assert not (tmp_path / "nowhere").exists()
+
+
+def _hold_with_a_slow_record(
+    output_dir: Path, locked: multiprocessing.synchronize.Event, done: multiprocessing.synchronize.Event
+) -> None:
+    """Take the lock, but wait between taking the flock and writing this job's record (as a descheduled job may)."""
+    real_write = output_dir_module._write_record
+
+    def slow_write(fd: int, record: dict) -> None:
+        locked.set()
+        time.sleep(0.5)
+        real_write(fd, record)
+
+    output_dir_module._write_record = slow_write
+    with OutputDirLock(output_dir) as lock:
+        lock.acquire()
+        done.wait(timeout=60)
+
+
+def test_a_job_refused_before_the_holder_wrote_its_record_still_names_the_holder(tmp_path: Path) -> None:
+    # The record of a job killed while it held the lock is still in the file while the new holder writes its own.
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 1, "host": "gone", "token": "0"}))
+    forked = multiprocessing.get_context("fork")
+    locked, done = forked.Event(), forked.Event()
+    holder = forked.Process(target=_hold_with_a_slow_record, args=(tmp_path, locked, done))
+    holder.start()
+    try:
+        assert locked.wait(timeout=60)
+        with OutputDirLock(tmp_path) as lock, pytest.raises(UsageError, match=f"pid {holder.pid} on "):
+            lock.acquire()
+    finally:
+        done.set()
+        holder.join(timeout=60)
+    assert holder.exitcode == 0
+    assert_released(tmp_path)
+
+
+@pytest.fixture
+def immutable(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """Make a directory immutable (chattr +i: not even root may add, delete or rename entries), undone after."""
+    made: list[Path] = []
+
+    def make(directory: Path) -> None:
+        if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here")
+        made.append(directory)
+
+    yield make
+    for directory in made:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_releasing_the_lock_of_a_directory_made_unwritable_never_hides_the_error_that_ended_the_job(
+    tmp_path: Path, immutable: Callable[[Path], None]
+) -> None:
+    with pytest.raises(UsageError, match="the error that ended the job"), OutputDirLock(tmp_path) as lock:
+        lock.acquire()
+        immutable(tmp_path)
+        raise UsageError("the error that ended the job")
+    assert_released(tmp_path)
+
+
+def test_releasing_the_lock_never_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with OutputDirLock(tmp_path) as lock:
+        lock.acquire()
+        (tmp_path / LOCK_GATE_FILE).unlink()
+        for name in ("ftruncate", "close"):
+            monkeypatch.setattr(output_dir_module.os, name, fail_with_eio)
+        lock.release()
+        monkeypatch.undo()
+    assert lock.path.exists()
+
+
+def fail_with_eio(*args: object) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+def test_the_lock_file_gets_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    old = os.umask(0o002)
+    try:
+        with OutputDirLock(tmp_path / "out") as lock:
+            lock.acquire()
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()} == {
+        LOCK_FILE: oct(0o664),
+        LOCK_GATE_FILE: oct(0o664),
+    }

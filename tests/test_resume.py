@@ -152,13 +152,13 @@ def test_resumed_metrics_have_one_line_per_epoch_matching_the_straight_run(
 
 
 def test_resume_continues_the_same_wandb_run(resumed_run: dict) -> None:
-    run_id = resumed_run["saved_progress"]["wandb_run_id"]
+    run_id = resumed_run["saved_progress"]["tracker_run_id"]
     assert run_id
     offline_runs = sorted(p.name for p in (resumed_run["work"] / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2, offline_runs  # one per process start...
     assert all(name.endswith(f"-{run_id}") for name in offline_runs), (run_id, offline_runs)  # ...one run id
     final_progress = json.loads((find_state(resumed_run["out"], "latest") / PROGRESS_FILE).read_text())
-    assert final_progress["wandb_run_id"] == run_id
+    assert final_progress["tracker_run_id"] == run_id
 
 
 def test_keep_states_keeps_only_the_newest(resumed_run: dict) -> None:

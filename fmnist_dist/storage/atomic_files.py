@@ -18,7 +18,7 @@ from typing import IO
 from fmnist_dist.errors import UsageError, first_line
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write `path` so that a crash at any moment leaves either its old contents or its new ones.
 
     `write` fills a hidden temporary file in the same directory, which is flushed to disk and then renamed over
@@ -30,9 +30,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    with reporting_write_errors(
-        path, f"the previous {path.name}, if any, is unchanged; free some space or fix the file system, then run again"
-    ):
+    with reporting_write_errors(path, f"the previous {path.name}, if any, is unchanged", "run again"):
         # os.open applies the umask as open() does (tempfile.mkstemp would make the file private to its owner).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
@@ -50,8 +48,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 @contextmanager
-def reporting_write_errors(path: Path, advice: str) -> Iterator[None]:
-    """Turn a failure to write `path` (a file or a directory) into a UsageError naming it, the cause and `advice`.
+def reporting_write_errors(path: Path, kept: str, then: str) -> Iterator[None]:
+    """Turn a failure to write `path` (a file or a directory) into a UsageError naming it, the cause, what is
+    `kept`, the remedy for that cause and what to do `then` ("could not write P: no space left on device; K;
+    free some space, then T").
 
     Only failures of the file system are turned: an OSError anywhere in the exception's chain, or any error
     while the file system is full (writers such as torch.save and safetensors report a full disk in their
@@ -60,25 +60,57 @@ def reporting_write_errors(path: Path, advice: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        cause = write_failure_cause(error, Path(path))
-        if cause is None:
+        found = write_failure(error, Path(path))
+        if found is None:
             raise
-        raise UsageError(f"could not write {path}: {cause}; {advice}") from error
+        code, cause = found
+        raise UsageError(f"could not write {path}: {cause}; {kept}; {_remedy(code)}, then {then}") from error
 
 
-def write_failure_cause(error: BaseException, path: Path) -> str | None:
-    """Why writing `path` failed, in the system's words ("no space left on device"), or None for a bug."""
+def write_failure(error: BaseException, path: Path) -> tuple[int | None, str] | None:
+    """Why writing `path` failed: the errno (None when unknown) and the system's words for it ("no space left on
+    device"); None for a bug."""
     chain = _exception_chain(error)
     for link in chain:
         if isinstance(link, OSError):
-            return (link.strerror or first_line(link)).lower()
+            return link.errno, (link.strerror or first_line(link)).lower()
     text = " ".join(str(link) for link in chain)
     for code in (errno.ENOSPC, errno.EDQUOT):
         if os.strerror(code) in text:
-            return os.strerror(code).lower()
+            return code, os.strerror(code).lower()
     if _free_bytes(path) == 0:
-        return os.strerror(errno.ENOSPC).lower()
+        return errno.ENOSPC, os.strerror(errno.ENOSPC).lower()
     return None
+
+
+def _remedy(code: int | None) -> str:
+    """What lets a write that failed with `code` succeed (advice by cause: space is no cure for permissions)."""
+    if code == errno.ENOSPC:
+        return "free some space"
+    if code == errno.EDQUOT:
+        return "free some space or raise your disk quota"
+    if code in (errno.EACCES, errno.EPERM):
+        return "make it writable for this user (its permissions, or an immutable attribute: chattr -i)"
+    if code == errno.EROFS:
+        return "remount the file system read-write, or write elsewhere"
+    return "fix the file system"
+
+
+def umask_file_mode() -> int:
+    """The mode the umask gives a new file (as `open` makes it: 0o666 less the umask).
+
+    Read from /proc where Linux shows it, since setting the umask to read it would change it for every thread
+    for a moment.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _exception_chain(error: BaseException) -> list[BaseException]:

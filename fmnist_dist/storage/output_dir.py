@@ -1,14 +1,17 @@
 """The output directory belongs to one job at a time, and an earlier run in it is never replaced by accident.
 
 The main process locks `<output-dir>/.fmnist-dist.lock` (flock) before anything there is read or written and
-holds it for the whole run; the OS releases it when the process dies, even by SIGKILL. A new run refuses a
-directory that holds an earlier run unless it continues it (`--resume`) or replaces it (`--overwrite`, which
-removes only what fmnist-dist wrote). On several nodes every process checks that it sees the main process's
-lock file, that is, that `--output-dir` is one directory shared by every node.
+holds it for the whole run; the OS releases it when the process dies, even by SIGKILL. The file stays in place:
+while a job holds it, it names that job. A new run refuses a directory that holds an earlier run unless it
+continues it (`--resume`) or replaces it (`--overwrite`, which removes only what fmnist-dist wrote). On several
+nodes every process checks that it sees the main process's lock file, that is, that `--output-dir` is one
+directory shared by every node.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -27,19 +30,33 @@ from accelerate.utils import broadcast_object_list
 
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.runtime.collective_errors import fail_together
-from fmnist_dist.storage.run_dir import LOCK_FILE, STATES_DIR, RunDirectory
-from fmnist_dist.storage.training_state import complete_states, discard_state, unfinished_states
+from fmnist_dist.storage.run_dir import STATES_DIR, RunDirectory
+from fmnist_dist.storage.training_state import (
+    complete_states,
+    discard_state,
+    finish_interrupted_saves,
+    unfinished_states,
+)
 
-LOCK_ATTEMPTS = 100
-TAKEOVER_WAIT_S = 1.0  # far longer than a takeover takes (a rename), short for a job that is refused
+# The gate is held only while a job takes the lock and writes its record, or reads the record: microseconds,
+# unless that job is stopped (SIGSTOP) just then. After this long the others go on without it.
+GATE_WAIT_S = 10.0
 
 
 class OutputDirLock:
-    """An exclusive lock on an output directory; `acquire` takes it, leaving the `with` block releases it."""
+    """An exclusive lock on an output directory; `acquire` takes it, leaving the `with` block releases it.
+
+    It is an flock on the lock file, which is never deleted (so that every job locks the same file). The holder
+    writes its record (pid, host, token) into it and clears it on release. Taking the lock with writing the
+    record, clearing the record with releasing the lock, and a refused job's reading of the record all happen
+    under a second flock, on the gate file: so a refused job reads the record of the job that holds the lock,
+    never a half-written one, an empty one, or that of an earlier job killed while it held the lock.
+    """
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = Path(output_dir)
-        self.path = RunDirectory(self.output_dir).lock
+        run_dir = RunDirectory(self.output_dir)
+        self.path, self.gate = run_dir.lock, run_dir.lock_gate
         self.token: str | None = None  # written into the lock file, for other processes to recognise it
         self._fd: int | None = None
 
@@ -53,94 +70,86 @@ class OutputDirLock:
         """Take the lock without waiting, creating the directory; the lock file names this process.
 
         Raises:
-            UsageError: another job holds the lock, or the directory cannot be created, written or locked.
+            UsageError: another job holds the lock, the lock file is a symbolic link, or the directory cannot be
+                created, written or locked.
         """
         with _refusing_unwritable(self.output_dir):
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.token = secrets.token_hex(16)
-            for _ in range(LOCK_ATTEMPTS):  # each retry follows another job's change of the lock file
-                self._fd = self._try_lock()
-                if self._fd is not None:
-                    return
-        raise UsageError(
-            f"--output-dir {self.output_dir}: its lock file {self.path} changed {LOCK_ATTEMPTS} times "
-            "while this job tried to take it; stop the other jobs using it, or choose another --output-dir"
-        )
+            fd = _open_lock_file(self.path)
+            try:
+                with _held(self.gate):
+                    if not _try_lock(fd):
+                        raise UsageError(
+                            f"--output-dir {self.output_dir} is in use by another fmnist-dist job "
+                            f"({_describe(read_holder(self.path))}); wait for it to end, or choose another --output-dir"
+                        )
+                    self.token = secrets.token_hex(16)
+                    _write_record(fd, {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token})
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
 
     def release(self) -> None:
-        """Remove the lock file and release the lock (nothing happens when it is not held)."""
+        """Clear this job's record from the lock file and release the lock (nothing happens when it is not held).
+
+        Never raises: it runs while the error that ended the job is on its way out (an output directory made
+        unwritable meanwhile, say), and the OS releases the lock with the descriptor in any case.
+        """
         if self._fd is None:
             return
-        # Removed while still locked: a job that opened the file meanwhile sees that it is gone once it gets the
-        # lock, and retries (see _take_over), so that two jobs never hold two different files.
-        self.path.unlink(missing_ok=True)
-        os.close(self._fd)
-        self._fd = None
-
-    def _try_lock(self) -> int | None:
-        """A locked descriptor of the lock file now at `self.path`, or None when it changed meanwhile (retry).
-
-        The file is written and locked under a temporary name and only then linked into place, so that a job
-        that finds it locked always reads a complete record of the job that holds it.
-        """
-        record = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
-        fd = os.open(record, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd, self._fd = self._fd, None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token}).encode())
-            os.fsync(fd)
-            taken = self._link_into_place(record) or self._take_over(record)
-        except BaseException:
-            os.close(fd)
-            raise
+            with contextlib.suppress(OSError), _held(self.gate):
+                os.ftruncate(fd, 0)  # under the gate: no refused job finds the lock held and its record empty
         finally:
-            record.unlink(missing_ok=True)
-        if not taken:
-            os.close(fd)
-            return None
-        return fd
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
-    def _link_into_place(self, record: Path) -> bool:
-        """Make `record` the lock file if there is none (a hard link never replaces an existing file)."""
-        try:
-            os.link(record, self.path)
-        except FileExistsError:
-            return False
-        return True
 
-    def _take_over(self, record: Path) -> bool:
-        """Replace the lock file by `record` when no live job holds it (its job died); False when it changed.
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file, created if missing (with the mode the umask gives).
 
-        Raises:
-            UsageError: a live job holds the lock file.
-        """
-        try:
-            stale = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if self.path.is_symlink():  # a link to nowhere: not a lock file that any job of ours made
-                raise UsageError(
-                    f"{self.path} is a symbolic link, not fmnist-dist's lock file; remove it, or "
-                    "choose another --output-dir"
-                ) from None
-            return False  # released meanwhile
-        try:
-            fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if _replaced_soon(stale, self.path):  # another job was taking over a dead job's lock file: retry
-                return False
-            holder = _describe(read_holder(self.path))
+    Raises:
+        UsageError: the lock file is a symbolic link (fmnist-dist never makes one; following it could lock or
+            create a file elsewhere).
+        OSError: it cannot be opened or created.
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP and path.is_symlink():
             raise UsageError(
-                f"--output-dir {self.output_dir} is in use by another fmnist-dist job ({holder}); wait for it to "
-                "end, or choose another --output-dir"
+                f"{path} is a symbolic link, not fmnist-dist's lock file; remove it, or choose another --output-dir"
             ) from None
-        else:
-            # Still the file at self.path while its lock is held: no other job can be replacing it now.
-            if not _same_file(stale, self.path):
-                return False
-            os.replace(record, self.path)
-            return True
-        finally:
-            os.close(stale)
+        raise
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _write_record(fd: int, record: dict[str, Any]) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    os.fsync(fd)  # for the other nodes' processes, which read it over the shared file system
+
+
+@contextmanager
+def _held(gate: Path) -> Iterator[None]:
+    """Hold the gate's flock for the block: waiting at most GATE_WAIT_S, then going on without it."""
+    fd = _open_lock_file(gate)
+    try:
+        deadline = time.monotonic() + GATE_WAIT_S
+        while not _try_lock(fd) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_holder(lock_path: Path) -> dict[str, Any] | None:
@@ -171,6 +180,9 @@ def claim_output_dir(processes: PartialState, lock: OutputDirLock, resume: str |
             lock.acquire()
             if resume is None and not overwrite:
                 refuse_earlier_run(lock.output_dir)
+            if resume is not None:  # a save killed after its state was complete: the state takes its name now
+                with _refusing_unwritable(lock.output_dir):
+                    finish_interrupted_saves(RunDirectory(lock.output_dir).states)
     (token,) = broadcast_object_list([lock.token])
     with fail_together(processes):
         if not processes.is_main_process:
@@ -221,9 +233,9 @@ def check_shared(lock: OutputDirLock, token: str | None, process_index: int) -> 
 def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
     """`--overwrite`: delete the earlier run's states in `output_dir` (so nothing resumes them), and nothing else.
 
-    That is its complete states, and the unfinished `.tmp-step-*` and `.trash-step-*` ones, under `state/`. Its metrics.jsonl, model.pth
-    and plots stay until the new run replaces them (atomically), so a new run that fails, or diverges, leaves
-    the earlier results as they were. Every process calls this; the main process deletes.
+    That is its complete states, and the unfinished `.tmp-step-*` and `.trash-step-*` ones, under `state/`. Its
+    metrics.jsonl, model.pth and plots stay until the new run replaces them (atomically), so a new run that
+    fails, or diverges, leaves the earlier results as they were. Every process calls this; the main process deletes.
 
     Raises:
         UsageError: on every process, when a file cannot be deleted.
@@ -231,33 +243,11 @@ def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
     with fail_together(processes), _refusing_unwritable(output_dir):
         if processes.is_main_process:
             root = RunDirectory(output_dir).states
+            finish_interrupted_saves(root)  # a `.complete-step-N` and the older `step-N` become one state
             for state in complete_states(root):
                 discard_state(state)
             for unfinished in unfinished_states(root):
                 shutil.rmtree(unfinished)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        on_disk = path.stat()
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(fd)
-    return (opened.st_dev, opened.st_ino) == (on_disk.st_dev, on_disk.st_ino)
-
-
-def _replaced_soon(fd: int, path: Path) -> bool:
-    """Whether the file at `path` stops being `fd`'s file within TAKEOVER_WAIT_S seconds.
-
-    A job taking over a dead job's lock file holds that file's lock only until it has put its own in place:
-    a lock that is still on the file at `path` after the wait is a live job's.
-    """
-    deadline = time.monotonic() + TAKEOVER_WAIT_S
-    while time.monotonic() < deadline:
-        if not _same_file(fd, path):
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def _describe(holder: dict[str, Any] | None) -> str:

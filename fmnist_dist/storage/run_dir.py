@@ -4,10 +4,13 @@
     model.pth                   final weights (plain state_dict)
     metrics.jsonl               one epoch record per line
     curves.png, confusion.png   plots drawn from metrics.jsonl
-    .fmnist-dist.lock           held by the job that owns the directory
+    .fmnist-dist.lock           flock-ed by the job that owns the directory, which it names while it holds it
+    .fmnist-dist.lock-gate      flock-ed briefly while a job takes the lock or reads who holds it
     state/
         step-000000120/         a complete resumable state (Accelerate's files + progress.json)
-        .tmp-step-000000140/    a state being written (renamed to step-... once complete)
+        .tmp-step-000000140/    a state being written (renamed to .complete-step-... once complete)
+        .complete-step-000000140/  a complete state about to take its step-... name (replacing an older state of
+                                the same step): resumable, and newer than that older state
         .trash-step-000000100/  a state being deleted (renamed first, so no part of it keeps a state's name)
 """
 
@@ -23,6 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion.png"
 LOCK_FILE = ".fmnist-dist.lock"
+LOCK_GATE_FILE = ".fmnist-dist.lock-gate"
 STATES_DIR = "state"
 PROGRESS_FILE = "progress.json"  # in each state: the loop's own progress beside Accelerate's files
 # The model's weights in a state that Accelerate's save_state wrote (its SAFE_WEIGHTS_NAME; accelerate is not
@@ -30,6 +34,7 @@ PROGRESS_FILE = "progress.json"  # in each state: the loop's own progress beside
 STATE_WEIGHTS_FILE = "model.safetensors"
 STATE_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"  # a state being written
+COMPLETE_PREFIX = ".complete-"  # a complete state not yet under its final name
 TRASH_PREFIX = ".trash-"  # a state being deleted
 STATE_NAME = re.compile(rf"{STATE_PREFIX}\d{{9,}}")  # the step, zero-padded to 9 digits
 
@@ -61,6 +66,10 @@ class RunDirectory:
         return self.root / LOCK_FILE
 
     @property
+    def lock_gate(self) -> Path:
+        return self.root / LOCK_GATE_FILE
+
+    @property
     def states(self) -> Path:
         return self.root / STATES_DIR
 
@@ -83,9 +92,24 @@ def tmp_state(state: Path) -> Path:
     return state.with_name(f"{TMP_PREFIX}{state.name}")
 
 
+def complete_state(state: Path) -> Path:
+    """Where the state `state` waits, complete, to be renamed into place."""
+    return state.with_name(f"{COMPLETE_PREFIX}{state.name}")
+
+
 def trash_state(state: Path) -> Path:
-    """Where the state `state` is renamed to be deleted."""
-    return state.with_name(f"{TRASH_PREFIX}{state.name}")
+    """Where the state `state` (or its `.complete-` form) is renamed to be deleted."""
+    return state.with_name(f"{TRASH_PREFIX}{final_state(state).name}")
+
+
+def final_state(path: Path) -> Path:
+    """The `step-N` path of a state under any of its names (`step-N`, `.tmp-step-N`, `.complete-step-N`, ...)."""
+    return path.with_name(path.name[path.name.index(STATE_PREFIX) :])
+
+
+def is_complete_state_name(name: str) -> bool:
+    """Whether `name` is one a complete state has: `step-N`, or `.complete-step-N` before it takes that name."""
+    return is_state_name(name.removeprefix(COMPLETE_PREFIX))
 
 
 def is_unfinished_state_name(name: str) -> bool:

@@ -10,28 +10,39 @@ import contextlib
 import json
 import math
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
+import torch
 from accelerate import Accelerator
+from torch import nn
 
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.recipe.position import TrainingPosition
 from fmnist_dist.runtime.collective_errors import fail_together
 from fmnist_dist.settings.train_config import MAX_COUNT, RESUME_AUTO, RESUME_LATEST
 from fmnist_dist.storage import strict_json
-from fmnist_dist.storage.atomic_files import atomic_write, reporting_write_errors
+from fmnist_dist.storage.atomic_files import atomic_write, reporting_write_errors, umask_file_mode
 from fmnist_dist.storage.metrics_log import is_number, metrics_record_problem
 from fmnist_dist.storage.run_dir import (
+    COMPLETE_PREFIX,
     PROGRESS_FILE,
+    STATE_WEIGHTS_FILE,
     TMP_PREFIX,
     RunDirectory,
-    is_state_name,
+    complete_state,
+    final_state,
+    is_complete_state_name,
     is_unfinished_state_name,
     tmp_state,
     trash_state,
 )
+
+OLD_RUN_ID = "wandb_run_id"  # progress.json's name of `tracker_run_id` in states of earlier versions
 
 
 @dataclass
@@ -47,7 +58,7 @@ class Progress:
             fingerprint` of the images and labels); None in states saved before it was recorded.
         world_size, per_process_batch, global_batch_size: how the run that saved it was split.
         config: the run's settings (`TrainConfig.to_log()`), the defaults of a resumed run.
-        wandb_run_id: the W&B run to continue.
+        tracker_run_id: the tracker's run to continue (the W&B run id); saved as `wandb_run_id` before.
         metrics: the records of the finished epochs.
         save_index: this state's place in the order of the saves into its output directory (1 for the first).
             Newest means most recently saved: a run resumed from an older state saves lower step numbers than
@@ -62,7 +73,7 @@ class Progress:
     per_process_batch: int = 0
     global_batch_size: int = 0
     config: dict[str, Any] = field(default_factory=dict)
-    wandb_run_id: str | None = None
+    tracker_run_id: str | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     save_index: int = 0
     training_data: dict[str, str] | None = None
@@ -78,6 +89,9 @@ class Progress:
         Raises:
             ValueError, TypeError, KeyError: the file is not a state's progress, or its position is impossible.
         """
+        saved = dict(saved)
+        if OLD_RUN_ID in saved:  # a state saved before the run id was named for what it is
+            saved.setdefault("tracker_run_id", saved.pop(OLD_RUN_ID))
         progress = cls(**{**saved, "position": TrainingPosition(**saved["position"])})
         if problem := _progress_problem(progress):
             raise ValueError(problem)
@@ -94,6 +108,11 @@ class Progress:
 def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Progress, keep: int) -> Path:
     """Save model, optimizer, RNG states and `progress` (all processes call this); keep the newest `keep` states.
 
+    At every moment of the save, of the replacement of a state of the same step and of the pruning, `--resume
+    auto` finds a complete state, the newest one there is: the new state is written under `.tmp-step-N`,
+    renamed to `.complete-step-N` once complete (resumable from then on, and newer than any `step-N`), and only
+    then does it replace an older `step-N` and are the oldest states deleted.
+
     Raises:
         UsageError: on every process, when any process could not write its part (a full disk, say); the
             unfinished state is removed and the earlier states are left as they were.
@@ -101,30 +120,78 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
     run_dir = RunDirectory(Path(output_dir))
     root, final = run_dir.states, run_dir.state(progress.global_step)
     tmp = tmp_state(final)
-    advice = "the earlier states are intact; free some space, then continue with --resume"
+    kept, then = _what_a_failed_save_keeps(root)
     try:
         # Each stretch ends with an exchange of errors, which is also the barrier between the stretches.
-        with fail_together(accelerator), reporting_write_errors(final, advice):
+        with fail_together(accelerator), reporting_write_errors(final, kept, then):
             if accelerator.is_main_process:
-                _remove_unfinished(root)
+                finish_interrupted_saves(root)
                 tmp.mkdir(parents=True)
                 saved = complete_states(root)  # in save order: the last one has the highest index
                 progress.save_index = 1 + (_save_index(saved[-1]) if saved else 0)
-        with fail_together(accelerator), reporting_write_errors(final, advice):
+        with fail_together(accelerator), reporting_write_errors(final, kept, then):
             accelerator.save_state(str(tmp))
-        with fail_together(accelerator), reporting_write_errors(final, advice):
+        with fail_together(accelerator), reporting_write_errors(final, kept, then):
             if accelerator.is_main_process:
+                give_umask_modes(tmp)
                 text = strict_json.dumps(asdict(progress), indent=1)
                 atomic_write(tmp / PROGRESS_FILE, lambda f: f.write(text.encode()))
-                if final.exists():  # a state of the same step from a replayed stretch
-                    discard_state(final)
-                tmp.rename(final)
+                tmp.rename(complete_state(final))  # every process's part and progress.json are written: complete
+                _put_in_place(complete_state(final))
                 _prune(root, keep)
     except Exception:
         if accelerator.is_main_process:  # after the exchange: no process writes into it any more
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # never raises over the error that ended the save
         raise
     return final
+
+
+def _what_a_failed_save_keeps(root: Path) -> tuple[str, str]:
+    """What a failed save leaves to resume, and how to go on: the earlier states, or, before the first, none."""
+    if complete_states(root):
+        return "the earlier states are intact", "continue with --resume"
+    return (
+        "no state of this run had been saved yet",
+        "train again (--resume auto starts afresh where there is no state)",
+    )
+
+
+def finish_interrupted_saves(root: Path) -> None:
+    """Finish what interrupted saves and deletions left under `root` (the main process, holding the lock).
+
+    A complete state still named `.complete-step-N` takes the place of `step-N`, which it is newer than; the
+    unfinished `.tmp-` and `.trash-` directories are deleted.
+
+    Raises:
+        OSError: a complete state could not be renamed into place.
+    """
+    for complete in root.glob(f"{COMPLETE_PREFIX}*") if root.is_dir() else ():
+        if complete in complete_states(root):
+            _put_in_place(complete)
+    for unfinished in unfinished_states(root):
+        shutil.rmtree(unfinished, ignore_errors=True)
+
+
+def _put_in_place(complete: Path) -> None:
+    """Rename the complete state `complete` (`.complete-step-N`) to `step-N`, discarding an older `step-N` first
+    (until the rename, `complete` is the one `--resume auto` takes)."""
+    final = final_state(complete)
+    if final.exists():  # a state of the same step from a replayed stretch
+        discard_state(final)
+    complete.rename(final)
+
+
+def give_umask_modes(directory: Path) -> None:
+    """Give every file in `directory` the mode the umask gives a new file (safetensors writes its files private
+    to their owner, 0600, whatever the umask), so that other accounts read states on shared storage as usual.
+
+    Raises:
+        OSError: a mode could not be changed.
+    """
+    mode = umask_file_mode()
+    for path in directory.iterdir():
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
 
 
 def _progress_problem(progress: Progress) -> str | None:
@@ -154,8 +221,8 @@ def _progress_problem(progress: Progress) -> str | None:
             return f"{name} is {value!r}, not a finite number of at least 0"
     if not (isinstance(progress.config, dict) and isinstance(progress.metrics, list)):
         return "its config is not an object or its metrics not a list"
-    if not (progress.wandb_run_id is None or isinstance(progress.wandb_run_id, str)):
-        return f"wandb_run_id is {progress.wandb_run_id!r}, not a string"
+    if not (progress.tracker_run_id is None or isinstance(progress.tracker_run_id, str)):
+        return f"tracker_run_id is {progress.tracker_run_id!r}, not a string"
     data, data_keys = progress.training_data, ("data_dir", "fingerprint")
     if not (data is None or (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in data_keys))):
         return f"training_data is {data!r}, not an object of strings {', '.join(data_keys)}"
@@ -207,12 +274,81 @@ def read_progress(state_dir: Path) -> Progress:
         raise UsageError(_unreadable(state_dir, error)) from error
 
 
-def restore_state(accelerator: Accelerator, state_dir: Path) -> None:
-    """Restore the prepared model and optimizer and the RNG states from `state_dir` (all processes call this)."""
-    try:
-        accelerator.load_state(str(state_dir))
-    except Exception as error:
-        raise UsageError(_unreadable(state_dir, error)) from error
+def restore_state(
+    accelerator: Accelerator, state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Restore the prepared model and optimizer and the RNG states from `state_dir` (all processes call this),
+    after checking every tensor the state holds for them against them: names, shapes, dtypes, finite values.
+
+    Raises:
+        UsageError: on every process, when the state cannot be read or does not fit the model or optimizer.
+    """
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper loads into the inner one
+    check = partial(_check_optimizer_state, state_dir, _parameter_names(accelerator.unwrap_model(model)))
+    with fail_together(accelerator):
+        handle = torch_optimizer.register_load_state_dict_pre_hook(check)
+        try:
+            _check_weights(state_dir, accelerator.unwrap_model(model))
+            accelerator.load_state(str(state_dir))
+        except UsageError:
+            raise
+        except Exception as error:
+            raise UsageError(_unreadable(state_dir, error)) from error
+        finally:
+            handle.remove()
+
+
+def _check_weights(state_dir: Path, model: nn.Module) -> None:
+    """Refuse a state whose model weights do not fit `model` (before Accelerate copies them in, casting them)."""
+    path = state_dir / STATE_WEIGHTS_FILE
+    if not path.is_file():
+        return  # Accelerate's load names the missing file
+    saved, expected = safetensors.torch.load_file(path), model.state_dict()
+    if keys := sorted(saved.keys() ^ expected.keys()):
+        raise _misfit(state_dir, f"its model weights {STATE_WEIGHTS_FILE} differ in their names: {keys[:5]}")
+    for name, tensor in saved.items():
+        if problem := _tensor_problem(tensor, expected[name]):
+            raise _misfit(state_dir, f"the model's {name} {problem}")
+
+
+def _check_optimizer_state(
+    state_dir: Path, names: dict[torch.Tensor, str], optimizer: torch.optim.Optimizer, saved: dict[str, Any]
+) -> None:
+    """Refuse optimizer state that does not fit the optimizer's parameters (torch would cast its tensors, and
+    checks no shape of them); a load_state_dict pre-hook, so it sees the tensors as saved."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    indices = [index for group in saved["param_groups"] for index in group["params"]]
+    if len(indices) != len(params):
+        raise _misfit(state_dir, f"its optimizer state is for {len(indices)} parameters, the model has {len(params)}")
+    for index, param in zip(indices, params, strict=True):
+        for key, value in saved["state"].get(index, {}).items():
+            like = param if isinstance(value, torch.Tensor) and value.dim() > 0 else value  # a step count: a scalar
+            if isinstance(value, torch.Tensor) and (problem := _tensor_problem(value, like)):
+                raise _misfit(state_dir, f"the optimizer's {key} of {names.get(param, 'a parameter')} {problem}")
+
+
+def _tensor_problem(found: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """How a restored tensor differs from the one it restores (shape, dtype), or that it is not finite; or None."""
+    if found.shape != expected.shape or found.dtype != expected.dtype:
+        return f"is {_kind(found)}, not {_kind(expected)}"
+    if found.is_floating_point() and not torch.isfinite(found).all():
+        return "holds non-finite values (NaN or infinity)"
+    return None
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def _parameter_names(model: nn.Module) -> dict[torch.Tensor, str]:
+    return {param: name for name, param in model.named_parameters()}
+
+
+def _misfit(state_dir: Path, problem: str) -> UsageError:
+    return UsageError(
+        f"--resume: the state {state_dir} does not fit this model and optimizer: {problem}; pass another state "
+        "with --resume STATE_DIR, or start afresh with --overwrite"
+    )
 
 
 def _unreadable(state_dir: Path, error: BaseException) -> str:
@@ -227,11 +363,14 @@ def complete_states(root: Path) -> list[Path]:
 
     Only the names fmnist-dist gives (`step-` and the step's digits) count: a copy the user made beside them
     (`step-000000120-mine`) is never resumed by `--resume auto`, pruned by `--keep-states` or removed by
-    `--overwrite` (`--resume` takes it when named).
+    `--overwrite` (`--resume` takes it when named). A `.complete-step-N` (a save interrupted before it took its
+    name) counts instead of the older `step-N` it was about to replace.
     """
     if not root.is_dir():
         return []
-    states = sorted(p for p in root.iterdir() if is_state_name(p.name) and (p / PROGRESS_FILE).is_file())
+    found = sorted(p for p in root.iterdir() if is_complete_state_name(p.name) and (p / PROGRESS_FILE).is_file())
+    by_step = {final_state(p): p for p in sorted(found, key=lambda p: p.name.startswith(COMPLETE_PREFIX))}
+    states = sorted(by_step.values(), key=final_state)
     return sorted(states, key=_save_index)  # stable: states of older versions, all 0, stay in step order
 
 
@@ -250,11 +389,6 @@ def unfinished_states(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return [p for p in root.iterdir() if p.is_dir() and is_unfinished_state_name(p.name)]
-
-
-def _remove_unfinished(root: Path) -> None:
-    for unfinished in unfinished_states(root):
-        shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def discard_state(state: Path) -> None:

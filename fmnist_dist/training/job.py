@@ -112,7 +112,7 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
         ],
     )
     if start.state_dir is not None:
-        restore_state(accelerator, start.state_dir)
+        restore_state(accelerator, start.state_dir, model, optimizer)
         set_hyperparameters(optimizer, cfg)  # flags given now override the restored optimizer's
     scheduler = accelerator.prepare(
         build_scheduler(
@@ -126,14 +126,14 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
     if cfg.overwrite:  # only now that the settings, data, model and schedule have been built without error
         remove_earlier_run(accelerator, cfg.output_dir)
     run_dir = RunDirectory(cfg.output_dir)
-    progress.wandb_run_id = (
+    progress.tracker_run_id = (
         start_run(
             accelerator,
             cfg.wandb_project,
             run_config(cfg, accelerator, plan),
-            wandb_init_kwargs(cfg, progress.wandb_run_id),
+            wandb_init_kwargs(cfg, progress.tracker_run_id),
         )
-        or progress.wandb_run_id
+        or progress.tracker_run_id
     )
     trainer = Trainer(
         cfg,
