@@ -364,10 +364,10 @@ class Checker:
         ]
         return TrainRun(self.run(name, argv, self.side_env(on_device)), copy)
 
-    def in_process(self, name: str, spec: dict[str, Any], on_device: bool = True) -> ChildReport:
-        """This script's child mode: the package's CLI in a process that reports what it did (see `child`)."""
+    def in_process(self, name: str, spec: dict[str, Any]) -> ChildReport:
+        """On the device, this script's child mode: the package's CLI in a process that reports what it did."""
         argv = [str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-        return ChildReport(self.run(name, argv, self.side_env(on_device)))
+        return ChildReport(self.run(name, argv, self.side_env(True)))
 
 
 @dataclass
@@ -646,23 +646,23 @@ def predict_row(device: str, child: ChildReport) -> Row:
 
 def check_resume(checker: Checker, on_device: TrainRun) -> None:
     """States saved on one side, continued on each: final weights against the uninterrupted runs."""
-    device = checker.device
-    epochs = checker.plan.epochs
-    on_cpu = on_device if device == "cpu" else checker.train("defaults-cpu", False, "--epochs", str(epochs))
+    device, epochs = checker.device, checker.plan.epochs
+    on_cpu = checker.train("defaults-cpu", False, "--epochs", str(epochs)) if device != "cpu" else on_device
+    checker.add(training_row(f"train fp32 on cpu (the defaults, {epochs} epochs)", on_cpu, "no"))
     if not on_cpu.process.ok:
-        checker.add(training_row(f"train fp32 on cpu (the defaults, {epochs} epochs)", on_cpu, "no"))
         return
-    same = checker.resume(on_device, True)
-    checker.add(resume_row(f"state saved on {device}, resumed on {device}", same, {device: on_device}, exact=True))
-    to_cpu = checker.resume(on_device, False)
-    references = {device: on_device, "cpu": on_cpu}
-    checker.add(resume_row(f"state saved on {device}, resumed on cpu", to_cpu, references, exact=device == "cpu"))
-    from_cpu = checker.resume(on_cpu, True)
-    checker.add(resume_row(f"state saved on cpu, resumed on {device}", from_cpu, references, exact=device == "cpu"))
-    for source, side, other in ((on_device, False, "cpu"), (on_cpu, True, device)):
-        origin = device if source is on_device else "cpu"
-        restored = checker.resume(source, side, "--epochs", str(epochs - 1))
-        checker.add(restore_row(f"weights of a state saved on {origin}, restored on {other}", restored, source))
+    runs = {device: on_device, "cpu": on_cpu}
+    for saved_on, resumed_on in ((device, device), (device, "cpu"), ("cpu", device)):
+        resumed = checker.resume(runs[saved_on], resumed_on == device)
+        # README: bit-identical on the same device, world size and batch; across devices no promise is made.
+        exact = saved_on == resumed_on or device == "cpu"
+        references = {resumed_on: runs[resumed_on]} if exact else runs
+        checker.add(resume_row(f"state saved on {saved_on}, resumed on {resumed_on}", resumed, references, exact))
+    for saved_on, restored_on in ((device, "cpu"), ("cpu", device)):
+        # Trained up to the state's epoch already: nothing to train, so model.pth holds the restored weights.
+        restored = checker.resume(runs[saved_on], restored_on == device, "--epochs", str(epochs - 1))
+        what = f"weights of a state saved on {saved_on}, restored on {restored_on}"
+        checker.add(restore_row(what, restored, runs[saved_on]))
 
 
 def resume_row(what: str, run: TrainRun, references: dict[str, TrainRun], exact: bool) -> Row:
