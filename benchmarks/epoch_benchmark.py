@@ -63,6 +63,7 @@ from fmnist_dist.runtime.stop_signals import StopRequest
 from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.storage.training_state import Progress
+from fmnist_dist.tracking.null_tracker import NullTracker
 from fmnist_dist.training.job import (
     build_accelerator,
     load_datasets,
@@ -264,6 +265,7 @@ def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> Epoch
         MetricsLog(output_dir / "metrics.jsonl"),
         torch.empty(0),
         StopRequest(),
+        NullTracker(accelerator),
     )
 
     def run_epoch(epoch: int, samples_done: int = 0) -> tuple[float, int]:
@@ -315,7 +317,7 @@ def end_to_end_row(data_dir: Path, device: torch.device, output_dir: Path, args:
     def epoch(_: int) -> tuple[float, int]:
         run_child(command, "fmnist-dist train")
         records = MetricsLog.read(output_dir / "metrics.jsonl")[1:]
-        return statistics.median(r["train_seconds"] for r in records), records[0]["train_samples"]
+        return statistics.median(r.train_seconds for r in records), records[0].train_samples
 
     return epoch
 
@@ -458,12 +460,12 @@ def two_process_cpu(data_dir: Path, output_dir: Path, repeats: int) -> dict:
         raise RuntimeError(f"the 2-process job failed:\n{done.stdout}\n{done.stderr}")
     records = MetricsLog.read(output_dir / "metrics.jsonl")[1:]
     return {
-        "world_size": records[0]["world_size"],
-        "seconds": statistics.median(r["train_seconds"] for r in records),
-        "samples": records[0]["train_samples"],
-        "samples_per_second": statistics.median(r["train_samples_per_second"] for r in records),
+        "world_size": records[0].world_size,
+        "seconds": statistics.median(r.train_seconds for r in records),
+        "samples": records[0].train_samples,
+        "samples_per_second": statistics.median(r.train_samples_per_second for r in records),
         "epochs": len(records),
-        "rounds": ", ".join(f"{r['train_seconds']:.2f}" for r in records),
+        "rounds": ", ".join(f"{r.train_seconds:.2f}" for r in records),
         "command": "python " + " ".join(command[1:]),
     }
 

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fmnist_dist.inputs.synthetic import write_synthetic_dataset
+from fmnist_dist.storage.metrics_log import EpochRecord
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_LAUNCH_CONFIG = REPO / "launch" / "cpu.yaml"
@@ -32,6 +34,29 @@ def synthetic_data(
     root = tmp_path_factory.mktemp(name)
     write_synthetic_dataset(root, train_size, test_size, seed=seed)
     return root
+
+
+def epoch_record(**changes: Any) -> EpochRecord:
+    """An epoch's record as the Trainer makes one (2 processes, 480 images, 100 test images), with `changes`."""
+    values: dict[str, Any] = {
+        "epoch": 1,
+        "global_step": 15,
+        "lr": 0.1,
+        "train_loss": 1.5,
+        "test_loss": 1.25,
+        "test_accuracy": 0.5,
+        "test_samples": 100,
+        "train_samples": 480,
+        "train_seconds": 2.0,
+        "eval_seconds": 0.5,
+        "train_samples_per_second": 240.0,
+        "world_size": 2,
+        "global_batch_size": 32,
+        "mixed_precision": "no",
+        "cpu_threads": 1,
+        "confusion_matrix": [[10 if true == predicted else 0 for predicted in range(10)] for true in range(10)],
+    }
+    return EpochRecord(**{**values, **changes})
 
 
 def cli_env(**extra: str) -> dict[str, str]:

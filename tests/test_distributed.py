@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import CPU_LAUNCH_CONFIG, TEST_SIZE, TRAIN_SIZE, cli_env, free_port, launch_cli, run_cli, train_args
 
+from fmnist_dist.storage.metrics_log import MetricsLog
+
 EPOCHS = 2
 DEVICE_LINE = "process(es) on"
 RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
@@ -34,7 +36,7 @@ def two_process_run(
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record.as_json() for record in MetricsLog.read(output_dir / "metrics.jsonl")]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, run_cli, synthetic_data, train_args
+from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, epoch_record, free_port, run_cli, synthetic_data, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import NeuralNetwork
@@ -190,12 +190,12 @@ def test_failed_model_save_leaves_previous_model_intact(tmp_path: Path, disk_ful
 
 def test_failed_metrics_append_leaves_previous_metrics_intact(tmp_path: Path, disk_full_halfway: None) -> None:
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"epoch": 1}) + "\n")
+    path.write_text(json.dumps(epoch_record().as_json()) + "\n")
     before = files_in(tmp_path)
     with pytest.raises(UsageError, match=f"could not write {path}: no space left on device"):
-        MetricsLog(path, [{"epoch": 1}]).append({"epoch": 2, "note": "x" * 10000})
+        MetricsLog(path, [epoch_record()]).append(epoch_record(epoch=2))
     assert files_in(tmp_path) == before
-    assert MetricsLog.read(path) == [{"epoch": 1}]
+    assert MetricsLog.read(path) == [epoch_record()]
 
 
 def test_process_dying_mid_write_leaves_previous_model_loadable(tmp_path: Path) -> None:

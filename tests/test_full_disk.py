@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args, train_finished_run
+from conftest import CPU_LAUNCH_CONFIG, cli_env, epoch_record, free_port, train_args, train_finished_run
 
 from fmnist_dist.errors import UsageError
+from fmnist_dist.storage import strict_json
 from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.storage.plots import plot_run
 from fmnist_dist.storage.run_dir import STATES_DIR, TMP_PREFIX
@@ -130,9 +131,9 @@ def reject_constant(name: str) -> None:
 
 def test_metrics_with_non_finite_values_are_strict_json(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    MetricsLog(path).append(
-        {"epoch": 1, "train_loss": float("nan"), "lr": float("inf"), "matrix": [[1.0, -float("inf")]]}
-    )
+    MetricsLog(path).append(epoch_record(train_loss=float("nan"), lr=float("inf"), test_loss=-float("inf")))
 
     (record,) = [json.loads(line, parse_constant=reject_constant) for line in path.read_text().splitlines()]
-    assert record == {"epoch": 1, "train_loss": None, "lr": None, "matrix": [[1.0, None]]}
+    assert record == {**epoch_record().as_json(), "train_loss": None, "lr": None, "test_loss": None}
+    # Nested values too (progress.json's): a record's confusion matrix holds only counts.
+    assert strict_json.dumps({"matrix": [[1.0, -float("inf")]]}) == '{"matrix": [[1.0, null]]}'

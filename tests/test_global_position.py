@@ -17,6 +17,7 @@ from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import BatchPlan, TrainingPosition
 from fmnist_dist.recipe.sampling import epoch_order
 from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.storage.run_dir import STATES_DIR
 from fmnist_dist.storage.training_state import complete_states
 
@@ -34,7 +35,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record.as_json() for record in MetricsLog.read(output_dir / "metrics.jsonl")]
 
 
 def train(

@@ -238,7 +238,7 @@ def test_evaluate_json_has_per_class_accuracy_consistent_with_the_total(piped_jo
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     final_epoch = MetricsLog.read(piped_job.output_dir / "metrics.jsonl")[-1]
-    assert report["accuracy"] == pytest.approx(final_epoch["test_accuracy"])
+    assert report["accuracy"] == pytest.approx(final_epoch.test_accuracy)
     assert list(report["per_class_accuracy"]) == list(CLASSES)
     labels = load_split(data_dir, train=False, download=False).targets.tolist()
     counts = [labels.count(c) for c in range(len(CLASSES))]

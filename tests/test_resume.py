@@ -16,6 +16,7 @@ import torch
 from conftest import TEST_SIZE, TRAIN_SIZE, launch_cli, run_cli, train_args
 
 from fmnist_dist.errors import UsageError
+from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR, TMP_PREFIX, TRASH_PREFIX
 from fmnist_dist.storage.training_state import complete_states, discard_state, find_state, unfinished_states
 
@@ -55,7 +56,7 @@ def assert_bit_identical(expected: dict[str, torch.Tensor], actual: dict[str, to
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record.as_json() for record in MetricsLog.read(output_dir / "metrics.jsonl")]
 
 
 def deterministic(records: list[dict]) -> list[dict]:

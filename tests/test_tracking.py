@@ -144,7 +144,7 @@ def test_a_two_process_job_makes_exactly_one_offline_run(launched_job: TrackedJo
 def test_the_run_records_every_epochs_test_metrics(launched_job: TrackedJob) -> None:
     records = MetricsLog.read(launched_job.output_dir / "metrics.jsonl")
     logged = [json.loads(row["test/accuracy"]) for row in launched_job.history() if "test/accuracy" in row]
-    assert logged == pytest.approx([r["test_accuracy"] for r in records])
+    assert logged == pytest.approx([r.test_accuracy for r in records])
     assert len(logged) == EPOCHS
     assert all("test/loss" in row for row in launched_job.history() if "test/accuracy" in row)
 

@@ -14,6 +14,7 @@ from torchvision import datasets
 from torchvision.transforms import ToTensor
 
 from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.storage.metrics_log import MetricsLog
 
 EPOCHS = 3
 TEST_SIZE = 301
@@ -48,7 +49,7 @@ def trained_run(learnable_data_dir: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record.as_json() for record in MetricsLog.read(output_dir / "metrics.jsonl")]
 
 
 def load_plain(path: Path) -> NeuralNetwork:

@@ -1,39 +1,120 @@
-"""metrics.jsonl: one epoch record per line, written by the training run and read back by `plot` and resume."""
+"""metrics.jsonl: one epoch record per line, written by the training run and read back by `plot` and resume.
+
+`EpochRecord` is the one definition of a record: the Trainer builds it, `MetricsLog` writes it, `plot` and a
+resumed run's `progress.json` are checked by the same `metrics_record_problem`, and `EpochRecord.tracker_values`
+names its values for the tracker.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fmnist_dist.errors import UsageError, first_line
 from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.storage import strict_json
 from fmnist_dist.storage.atomic_files import atomic_write, file_problem
 
-PLOTTED_VALUES = ("train_loss", "test_loss", "test_accuracy")  # besides the epoch and the confusion matrix
+TRACKER_KEY = "tracker_key"  # a field's metadata: the name trackers show its value under
+ConfusionMatrix = list[list[int]]  # true classes down, predicted classes across
+
+
+def _tracked(key: str) -> dict[str, str]:
+    return {TRACKER_KEY: key}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochRecord:
+    """One finished epoch: a line of metrics.jsonl, an entry of a state's progress, a step of the tracker.
+
+    The fields are the JSON object's keys, in its order. Those without a default are in every record that any
+    version wrote (what `plot` draws); the others are None in the records of older versions, which did not write
+    them, and then stay out of the JSON. A number that is not finite (a diverged loss) is null in the JSON (strict
+    JSON) and None when read back. A new metric is one field: None by default (older records lack it), with
+    `_tracked(key)` as its metadata if trackers show it.
+    """
+
+    epoch: int = field(metadata=_tracked("epoch"))
+    global_step: int | None = None
+    lr: float | None = field(default=None, metadata=_tracked("train/lr"))
+    train_loss: float | None = field(metadata=_tracked("train/epoch_loss"))
+    test_loss: float | None = field(metadata=_tracked("test/loss"))
+    test_accuracy: float | None = field(metadata=_tracked("test/accuracy"))
+    test_samples: int | None = None
+    train_samples: int | None = None
+    train_seconds: float | None = field(default=None, metadata=_tracked("perf/train_seconds"))
+    eval_seconds: float | None = field(default=None, metadata=_tracked("perf/eval_seconds"))
+    train_samples_per_second: float | None = field(default=None, metadata=_tracked("perf/train_samples_per_second"))
+    world_size: int | None = None
+    global_batch_size: int | None = None
+    mixed_precision: str | None = None
+    cpu_threads: int | None = None
+    confusion_matrix: ConfusionMatrix
+
+    @classmethod
+    def from_json(cls, record: Any) -> EpochRecord:
+        """The record a parsed metrics.jsonl line (or progress.json entry) holds; keys it does not know are left out.
+
+        Raises:
+            ValueError: what keeps `record` from being an epoch record (`metrics_record_problem`).
+        """
+        if problem := metrics_record_problem(record):
+            raise ValueError(problem)
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
+    def as_json(self) -> dict[str, Any]:
+        """The record as metrics.jsonl holds it, less the fields an older record lacks (non-finite floats stay
+        floats: `strict_json` writes them as null)."""
+        return {f.name: value for f in fields(self) if (value := getattr(self, f.name)) is not None or _required(f)}
+
+    def tracker_values(self) -> dict[str, float]:
+        """The values trackers show, under their names there ("train/epoch_loss", "test/accuracy", ...)."""
+        return {
+            f.metadata[TRACKER_KEY]: value
+            for f in fields(self)
+            if TRACKER_KEY in f.metadata and (value := getattr(self, f.name)) is not None
+        }
+
+
+def _required(f: Field) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
 
 
 class MetricsLog:
     """`metrics.jsonl`: one strict JSON object per epoch (non-finite values as null), rewritten atomically."""
 
-    def __init__(self, path: Path, records: Sequence[dict[str, Any]] = ()) -> None:
+    def __init__(self, path: Path, records: Sequence[EpochRecord] = ()) -> None:
         self.path = Path(path)
         self.records = list(records)
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: EpochRecord) -> None:
         self.records.append(record)
-        lines = "".join(strict_json.dumps(r) + "\n" for r in self.records)
-        atomic_write(self.path, lambda f: f.write(lines.encode()))
+        lines = "".join(strict_json.dumps(r.as_json()) + "\n" for r in self.records).encode()
+
+        def write(file: IO[bytes]) -> None:
+            file.write(lines)
+
+        atomic_write(self.path, write)
 
     @staticmethod
-    def read(path: Path) -> list[dict[str, Any]]:
-        """The records of an existing metrics file."""
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    def read(path: Path) -> list[EpochRecord]:
+        """The records of a metrics file (blank lines skipped).
+
+        Raises:
+            OSError, UnicodeDecodeError: the file cannot be read.
+            UsageError: naming the line that is not a record, and what is wrong with it.
+        """
+        path = Path(path)
+        lines = path.read_text().splitlines()
+        return [_metrics_record(line, number, path) for number, line in enumerate(lines, 1) if line.strip()]
 
 
-def records_for_plot(metrics_path: Path) -> list[dict[str, Any]]:
+def records_for_plot(metrics_path: Path) -> list[EpochRecord]:
     """The records of a run's metrics.jsonl, refusing a missing or empty file and any line that is not a record.
 
     Raises:
@@ -42,50 +123,55 @@ def records_for_plot(metrics_path: Path) -> list[dict[str, Any]]:
     if problem := file_problem(metrics_path):
         raise UsageError(f"{metrics_path} {problem}; pass the --output-dir of a finished training run")
     try:
-        lines = metrics_path.read_text().splitlines()
+        records = MetricsLog.read(metrics_path)
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"cannot read {metrics_path} ({first_line(error)}); pass a run's --output-dir") from error
-    records = [_metrics_record(line, number, metrics_path) for number, line in enumerate(lines, 1) if line.strip()]
     if not records:
         raise UsageError(f"{metrics_path} holds no epochs yet; plot after the first epoch has finished")
     return records
 
 
-def _metrics_record(line: str, number: int, path: Path) -> dict[str, Any]:
+def _metrics_record(line: str, number: int, path: Path) -> EpochRecord:
     """Line `number` of `path` as a metrics record, or a UsageError naming the line and what is wrong with it."""
     try:
-        record = json.loads(line)
-    except ValueError as error:
+        return EpochRecord.from_json(json.loads(line))
+    except json.JSONDecodeError as error:
         problem = f"not JSON: {first_line(error)}"
-    else:
-        problem = metrics_record_problem(record)
-    if problem:
-        raise UsageError(
-            f"line {number} of {path} is not an fmnist-dist metrics record ({problem}); "
-            "pass the metrics.jsonl or --output-dir of a training run"
-        )
-    return record
+    except ValueError as error:
+        problem = str(error)
+    raise UsageError(
+        f"line {number} of {path} is not an fmnist-dist metrics record ({problem}); "
+        "pass the metrics.jsonl or --output-dir of a training run"
+    )
 
 
 def metrics_record_problem(record: Any) -> str | None:
-    """What keeps a parsed metrics record (a line of metrics.jsonl) from being plotted, or None."""
+    """What keeps a parsed metrics record (a line of metrics.jsonl) from being an `EpochRecord`, or None.
+
+    Every field `EpochRecord` requires must be there; every field there must have its type (null standing for a
+    non-finite number, or for a field older versions did not write). Keys it does not know are allowed.
+    """
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
-    if missing := [key for key in ("epoch", *PLOTTED_VALUES, "confusion_matrix") if key not in record]:
+    if missing := [check.name for check in _FIELD_CHECKS if check.required and check.name not in record]:
         return f"no {', '.join(missing)}"
-    if not is_number(record["epoch"]):
-        return f"epoch is {record['epoch']!r}, not a number"
-    # null is what the training writes for a non-finite loss or accuracy (strict JSON); matplotlib leaves a gap.
-    if wrong := [key for key in PLOTTED_VALUES if record[key] is not None and not is_number(record[key])]:
-        return f"{wrong[0]} is {record[wrong[0]]!r}, not a number"
-    if not _is_confusion_matrix(record["confusion_matrix"]):
-        return f"confusion_matrix is not {len(CLASSES)} rows of {len(CLASSES)} counts"
+    for check in _FIELD_CHECKS:
+        if check.name in record and (problem := check.problem(record[check.name])):
+            return problem
     return None
 
 
 def is_number(value: Any) -> bool:
     """An int or a float, not a bool (which JSON keeps apart, and Python does not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
 
 
 def _is_confusion_matrix(matrix: Any) -> bool:
@@ -97,4 +183,41 @@ def _is_confusion_matrix(matrix: Any) -> bool:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return _is_whole(value) and value >= 0
+
+
+# The check of a JSON value for each type an EpochRecord field has, and how a refusal names that type.
+_TYPE_CHECKS: dict[object, tuple[Callable[[Any], bool], str]] = {
+    int: (_is_whole, "a whole number"),
+    float: (is_number, "a number"),
+    str: (_is_text, "a string"),
+    ConfusionMatrix: (_is_confusion_matrix, f"{len(CLASSES)} rows of {len(CLASSES)} counts"),
+}
+
+
+@dataclass(frozen=True)
+class _FieldCheck:
+    """How one EpochRecord field is checked in its JSON form."""
+
+    name: str
+    required: bool
+    nullable: bool
+    accepts: Callable[[Any], bool]
+    expected: str
+
+    @classmethod
+    def of(cls, f: Field, hint: Any) -> _FieldCheck:
+        nullable = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+        kind = next(arg for arg in typing.get_args(hint) if arg is not type(None)) if nullable else hint
+        accepts, expected = _TYPE_CHECKS[kind]
+        return cls(f.name, _required(f), nullable, accepts, expected)
+
+    def problem(self, value: Any) -> str | None:
+        if (value is None and self.nullable) or self.accepts(value):
+            return None
+        if isinstance(value, (list, dict)):  # a matrix says nothing in one line
+            return f"{self.name} is not {self.expected}"
+        return f"{self.name} is {value!r}, not {self.expected}"
+
+
+_FIELD_CHECKS = tuple(_FieldCheck.of(f, typing.get_type_hints(EpochRecord)[f.name]) for f in fields(EpochRecord))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -14,27 +13,30 @@ from matplotlib.ticker import MaxNLocator
 
 from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.storage.atomic_files import atomic_write
+from fmnist_dist.storage.metrics_log import ConfusionMatrix, EpochRecord
 
 DPI = 100
 CURVES_SIZE = (10, 4)  # inches; at DPI, 1000 x 400 pixels
 CONFUSION_SIZE = (8, 7)  # inches; at DPI, 800 x 700 pixels
 
 
-def plot_run(records: Sequence[dict[str, Any]], curves_path: Path, confusion_path: Path) -> None:
+def plot_run(records: Sequence[EpochRecord], curves_path: Path, confusion_path: Path) -> None:
     """Draw `curves.png` (losses and accuracy per epoch) and `confusion.png` (the last epoch's matrix)."""
     plot_curves(records, curves_path)
-    plot_confusion(records[-1]["confusion_matrix"], confusion_path)
+    plot_confusion(records[-1].confusion_matrix, confusion_path)
 
 
-def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """Train and test loss (left) and test accuracy (right) against the epoch."""
-    epochs = [r["epoch"] for r in records]
+def plot_curves(records: Sequence[EpochRecord], path: Path) -> None:
+    """Train and test loss (left) and test accuracy (right) against the epoch; a value that was not finite
+    (None) leaves a gap."""
+    epochs = [r.epoch for r in records]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
-    loss_ax.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train")
-    loss_ax.plot(epochs, [r["test_loss"] for r in records], marker="o", label="test")
+    loss_ax.plot(epochs, [r.train_loss for r in records], marker="o", label="train")
+    loss_ax.plot(epochs, [r.test_loss for r in records], marker="o", label="test")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     loss_ax.legend()
-    acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in records], marker="o", color="tab:green")
+    percent = [None if r.test_accuracy is None else 100 * r.test_accuracy for r in records]
+    acc_ax.plot(epochs, percent, marker="o", color="tab:green")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Test accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
@@ -42,7 +44,7 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_confusion(matrix: Sequence[Sequence[int]], path: Path) -> None:
+def plot_confusion(matrix: ConfusionMatrix, path: Path) -> None:
     """A 10x10 confusion matrix with the class names, true classes down, predictions across."""
     fig, ax = plt.subplots(figsize=CONFUSION_SIZE, dpi=DPI)
     image = ax.imshow(matrix, cmap="Blues")
@@ -54,7 +56,9 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: Path) -> None:
     threshold = max(max(row) for row in matrix) / 2
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):
-            ax.text(j, i, count, ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
+            ax.text(
+                j, i, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black"
+            )
     _save(fig, path)
 
 

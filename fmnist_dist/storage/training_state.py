@@ -27,7 +27,7 @@ from fmnist_dist.runtime.collective_errors import fail_together
 from fmnist_dist.settings.train_config import MAX_COUNT, RESUME_AUTO, RESUME_LATEST
 from fmnist_dist.storage import strict_json
 from fmnist_dist.storage.atomic_files import atomic_write, reporting_write_errors, umask_file_mode
-from fmnist_dist.storage.metrics_log import is_number, metrics_record_problem
+from fmnist_dist.storage.metrics_log import EpochRecord, is_number, metrics_record_problem
 from fmnist_dist.storage.run_dir import (
     COMPLETE_PREFIX,
     PROGRESS_FILE,
@@ -74,7 +74,7 @@ class Progress:
     global_batch_size: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     tracker_run_id: str | None = None
-    metrics: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[EpochRecord] = field(default_factory=list)
     save_index: int = 0
     training_data: dict[str, str] | None = None
 
@@ -93,11 +93,12 @@ class Progress:
         if OLD_RUN_ID in saved:  # a state saved before the run id was named for what it is
             saved.setdefault("tracker_run_id", saved.pop(OLD_RUN_ID))
         progress = cls(**{**saved, "position": TrainingPosition(**saved["position"])})
-        if problem := _progress_problem(progress):
+        if problem := _progress_problem(progress):  # the records are checked as saved, then typed
             raise ValueError(problem)
+        progress.metrics = [EpochRecord.from_json(record) for record in progress.metrics]
         return progress
 
-    def finish_epoch(self, record: dict[str, Any]) -> None:
+    def finish_epoch(self, record: EpochRecord) -> None:
         """Move on to the next epoch after `record`, the finished epoch's metrics."""
         self.metrics.append(record)
         self.position.next_epoch()

@@ -1,1 +1,2 @@
-"""Where a run is tracked: Weights & Biases (through Accelerate's tracker API)."""
+"""Where a run is tracked: the `Tracker` interface (base), its implementations (W&B, none) and the registry that
+`--tracker` chooses from."""

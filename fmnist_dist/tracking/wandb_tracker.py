@@ -14,16 +14,15 @@ import contextlib
 import math
 import os
 import re
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 
 from fmnist_dist.errors import first_line
 from fmnist_dist.recipe.model import CLASSES
+from fmnist_dist.tracking.base import RunSpec, Tracker, warn
 
 WANDB = "wandb"
 OFFLINE = "offline"
@@ -52,10 +51,10 @@ def choose_wandb_mode() -> str:
         if has_wandb_credentials():
             return asked or "online"
     except Exception as error:
-        _warn(f"W&B credentials are unusable ({first_line(error)}); recording the run offline")
+        warn(f"W&B credentials are unusable ({first_line(error)}); recording the run offline")
         return OFFLINE
     if asked is not None:
-        _warn(
+        warn(
             f"WANDB_MODE={asked} but no W&B credentials were found (run `wandb login` or set WANDB_API_KEY); "
             "recording the run offline"
         )
@@ -88,7 +87,7 @@ def ignore_unusable_init_timeout() -> None:
     value = os.environ.get(wandb.env.INIT_TIMEOUT)
     if value is None or _is_positive_seconds(value):
         return
-    _warn(
+    warn(
         f"{wandb.env.INIT_TIMEOUT}={value!r} is not a positive number of seconds; ignoring it "
         f"(W&B waits up to {INIT_TIMEOUT_SECONDS:g} s for its server)"
     )
@@ -99,7 +98,7 @@ def _is_positive_seconds(value: str) -> bool:
     import wandb
 
     try:
-        seconds = wandb.Settings(init_timeout=value).init_timeout  # parsed as wandb parses the variable
+        seconds = wandb.Settings.model_validate({"init_timeout": value}).init_timeout  # as wandb parses the variable
     except ValueError:  # pydantic's ValidationError
         return False
     return 0 < seconds < math.inf
@@ -117,45 +116,6 @@ def has_wandb_credentials() -> bool:
     import wandb
 
     return wandb.login(prompt=False, verify=False)
-
-
-def start_run(
-    accelerator: Accelerator,
-    project: str,
-    run_config: dict[str, Any],
-    wandb_kwargs: dict[str, Any],
-) -> str | None:
-    """Start the job's one W&B run (on the main process; Accelerate makes it a no-op elsewhere); return its id.
-
-    An online run that cannot start (a wrong key, no network: wandb gives up after its init timeout) is
-    recorded offline instead; one that cannot start for a setting wandb rejects is not tracked.
-
-    Args:
-        accelerator: built with `log_with="wandb"`, or without trackers (then nothing happens).
-        project: the W&B project.
-        run_config: hyperparameters, world size, device and versions, logged as the run's config.
-        wandb_kwargs: extra `wandb.init` arguments (name, group, tags, and `id`/`resume` to continue a run).
-    """
-    if not accelerator.log_with:
-        return None
-    mode = OFFLINE  # wandb starts on the main process only
-    try:  # everything wandb does to start, its reading of the settings included
-        if accelerator.is_main_process:
-            prepare_wandb()
-            mode = choose_wandb_mode()
-        _init_trackers(accelerator, project, run_config, {**wandb_kwargs, "mode": mode})
-    except Exception as error:
-        rejected = rejected_setting({"project": project, **wandb_kwargs})
-        if rejected is None and mode in ONLINE_MODES:
-            _warn(
-                f"W&B could not start {mode} ({wandb_error_reason(error)}); recording the run offline instead "
-                "(`wandb sync` uploads it later)"
-            )
-            return start_run_offline(accelerator, project, run_config, wandb_kwargs)
-        # Offline, a mode of the user's own, or a setting offline would reject too: nothing else to try.
-        _drop_trackers(accelerator, f"W&B could not start ({rejected or wandb_error_reason(error)})")
-        return None
-    return _run_id(accelerator)
 
 
 def rejected_setting(init_args: dict[str, Any]) -> str | None:
@@ -207,117 +167,136 @@ def wandb_error_reason(error: BaseException) -> str:
     return first_line(error)
 
 
-def start_run_offline(
-    accelerator: Accelerator, project: str, run_config: dict[str, Any], wandb_kwargs: dict[str, Any]
-) -> str | None:
-    """Start the run offline after an online start failed (same arguments as `start_run`); return its id."""
-    try:
-        _init_trackers(accelerator, project, run_config, {**wandb_kwargs, "mode": OFFLINE})
-    except Exception as error:
-        _drop_trackers(accelerator, f"W&B could not start offline either ({wandb_error_reason(error)})")
-        return None
-    return _run_id(accelerator)
+class WandbTracker(Tracker):
+    """The run on W&B, through Accelerate's tracker API (which starts and logs it on the main process only)."""
+
+    log_with = WANDB
+
+    def start(self, run: RunSpec) -> str | None:
+        """Start the job's one W&B run; return its id (None where no run started, and off the main process).
+
+        An online run that cannot start (a wrong key, no network: wandb gives up after its init timeout) is
+        recorded offline instead; one that cannot start for a setting wandb rejects is not tracked.
+        """
+        if not self.accelerator.log_with:
+            return None
+        kwargs = init_kwargs(run)
+        mode = OFFLINE  # wandb starts on the main process only
+        try:  # everything wandb does to start, its reading of the settings included
+            if self.accelerator.is_main_process:
+                prepare_wandb()
+                mode = choose_wandb_mode()
+            self._init(run, {**kwargs, "mode": mode})
+        except Exception as error:
+            rejected = rejected_setting({"project": run.project, **kwargs})
+            if rejected is None and mode in ONLINE_MODES:
+                warn(
+                    f"W&B could not start {mode} ({wandb_error_reason(error)}); recording the run offline instead "
+                    "(`wandb sync` uploads it later)"
+                )
+                return self._start_offline(run, kwargs)
+            # Offline, a mode of the user's own, or a setting offline would reject too: nothing else to try.
+            self._drop(f"W&B could not start ({rejected or wandb_error_reason(error)})")
+            return None
+        return self._run_id()
+
+    def _start_offline(self, run: RunSpec, kwargs: dict[str, Any]) -> str | None:
+        """Start the run offline after an online start failed; return its id."""
+        try:
+            self._init(run, {**kwargs, "mode": OFFLINE})
+        except Exception as error:
+            self._drop(f"W&B could not start offline either ({wandb_error_reason(error)})")
+            return None
+        return self._run_id()
+
+    def _init(self, run: RunSpec, kwargs: dict[str, Any]) -> None:
+        self._close()  # a failed start leaves its tracker in the list
+        self.accelerator.init_trackers(run.project, config=run.config, init_kwargs={WANDB: kwargs})
+
+    def _run_id(self) -> str | None:
+        run = self._run()
+        return run.id if run is not None else None
+
+    def _run(self) -> Any | None:
+        """The live wandb run on the main process, else None."""
+        if not self.accelerator.is_main_process or not self.accelerator.trackers:
+            return None
+        return self.accelerator.get_tracker(WANDB, unwrap=True)
+
+    def log_values(self, values: Mapping[str, Any], step: int) -> None:
+        """Log scalars or media at `step`; a failing tracker is dropped instead of failing the job."""
+        if not self.accelerator.trackers:
+            return
+        try:
+            self.accelerator.log(dict(values), step=step)
+        except Exception as error:
+            self._drop(f"W&B logging failed ({first_line(error)})")
+
+    def log_predictions(
+        self, images: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor, step: int
+    ) -> None:
+        """A W&B table of the sample images with predicted and true labels, and W&B's confusion matrix plot."""
+        if self._run() is None:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["image", "predicted", "true"])
+        # The images are the test set's first few: the predictions and targets of the rest have no row.
+        for image, predicted, true in zip(images, predictions, targets, strict=False):
+            table.add_data(wandb.Image(image.squeeze(0).cpu().numpy()), CLASSES[predicted], CLASSES[true])
+        confusion = wandb.plot.confusion_matrix(
+            y_true=targets.tolist(), preds=predictions.tolist(), class_names=list(CLASSES)
+        )
+        self.log_values({"test/predictions": table, "test/confusion_matrix": confusion}, step)
+
+    def log_artifact(self, path: Path, kind: str) -> None:
+        """Attach the file to the run as a W&B artifact of type `kind`, named after the run."""
+        run = self._run()
+        if run is None:
+            return
+        import wandb
+
+        try:
+            # Artifact names allow letters, digits, '-', '_' and '.'; run names (from --run-name) allow anything.
+            name = re.sub(r"[^\w.-]", "-", f"{run.name or run.id}-{kind}")
+            artifact = wandb.Artifact(name, type=kind)
+            artifact.add_file(str(path))
+            run.log_artifact(artifact)
+        except Exception as error:
+            warn(f"W&B could not store {path} as an artifact ({first_line(error)})")
+
+    def mark_preempted(self) -> None:
+        """The run shows as preempted on W&B, not as failed or finished."""
+        run = self._run()
+        if run is not None:
+            with contextlib.suppress(Exception):  # tracking never fails training; the run is closed next anyway
+                run.mark_preempting()
+
+    def finish(self) -> None:
+        """Close the run, as `Accelerator.end_training` would (a no-op where no tracker runs); the job's
+        `end_training` then has only the process group left to shut down."""
+        try:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+        except Exception as error:
+            warn(f"W&B did not close cleanly ({first_line(error)})")
+        self.accelerator.trackers = []
+
+    def _drop(self, reason: str) -> None:
+        self._close()
+        warn(f"{reason}; training goes on without W&B tracking")
+
+    def _close(self) -> None:
+        for tracker in self.accelerator.trackers:
+            with contextlib.suppress(Exception):  # close a half-started run; there may be none to close
+                tracker.finish()
+        self.accelerator.trackers = []
 
 
-def _init_trackers(accelerator: Accelerator, project: str, run_config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-    _close_trackers(accelerator)  # a failed start leaves its tracker in the list
-    accelerator.init_trackers(project, config=run_config, init_kwargs={WANDB: kwargs})
-
-
-def _run_id(accelerator: Accelerator) -> str | None:
-    run = wandb_run(accelerator)
-    return run.id if run is not None else None
-
-
-def wandb_run(accelerator: Accelerator) -> Any | None:
-    """The live wandb run on the main process, else None."""
-    if not accelerator.is_main_process or not accelerator.trackers:
-        return None
-    return accelerator.get_tracker(WANDB, unwrap=True)
-
-
-def log_values(accelerator: Accelerator, values: dict[str, Any], step: int) -> None:
-    """Log scalars or media at `step`; a failing tracker is dropped instead of failing the job."""
-    if not accelerator.trackers:
-        return
-    try:
-        accelerator.log(values, step=step)
-    except Exception as error:
-        _drop_trackers(accelerator, f"W&B logging failed ({first_line(error)})")
-
-
-def log_predictions(
-    accelerator: Accelerator,
-    images: torch.Tensor,
-    predictions: torch.Tensor,
-    targets: torch.Tensor,
-    step: int,
-) -> None:
-    """Log a W&B confusion matrix and a table of sample test images with predicted and true labels.
-
-    Args:
-        images: a few test images (N x 1 x 28 x 28, values in [0, 1]) for the table.
-        predictions: the predicted class of every test image, in test-set order.
-        targets: the true class of every test image, in the same order.
-    """
-    if wandb_run(accelerator) is None:
-        return
-    import wandb
-
-    table = wandb.Table(columns=["image", "predicted", "true"])
-    for image, predicted, true in zip(images, predictions, targets):
-        table.add_data(wandb.Image(image.squeeze(0).cpu().numpy()), CLASSES[predicted], CLASSES[true])
-    confusion = wandb.plot.confusion_matrix(
-        y_true=targets.tolist(), preds=predictions.tolist(), class_names=list(CLASSES)
-    )
-    log_values(accelerator, {"test/predictions": table, "test/confusion_matrix": confusion}, step)
-
-
-def log_model_artifact(accelerator: Accelerator, path: Path) -> None:
-    """Attach the saved weights to the run as a W&B model artifact."""
-    run = wandb_run(accelerator)
-    if run is None:
-        return
-    import wandb
-
-    try:
-        # Artifact names allow letters, digits, '-', '_' and '.'; run names (from --run-name) allow anything.
-        name = re.sub(r"[^\w.-]", "-", f"{run.name or run.id}-model")
-        artifact = wandb.Artifact(name, type="model")
-        artifact.add_file(str(path))
-        run.log_artifact(artifact)
-    except Exception as error:
-        _warn(f"W&B could not store {path} as an artifact ({first_line(error)})")
-
-
-def mark_preempting(accelerator: Accelerator) -> None:
-    """Tell W&B the run stopped to be resumed (it shows as preempted, not failed or finished)."""
-    run = wandb_run(accelerator)
-    if run is not None:
-        with contextlib.suppress(Exception):  # tracking never fails training; the run is closed next anyway
-            run.mark_preempting()
-
-
-def finish_run(accelerator: Accelerator) -> None:
-    """Close the run (on every process: Accelerate makes it a no-op where no tracker runs)."""
-    try:
-        accelerator.end_training()
-    except Exception as error:
-        _warn(f"W&B did not close cleanly ({first_line(error)})")
-
-
-def _drop_trackers(accelerator: Accelerator, reason: str) -> None:
-    _close_trackers(accelerator)
-    _warn(f"{reason}; training goes on without W&B tracking")
-
-
-def _close_trackers(accelerator: Accelerator) -> None:
-    for tracker in accelerator.trackers:
-        with contextlib.suppress(Exception):  # close a half-started run; there may be none to close
-            tracker.finish()
-    accelerator.trackers = []
-
-
-def _warn(message: str) -> None:
-    # One plain line on stderr, like the CLI's errors (a Python warning would add its source file and line).
-    print(f"fmnist-dist: warning: {message}", file=sys.stderr, flush=True)
+def init_kwargs(run: RunSpec) -> dict[str, Any]:
+    """wandb.init arguments: the run's name, group and tags, and the saved run id so a resumed job continues the
+    same run."""
+    kwargs: dict[str, Any] = {"name": run.name, "group": run.group, "tags": list(run.tags) or None}
+    if run.resume_id:
+        kwargs.update(id=run.resume_id, resume="allow")
+    return {key: value for key, value in kwargs.items() if value is not None}

@@ -39,19 +39,14 @@ from fmnist_dist.runtime.devices import (
 )
 from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
 from fmnist_dist.settings.train_config import TrainConfig
-from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.storage.metrics_log import EpochRecord, MetricsLog
 from fmnist_dist.storage.output_dir import OutputDirLock, claim_output_dir, remove_earlier_run
 from fmnist_dist.storage.plots import plot_run
 from fmnist_dist.storage.run_dir import RunDirectory
 from fmnist_dist.storage.training_state import restore_state
 from fmnist_dist.storage.weights import save_state_dict
-from fmnist_dist.tracking.wandb_tracker import (
-    WANDB,
-    finish_run,
-    log_model_artifact,
-    mark_preempting,
-    start_run,
-)
+from fmnist_dist.tracking.base import RunSpec, Tracker
+from fmnist_dist.tracking.registry import make_tracker, tracker_type
 from fmnist_dist.training.resume import check_resumable, describe_resume, plan_start, record_setup
 from fmnist_dist.training.trainer import Trainer, TrainingData
 
@@ -60,10 +55,8 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 SAMPLE_IMAGES = 32
 
 
-def run_training(
-    cfg: TrainConfig, given: frozenset[str] = frozenset(), stop: StopRequest | None = None
-) -> dict[str, Any]:
-    """Train as `cfg` says; return the final epoch's metrics (on every process).
+def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset(), stop: StopRequest | None = None) -> EpochRecord:
+    """Train as `cfg` says; return the final epoch's record (on every process).
 
     Args:
         given: the settings written on the command line; a resumed run takes the others from its state.
@@ -77,7 +70,7 @@ def run_training(
         return _train(cfg, given, stop or StopRequest(), output_lock)
 
 
-def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lock: OutputDirLock) -> dict[str, Any]:
+def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lock: OutputDirLock) -> EpochRecord:
     apply_threads(cfg.threads)  # before any parallel work; a per-invocation setting, so a resume does not change it
     processes = join_processes(cfg)
     check_all_processes_joined(processes)
@@ -126,14 +119,9 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
     if cfg.overwrite:  # only now that the settings, data, model and schedule have been built without error
         remove_earlier_run(accelerator, cfg.output_dir)
     run_dir = RunDirectory(cfg.output_dir)
+    tracker = make_tracker(cfg.tracker, accelerator)
     progress.tracker_run_id = (
-        start_run(
-            accelerator,
-            cfg.wandb_project,
-            run_config(cfg, accelerator, plan),
-            wandb_init_kwargs(cfg, progress.tracker_run_id),
-        )
-        or progress.tracker_run_id
+        tracker.start(run_spec(cfg, accelerator, plan, progress.tracker_run_id)) or progress.tracker_run_id
     )
     trainer = Trainer(
         cfg,
@@ -147,16 +135,18 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
         MetricsLog(run_dir.metrics, progress.metrics),
         first_images(test_set, SAMPLE_IMAGES),
         stop,
+        tracker,
     )
     try:
         trainer.fit()
         save_final_model(accelerator, model, run_dir.model)
-        report_results(cfg, accelerator, trainer, run_dir)
+        report_results(cfg, accelerator, trainer, run_dir, tracker)
     except TrainingStopped:
-        mark_preempting(accelerator)
+        tracker.mark_preempted()
         raise
     finally:
-        finish_run(accelerator)
+        tracker.finish()
+        accelerator.end_training()  # shuts the process group down; a launched process may abort at exit without
     return progress.metrics[-1]
 
 
@@ -175,7 +165,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         accelerator = Accelerator(
             cpu=wants_cpu(cfg.cpu),
             mixed_precision=cfg.mixed_precision,
-            log_with=WANDB if cfg.tracker == WANDB else None,
+            log_with=tracker_type(cfg.tracker).log_with,
             project_dir=str(cfg.output_dir),
             # The samplers yield global batches and Accelerate gives each process its slice of every one, so the
             # images of an optimizer step do not depend on the number of processes.
@@ -265,8 +255,20 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> N
         group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def run_spec(cfg: TrainConfig, accelerator: Accelerator, plan: BatchPlan, resume_id: str | None) -> RunSpec:
+    """The tracked run as the flags name it, continuing `resume_id` (the run id a resumed state saved)."""
+    return RunSpec(
+        project=cfg.wandb_project,
+        config=run_config(cfg, accelerator, plan),
+        name=cfg.run_name,
+        group=cfg.run_group,
+        tags=cfg.tags,
+        resume_id=resume_id,
+    )
+
+
 def run_config(cfg: TrainConfig, accelerator: Accelerator, plan: BatchPlan) -> dict[str, Any]:
-    """Everything that defines the run, for W&B: settings, world size, batch split, device and versions."""
+    """Everything that defines the run, for the tracker: settings, world size, batch split, device and versions."""
     return {
         **cfg.to_log(),
         "peak_lr": peak_lr(cfg, plan.global_batch),
@@ -287,14 +289,6 @@ def run_config(cfg: TrainConfig, accelerator: Accelerator, plan: BatchPlan) -> d
     }
 
 
-def wandb_init_kwargs(cfg: TrainConfig, run_id: str | None) -> dict[str, Any]:
-    """wandb.init arguments: naming flags, and the saved run id so a resumed job continues the same run."""
-    kwargs: dict[str, Any] = {"name": cfg.run_name, "group": cfg.run_group, "tags": list(cfg.tags) or None}
-    if run_id:
-        kwargs.update(id=run_id, resume="allow")
-    return {key: value for key, value in kwargs.items() if value is not None}
-
-
 def save_final_model(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
     """Once every process is done, the main process saves plain weights that `NeuralNetwork` loads anywhere."""
     accelerator.wait_for_everyone()
@@ -304,8 +298,10 @@ def save_final_model(accelerator: Accelerator, model: torch.nn.Module, path: Pat
         accelerator.print(f"fmnist-dist: saved {path}")
 
 
-def report_results(cfg: TrainConfig, accelerator: Accelerator, trainer: Trainer, run_dir: RunDirectory) -> None:
-    """Plots, and the W&B predictions and model artifact (main process; the last evaluation is on every one).
+def report_results(
+    cfg: TrainConfig, accelerator: Accelerator, trainer: Trainer, run_dir: RunDirectory, tracker: Tracker
+) -> None:
+    """Plots, and the tracker's predictions and model artifact (main process; the last evaluation is on every one).
 
     A resumed run that had nothing left to train (its last run ended before writing these) evaluated nothing,
     so it logs no predictions; the plots come from the metrics history.
@@ -317,4 +313,4 @@ def report_results(cfg: TrainConfig, accelerator: Accelerator, trainer: Trainer,
     if trainer.last_eval is not None and not cfg.log_samples_every_epoch:
         trainer.log_predictions(trainer.last_eval)
     if cfg.log_model:
-        log_model_artifact(accelerator, run_dir.model)
+        tracker.log_artifact(run_dir.model, "model")

@@ -30,9 +30,9 @@ from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
 from fmnist_dist.runtime.devices import precision_in_effect
 from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
 from fmnist_dist.settings.train_config import TrainConfig
-from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.storage.metrics_log import EpochRecord, MetricsLog
 from fmnist_dist.storage.training_state import Progress, save_training_state
-from fmnist_dist.tracking.wandb_tracker import log_predictions, log_values
+from fmnist_dist.tracking.base import Tracker
 from fmnist_dist.training.progress_bar import progress_bar
 
 # Optimizer steps between the processes' agreement on stopping (one tiny gather): a signal is acted on
@@ -96,8 +96,9 @@ class Trainer:
         train: the prepared training loader with its sampler, batch plan and dataset size.
         progress: where to start (fresh, or restored by `--resume`); updated as training goes.
         metrics_log: the metrics file, written by the main process.
-        sample_images: a few test images (the first ones) to show with their predictions on W&B.
+        sample_images: a few test images (the first ones) to show with their predictions on the tracker.
         stop: the stop signals' record.
+        tracker: where the run's values and predictions are recorded (started by the job).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class Trainer:
         metrics_log: MetricsLog,
         sample_images: torch.Tensor,
         stop: StopRequest,
+        tracker: Tracker,
     ) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
@@ -126,6 +128,7 @@ class Trainer:
         self.metrics_log = metrics_log
         self.sample_images = sample_images
         self.stop = stop
+        self.tracker = tracker
         # DeepSpeed's and Megatron's wrappers subclass AcceleratedOptimizer and step differently: exact type only.
         self._optimizer_wrapper_is_plain = (
             type(optimizer) is AcceleratedOptimizer
@@ -225,8 +228,7 @@ class Trainer:
             # Reading a loss synchronises with the device, so it happens only on logged steps.
             loss = self.accelerator.reduce(step_loss, "sum").item() / step_samples
             bar.set_postfix(loss=loss)
-            log_values(
-                self.accelerator,
+            self.tracker.log_values(
                 {
                     "train/loss": loss,
                     "train/lr": self.current_lr(),
@@ -285,42 +287,40 @@ class Trainer:
 
     def _finish_epoch(self, stats: EpochStats, result: EvalResult, eval_seconds: float) -> None:
         position = self.position
-        record = {
-            "epoch": position.epoch + 1,
-            "global_step": position.global_step,
-            "lr": self.current_lr(),
-            "train_loss": stats.loss,
-            "test_loss": result.loss,
-            "test_accuracy": result.accuracy,
-            "test_samples": result.samples,
-            "train_samples": stats.samples,
-            "train_seconds": stats.seconds,
-            "eval_seconds": eval_seconds,
-            "train_samples_per_second": stats.trained_now / stats.seconds,
-            "world_size": self.accelerator.num_processes,
-            "global_batch_size": self.train.plan.global_batch,
-            "mixed_precision": precision_in_effect(self.accelerator),
-            "cpu_threads": torch.get_num_threads(),
-            "confusion_matrix": result.confusion_matrix().tolist(),
-        }
+        record = EpochRecord(
+            epoch=position.epoch + 1,
+            global_step=position.global_step,
+            lr=self.current_lr(),
+            train_loss=stats.loss,
+            test_loss=result.loss,
+            test_accuracy=result.accuracy,
+            test_samples=result.samples,
+            train_samples=stats.samples,
+            train_seconds=stats.seconds,
+            eval_seconds=eval_seconds,
+            train_samples_per_second=stats.trained_now / stats.seconds,
+            world_size=self.accelerator.num_processes,
+            global_batch_size=self.train.plan.global_batch,
+            mixed_precision=precision_in_effect(self.accelerator),
+            cpu_threads=torch.get_num_threads(),
+            confusion_matrix=result.confusion_matrix().tolist(),
+        )
         self.progress.finish_epoch(record)
         if self.accelerator.is_main_process:
             self.metrics_log.append(record)
         self.accelerator.print(
-            f"epoch {record['epoch']}/{self.cfg.epochs}: train loss {stats.loss:.4f}, test loss {result.loss:.4f}, "
+            f"epoch {record.epoch}/{self.cfg.epochs}: train loss {stats.loss:.4f}, test loss {result.loss:.4f}, "
             f"test accuracy {100 * result.accuracy:.2f}% ({result.samples} images), "
-            f"{record['train_samples_per_second']:.0f} train images/s"
+            f"{record.train_samples_per_second:.0f} train images/s"
         )
-        log_values(self.accelerator, _epoch_scalars(record), position.global_step)
+        self.tracker.log_values(record.tracker_values(), position.global_step)
         if self.cfg.log_samples_every_epoch:
             self.log_predictions(result)
         self._save_state()
 
     def log_predictions(self, result: EvalResult) -> None:
-        """Log the confusion matrix and the sample images with their predictions to W&B."""
-        log_predictions(
-            self.accelerator, self.sample_images, result.predictions, result.targets, self.position.global_step
-        )
+        """Log the confusion matrix and the sample images with their predictions to the tracker."""
+        self.tracker.log_predictions(self.sample_images, result.predictions, result.targets, self.position.global_step)
 
     def current_lr(self) -> float:
         """The learning rate the next optimizer step uses."""
@@ -336,16 +336,3 @@ def _weights_finite(model: nn.Module) -> torch.Tensor:
     """
     extremes = torch.stack([bound for p in model.parameters() if p.numel() for bound in torch.aminmax(p.detach())])
     return torch.isfinite(extremes).all()
-
-
-def _epoch_scalars(record: dict) -> dict[str, float]:
-    return {
-        "epoch": record["epoch"],
-        "train/epoch_loss": record["train_loss"],
-        "train/lr": record["lr"],
-        "test/loss": record["test_loss"],
-        "test/accuracy": record["test_accuracy"],
-        "perf/train_seconds": record["train_seconds"],
-        "perf/eval_seconds": record["eval_seconds"],
-        "perf/train_samples_per_second": record["train_samples_per_second"],
-    }
