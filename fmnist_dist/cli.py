@@ -21,7 +21,7 @@ from typing import NoReturn
 import fmnist_dist
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import CLASSES
-from fmnist_dist.runtime.job_exit import ThisProcessStopped, clean_up_warnings, leave_process_group, record_for_launcher
+from fmnist_dist.runtime.job_exit import ThisProcessStopped, clean_up_warnings, leave_job, record_for_launcher
 from fmnist_dist.runtime.launcher_death import stop_with_launcher
 from fmnist_dist.runtime.output_streams import keep_output_from_failing
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     finally:
-        leave_process_group()
+        leave_job()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from functools import partial
 from typing import TypeVar
 
 from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.runtime.launcher_death import LAUNCHER_MARK
 
 ERROR_FILE_VARIABLE = "TORCHELASTIC_ERROR_FILE"  # set by torch's elastic agent for each process it starts
 T = TypeVar("T")
@@ -56,13 +58,18 @@ def record_for_launcher(message: str) -> None:
         pass
 
 
-def leave_process_group() -> None:
-    """Destroy this process's process group, if it joined one, before the interpreter exits.
+def leave_job() -> None:
+    """Leave the job cleanly, once this process's outcome is decided: its exit code is the one reported.
 
-    Left to the interpreter's exit, gloo's threads are torn down in no particular order: a process can die of
-    SIGABRT ("terminate called without an active exception") after its own error was reported. A teardown that
-    fails is one warning line.
+    torch's launcher sends SIGTERM to the other processes as soon as one has exited with an error, while they
+    may be exiting with the same error themselves (which takes seconds with torch loaded); the default action
+    that Python restores for it during its exit would replace their exit code with -15. So a launched process
+    ignores SIGTERM from here on, and then destroys its process group: left to the interpreter's exit, gloo's
+    threads are torn down in no particular order, and a process can die of SIGABRT ("terminate called without
+    an active exception") after its own error was reported. A teardown that fails is one warning line.
     """
+    if LAUNCHER_MARK in os.environ:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         clean_up("closing the process group", distributed.destroy_process_group)
