@@ -401,5 +401,5 @@ def _report(message: str, error: BaseException | None = None) -> None:
 def _report_to_launcher_and_warn(message: str, error: BaseException | None) -> None:
     """The line for torch's launcher's report, and the warnings of the clean-up steps that failed on the way."""
     record_for_launcher(message)
-    for warning in clean_up_warnings(error) if error is not None else []:
+    for warning in clean_up_warnings(error):
         print(f"fmnist-dist: warning: {warning}", file=sys.stderr, flush=True)

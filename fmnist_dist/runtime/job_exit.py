@@ -93,8 +93,8 @@ def clean_up(step: str, action: Callable[[], object], during: BaseException | No
             during.__notes__ = [*getattr(during, "__notes__", []), warning]  # type: ignore[attr-defined]
 
 
-def clean_up_warnings(error: BaseException) -> list[str]:
-    """The warnings of the clean-up steps that failed while `error` ended the job."""
+def clean_up_warnings(error: BaseException | None) -> list[str]:
+    """The warnings of the clean-up steps that failed while `error` ended the job (none without an error)."""
     return list(getattr(error, "__notes__", []))
 
 
