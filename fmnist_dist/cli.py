@@ -22,7 +22,9 @@ import fmnist_dist
 from fmnist_dist.errors import UsageError
 from fmnist_dist.inputs.backgrounds import BACKGROUNDS
 from fmnist_dist.recipe.model import CLASSES
+from fmnist_dist.runtime.job_exit import ThisProcessStopped, clean_up_warnings, leave_job, record_for_launcher
 from fmnist_dist.runtime.launcher_death import stop_with_launcher
+from fmnist_dist.runtime.output_streams import keep_output_from_failing
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
 from fmnist_dist.settings.train_config import (
     DEFAULT_BATCH_SIZE,
@@ -73,8 +75,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; a UsageError becomes one line on stderr and exit code 2, a requested stop exit 75."""
-    stop_with_launcher()  # first: a launcher killed from now on takes this process with it
+    """Run one subcommand; a UsageError becomes one line on stderr and exit code 2, a requested stop exit 75.
+
+    Each process leaves its process group before it exits, and gives its line to torch's launcher for its report.
+    """
+    keep_output_from_failing()  # first: a closed or broken stdout or stderr never ends a run
+    stop_with_launcher()  # a launcher killed from now on takes this process with it
     argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, so that the message points to its --help
@@ -83,18 +89,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UsageError as error:
-        _report(str(error))
+        _report(str(error), error)
         return USAGE_ERROR
     except TrainingStopped as stopped:
         if _is_main_process():
             print(f"fmnist-dist: {stopped}", file=sys.stderr, flush=True)
+        _report_to_launcher_and_warn(str(stopped), stopped)
         return PREEMPTED_EXIT_CODE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupted:
         _report(
             "interrupted at once, without saving (a second Ctrl-C); `fmnist-dist train --resume auto` continues "
-            "from the newest complete state, if there is one"
+            "from the newest complete state, if there is one",
+            interrupted,
         )
         return 130
+    finally:
+        leave_job()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,13 +394,22 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _report(message: str) -> None:
-    """Print an error, one line per line of `message`, once per node.
+def _report(message: str, error: BaseException | None = None) -> None:
+    """Print an error, one line per line of `message`, once per node; then the clean-up warnings it carries.
 
     Where several processes share a node they hit the same error (the same flags, files and data), or one
-    process hit it and `rank_errors.fail_together` brought its message to them all: the node's first process
-    (LOCAL_RANK 0, set by the launcher; absent in a plain run) prints it.
+    process hit it and `collective_errors.fail_together` brought its message to them all: the node's first
+    process (LOCAL_RANK 0, set by the launcher; absent in a plain run) prints it. An error of one process alone
+    (`ThisProcessStopped`: its peers are gone) is printed by that process, whichever it is.
     """
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if os.environ.get("LOCAL_RANK", "0") == "0" or isinstance(error, ThisProcessStopped):
         for line in message.splitlines():
-            print(f"fmnist-dist: error: {line}", file=sys.stderr)
+            print(f"fmnist-dist: error: {line}", file=sys.stderr, flush=True)
+    _report_to_launcher_and_warn(message, error)
+
+
+def _report_to_launcher_and_warn(message: str, error: BaseException | None) -> None:
+    """The line for torch's launcher's report, and the warnings of the clean-up steps that failed on the way."""
+    record_for_launcher(message)
+    for warning in clean_up_warnings(error):
+        print(f"fmnist-dist: warning: {warning}", file=sys.stderr, flush=True)

@@ -89,24 +89,29 @@ def run_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str) ->
 def launch_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file launch/cpu.yaml -m fmnist_dist ARGS` in `cwd`: two real gloo processes."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(CPU_LAUNCH_CONFIG),
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "fmnist_dist",
-            *map(str, args),
-        ],
+        launch_command(args),
         cwd=cwd,
         env=cli_env(**env),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def launch_command(args: Sequence) -> list[str]:
+    """The command line of `launch_cli`, for a test that starts it itself."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fmnist_dist",
+        *map(str, args),
+    ]
 
 
 def free_port() -> int:

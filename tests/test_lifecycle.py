@@ -3,7 +3,9 @@ leave behind is never mistaken for a complete state."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
+from conftest import cli_env, launch_command, synthetic_data, train_args
 from processes import alive, children
 
 from fmnist_dist.runtime.launcher_death import LAUNCHER_MARK, stop_with_launcher
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATE_PREFIX, STATES_DIR
+from fmnist_dist.storage.training_state import complete_states
 
 QUIET = {"OMP_NUM_THREADS": "1"}
 GONE_WITHIN_S = 15
@@ -37,32 +40,20 @@ def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_killing_the_launcher_stops_every_rank(long_data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_LAUNCH_CONFIG),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "fmnist_dist",
-        *map(
-            str,
-            train_args(
-                long_data_dir,
-                output_dir,
-                "--cpu",
-                "--epochs",
-                "20",
-                "--batch-size",
-                "8",
-                "--checkpoint-every",
-                "50",
-                "--no-progress",
-            ),
-        ),
-    ]
+    command = launch_command(
+        train_args(
+            long_data_dir,
+            output_dir,
+            "--cpu",
+            "--epochs",
+            "20",
+            "--batch-size",
+            "8",
+            "--checkpoint-every",
+            "50",
+            "--no-progress",
+        )
+    )
     with (tmp_path / "launch.log").open("wb") as log:
         launcher = subprocess.Popen(
             command, cwd=tmp_path, env=cli_env(**QUIET), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -127,3 +118,65 @@ def test_a_plain_run_is_not_tied_to_its_parent(monkeypatch: pytest.MonkeyPatch) 
     # Run from a shell, a job may outlive it (nohup): only processes a launcher started are armed.
     monkeypatch.delenv(LAUNCHER_MARK, raising=False)
     assert stop_with_launcher() is False
+
+
+def start_training(args: list, cwd: Path, stdout, stderr) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fmnist_dist", *map(str, args)],
+        cwd=cwd,
+        env=cli_env(**QUIET),
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_neither_stops_training_nor_skips_a_save(data_dir: Path, tmp_path: Path) -> None:
+    """`fmnist-dist train ... | head -2`: once head has its lines, the epoch lines go nowhere and training goes on."""
+    output_dir = tmp_path / "out"
+    with (tmp_path / "stderr").open("w+") as stderr:
+        run = start_training(
+            train_args(data_dir, output_dir, "--epochs", "3", "--no-progress"), tmp_path, subprocess.PIPE, stderr
+        )
+        head = [run.stdout.readline() for _ in range(2)]
+        run.stdout.close()
+        code = run.wait(timeout=300)
+        stderr.seek(0)
+        errors = stderr.read()
+
+    assert all(head), head
+    assert code == 0, errors
+    assert "Traceback" not in errors and "standard output is gone (BrokenPipeError)" in errors, errors
+    assert [json.loads(line)["epoch"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (output_dir / "model.pth").stat().st_size > 0
+    progress = json.loads(complete_states(output_dir / STATES_DIR)[-1].joinpath(PROGRESS_FILE).read_text())
+    assert progress["position"]["epoch"] == 3, progress
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="chattr +i needs root")
+def test_an_output_dir_made_immutable_mid_run_ends_in_the_real_error_and_at_most_one_warning(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Its lock cannot be removed either: that clean-up failure must not replace the error that ended the run."""
+    output_dir = tmp_path / "out"
+    args = train_args(data_dir, output_dir, "--epochs", "50", "--checkpoint-every", "5", "--no-progress")
+    frozen = [output_dir, output_dir / STATES_DIR]
+    with (tmp_path / "output").open("w+") as output:
+        run = start_training(args, tmp_path, subprocess.DEVNULL, output)
+        try:
+            wait_until(lambda: complete_states(output_dir / STATES_DIR), 120, "no state saved in time")
+            subprocess.run(["chattr", "+i", *map(str, frozen)], check=True)
+            code = run.wait(timeout=120)
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, frozen)], check=False)
+            if run.poll() is None:
+                run.kill()
+        output.seek(0)
+        lines = output.read().splitlines()
+
+    assert code == 2, lines
+    assert "Traceback" not in "\n".join(lines), lines
+    assert lines[0].startswith("fmnist-dist: error: ") and str(output_dir) in lines[0], lines
+    assert len(lines) <= 2 and all(line.startswith("fmnist-dist: warning: ") for line in lines[1:]), lines

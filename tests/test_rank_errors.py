@@ -1,5 +1,6 @@
 """Every process's error reaches the user, and the job ends promptly: two nodes emulated on this machine (two
-`accelerate launch --num_machines 2`, one CPU process each, on the loopback address)."""
+`accelerate launch --num_machines 2`, one CPU process each, on the loopback address), and one node of two
+processes (`launch/cpu.yaml`) whose start is refused or whose peer is lost."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, synthetic_data, train_args
+from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, launch_command, run_cli, synthetic_data, train_args
 from processes import children
 
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
@@ -129,10 +130,10 @@ def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic_data(tmp_path_factory, "long", 20000, 100, seed=5)
 
 
-def test_a_process_whose_peer_died_mid_training_ends_with_one_line(long_data_dir: Path, tmp_path: Path) -> None:
-    output_dir = tmp_path / "out"
-    args = train_args(
-        long_data_dir,
+def training_until_killed(data_dir: Path, output_dir: Path) -> list:
+    """Far more steps than a test waits for, with a state every 50."""
+    return train_args(
+        data_dir,
         output_dir,
         "--cpu",
         "--epochs",
@@ -143,11 +144,21 @@ def test_a_process_whose_peer_died_mid_training_ends_with_one_line(long_data_dir
         "50",
         "--no-progress",
     )
-    nodes = start_two_nodes([args, args], tmp_path)
+
+
+def wait_for_a_state(output_dir: Path, launches: list[subprocess.Popen]) -> None:
+    """Until a state is saved: every process is training."""
     deadline = time.monotonic() + 120
-    while not list(output_dir.glob(f"{STATES_DIR}/*/{PROGRESS_FILE}")):  # both are training
-        assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), "no state saved"
+    while not list(output_dir.glob(f"{STATES_DIR}/*/{PROGRESS_FILE}")):
+        assert time.monotonic() < deadline and all(launch.poll() is None for launch in launches), "no state saved"
         time.sleep(0.1)
+
+
+def test_a_process_whose_peer_died_mid_training_ends_with_one_line(long_data_dir: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    args = training_until_killed(long_data_dir, output_dir)
+    nodes = start_two_nodes([args, args], tmp_path)
+    wait_for_a_state(output_dir, nodes)
     (second_nodes_rank,) = children(nodes[1].pid)
     os.kill(second_nodes_rank, signal.SIGKILL)
     (code0, output0), _ = finish(nodes, PROMPT_S)
@@ -156,3 +167,98 @@ def test_a_process_whose_peer_died_mid_training_ends_with_one_line(long_data_dir
     (line0,) = error_lines(output0)
     assert "another process of this job failed" in line0 and "by peer" in line0, line0
     assert no_traceback_through_fmnist_dist(output0), output0
+
+
+def start_one_node(args: Sequence, cwd: Path) -> subprocess.Popen:
+    """`accelerate launch --config_file launch/cpu.yaml`: two processes on this node, output piped."""
+    return subprocess.Popen(
+        launch_command(args),
+        cwd=cwd,
+        env=cli_env(**QUIET),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_until_blocked(pid: int, still_s: float = 3.0, timeout: float = 240) -> None:
+    """Until the process has used no CPU for `still_s` seconds (it waits for something)."""
+    deadline = time.monotonic() + timeout
+    last, since = cpu_ticks(pid), time.monotonic()
+    while time.monotonic() - since < still_s:
+        assert time.monotonic() < deadline, "the process never blocked"
+        time.sleep(0.5)
+        ticks = cpu_ticks(pid)
+        if ticks != last:
+            last, since = ticks, time.monotonic()
+
+
+LAUNCHER_KILLS_AFTER_S = 30  # torch's launcher: SIGKILL this long after its SIGTERM to a process that ignored it
+
+
+def test_a_peer_lost_while_the_process_group_forms_ends_the_other_with_one_line(data_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 is held before it joins, so rank 0 waits in gloo's rendezvous; then rank 1 is killed."""
+    node = start_one_node(train_args(data_dir, tmp_path / "out", "--cpu", "--no-progress"), tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(children(node.pid)) < 2:
+            assert time.monotonic() < deadline, "the launcher started no processes"
+            time.sleep(0.02)
+        rank0, rank1 = sorted(children(node.pid))
+        os.kill(rank1, signal.SIGSTOP)
+        wait_until_blocked(rank0)
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.monotonic()
+        output, _ = node.communicate(timeout=PROMPT_S)
+        took = time.monotonic() - killed
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.communicate()
+
+    assert took < LAUNCHER_KILLS_AFTER_S, (took, output)  # rank 0 ended itself; the launcher did not kill it
+    (line,) = error_lines(output)
+    assert "another process of this job failed" in line and "init_process_group" in line, line
+    assert f"exitcode  : {128 + signal.SIGTERM} (pid: {rank0})" in output, output
+    assert no_traceback_through_fmnist_dist(output), output
+
+
+def test_the_survivor_of_a_lost_first_process_on_its_node_says_so(long_data_dir: Path, tmp_path: Path) -> None:
+    """Local rank 0, which prints its node's shared errors, is killed mid-training: local rank 1 says what happened."""
+    output_dir = tmp_path / "out"
+    node = start_one_node(training_until_killed(long_data_dir, output_dir), tmp_path)
+    wait_for_a_state(output_dir, [node])
+    local_rank0, _ = sorted(children(node.pid))
+    os.kill(local_rank0, signal.SIGKILL)
+    ((code, output),) = finish([node], PROMPT_S)
+
+    assert code != 0
+    (line,) = error_lines(output)
+    assert "another process of this job failed" in line, line
+    assert no_traceback_through_fmnist_dist(output), output
+
+
+def test_a_refused_start_ends_every_process_with_exit_2_and_our_line_in_the_launchers_report(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    output_dir = tmp_path / "out"
+    earlier = run_cli(train_args(data_dir, output_dir, "--epochs", "1", "--no-progress"), cwd=tmp_path)
+    assert earlier.returncode == 0, earlier.stderr
+
+    ((code, output),) = finish(
+        [start_one_node(train_args(data_dir, output_dir, "--cpu", "--no-progress"), tmp_path)], PROMPT_S
+    )
+
+    assert code != 0
+    (line,) = error_lines(output)
+    assert "holds an earlier run" in line, output
+    # Both processes exited 2 themselves (no SIGTERM, no SIGABRT), and the launcher's report shows our line.
+    assert output.count("exitcode  : 2 (pid") == 2, output
+    assert "terminate called" not in output and "SIGABRT" not in output, output
+    assert output.count(f"traceback : {line.removeprefix(ERROR)}") == 2 and "<N/A>" not in output, output

@@ -14,16 +14,17 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeAlias, TypeVar, cast
 
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
 from fmnist_dist.errors import UsageError, first_line
+from fmnist_dist.runtime.job_exit import another_process_failed
 
 T = TypeVar("T")
-Processes = PartialState | Accelerator  # both know the job's processes and this one's place among them
+Processes: TypeAlias = PartialState | Accelerator  # both know the job's processes and this one's place among them
 # gloo raises a plain RuntimeError when a peer's connection drops; NCCL and the stores raise DistError.
 _LOST_PEER = re.compile(r"gloo/transport|Connection (closed|reset) by peer|Broken pipe")
 
@@ -75,21 +76,23 @@ def on_main_process_first(processes: Processes, work: Callable[[], T]) -> T:
         with fail_together(processes):
             if processes.is_main_process == main_turn:
                 result = work()
-    return result
+    return cast(T, result)  # every process ran `work` in one of the two turns
 
 
 @contextmanager
 def lost_peers_reported() -> Iterator[None]:
-    """Turn a collective's failure because another process of the job died into one UsageError line."""
+    """Turn a collective's failure because another process of the job died into one line, which this process
+    prints whatever its place on its node (the process that would print its node's errors may be the one lost).
+
+    Raises:
+        ThisProcessStopped: a collective failed because a peer is gone (or did not answer within the timeout).
+    """
     try:
         yield
     except Exception as error:
         if not _is_lost_peer(error):
             raise
-        raise UsageError(
-            f"another process of this job failed, so this one stopped ({_collective_error(error)}); the first "
-            "error in the job's output, on the node where it happened (or in its launcher's log), says why"
-        ) from error
+        raise another_process_failed(_collective_error(error)) from error
 
 
 def _exchange(processes: Processes, own: Exception | None) -> list[Failure]:

@@ -2,17 +2,35 @@
 
 The handler only records the signal; the training loop notices it at an optimizer-step boundary, agrees with
 every other process on the step to stop at, saves a complete state there and exits with PREEMPTED_EXIT_CODE.
+
+A Python signal handler runs only between two Python instructions of the main thread, so a process blocked in a
+collective or in forming the process group (C++ that waits for a process that is gone) would never notice the
+signal: torch's launcher sends SIGTERM and kills it 30 s later, silently. A watch thread, woken by every stop
+signal through Python's wakeup descriptor, ends such a process: when the main thread has not moved for
+STUCK_AFTER_S seconds after a stop signal, it prints one line naming where it waited and exits 128 + signal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import signal
+import sys
+import threading
+import time
 from types import FrameType
+
+from fmnist_dist.runtime.job_exit import another_process_failed, record_for_launcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry". A requeued or restarted job
 # running the same command with --resume auto continues where this one stopped.
 PREEMPTED_EXIT_CODE = 75
+# Well over the time a process waits for its peers' state save at a stop (a second or two), and well under the
+# 30 s after which torch's launcher and SLURM (KillWait) kill a process that ignored their SIGTERM.
+STUCK_AFTER_S = 15.0
+_LOOK_EVERY_S = 0.5
 
 
 class StopRequest:
@@ -26,9 +44,11 @@ class StopRequest:
         return self.signal_number != 0
 
     def install(self) -> StopRequest:
-        """Handle the stop signals from now on (main thread only, as Python's signal module requires)."""
+        """Handle the stop signals from now on (main thread only, as Python's signal module requires), and end
+        the process if one arrives while it is blocked (see the module's docstring)."""
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._record)
+        _watch_for_stuck_stops()
         return self
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
@@ -39,3 +59,79 @@ class StopRequest:
 
 class TrainingStopped(Exception):
     """Training stopped early on request, after saving a state; the message says how to continue."""
+
+
+@functools.cache  # one watch thread per process, however often a StopRequest is installed
+def _watch_for_stuck_stops() -> None:
+    """Start the watch thread, fed each signal's number by Python's C-level handler (which runs at once, even
+    while the main thread is blocked)."""
+    readable, writable = os.pipe()
+    os.set_blocking(writable, False)  # as signal.set_wakeup_fd requires
+    signal.set_wakeup_fd(writable, warn_on_full_buffer=False)
+    # A forked child (a DataLoader worker) keeps neither this thread nor a use for the pipe.
+    os.register_at_fork(after_in_child=_forget_wakeup_descriptor)
+    threading.Thread(target=_watch, args=(readable,), name="fmnist-dist stop watch", daemon=True).start()
+
+
+def _forget_wakeup_descriptor() -> None:
+    with contextlib.suppress(ValueError):  # forked from a thread other than the main one: nothing was set there
+        signal.set_wakeup_fd(-1)
+
+
+def _watch(readable: int) -> None:
+    while True:
+        for signum in os.read(readable, 64):
+            if signum in STOP_SIGNALS:
+                _end_if_stuck(signal.Signals(signum))
+
+
+def _end_if_stuck(signum: signal.Signals) -> None:
+    """Return once the main thread moves; if it stays at one instruction for STUCK_AFTER_S, end the process."""
+    main = threading.main_thread().ident or 0  # set: the main thread has started
+    still_since, last = time.monotonic(), None
+    while True:
+        frame = sys._current_frames().get(main)
+        if frame is None:  # the interpreter is shutting down
+            return
+        here = (frame, frame.f_lasti)
+        if here != last:
+            if last is not None:
+                return
+            still_since, last = time.monotonic(), here
+        elif time.monotonic() - still_since >= STUCK_AFTER_S:
+            _give_up(signum, frame)
+        time.sleep(_LOOK_EVERY_S)
+
+
+def _give_up(signum: signal.Signals, frame: FrameType) -> None:
+    line = stuck_message(signum, frame)
+    record_for_launcher(line)
+    with contextlib.suppress(OSError):  # stderr is gone too: the launcher's report still has the line
+        os.write(2, f"fmnist-dist: error: {line}\n".encode())
+    os._exit(128 + signum)
+
+
+def stuck_message(signum: signal.Signals, frame: FrameType) -> str:
+    """The line for a process that stopped waiting: where it waited, and what that means."""
+    waited = f"{signum.name} arrived while it waited {STUCK_AFTER_S:.0f} s"
+    collective = _distributed_call(frame)
+    if collective:
+        how = f"{waited} for it in torch.distributed's {collective}"
+        return f"{another_process_failed(how)}; nothing since the newest saved state is kept"
+    code = frame.f_code
+    return (
+        f"stopped by {signum.name} without saving ({waited} in {code.co_name}, {code.co_filename}:{frame.f_lineno}"
+        "); nothing since the newest saved state is kept"
+    )
+
+
+def _distributed_call(frame: FrameType | None) -> str | None:
+    """The outermost torch.distributed function on the stack: the collective the process waits in (not the
+    logging decorators' `wrapper` around it)."""
+    found = None
+    while frame is not None:
+        name = frame.f_code.co_name
+        if frame.f_globals.get("__name__", "").startswith("torch.distributed") and name != "wrapper":
+            found = name
+        frame = frame.f_back
+    return found

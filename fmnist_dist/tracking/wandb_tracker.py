@@ -273,8 +273,8 @@ class WandbTracker(Tracker):
                 run.mark_preempting()
 
     def finish(self) -> None:
-        """Close the run, as `Accelerator.end_training` would (a no-op where no tracker runs); the job's
-        `end_training` then has only the process group left to shut down."""
+        """Close the run, as `Accelerator.end_training` would (a no-op where no tracker runs); the process group
+        is closed as the process leaves the job (`runtime.job_exit.leave_job`)."""
         try:
             for tracker in self.accelerator.trackers:
                 tracker.finish()

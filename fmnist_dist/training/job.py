@@ -37,6 +37,7 @@ from fmnist_dist.runtime.devices import (
     precision_refusals_as_usage_errors,
     wants_cpu,
 )
+from fmnist_dist.runtime.job_exit import released_after
 from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
 from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import EpochRecord, MetricsLog
@@ -66,7 +67,9 @@ def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset(), stop: St
         UsageError: bad settings, data or state; or training diverged.
         TrainingStopped: a stop signal arrived; a state was saved where every process stopped.
     """
-    with OutputDirLock(cfg.output_dir) as output_lock:
+    # Its release is a clean-up step: should it fail, the job still ends as it would have, with one warning more.
+    lock = OutputDirLock(cfg.output_dir)
+    with released_after(lock, f"releasing the lock of --output-dir {cfg.output_dir}") as output_lock:
         return _train(cfg, given, stop or StopRequest(), output_lock)
 
 
@@ -145,8 +148,7 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
         tracker.mark_preempted()
         raise
     finally:
-        tracker.finish()
-        accelerator.end_training()  # shuts the process group down; a launched process may abort at exit without
+        tracker.finish()  # never raises: a failure is one warning line; the process group closes in leave_job
     return progress.metrics[-1]
 
 

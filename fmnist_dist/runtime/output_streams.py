@@ -1,0 +1,89 @@
+"""Output streams that never stop a run: a closed or broken stdout or stderr loses only the text written to it.
+
+Python ignores SIGPIPE, so a print to a pipe whose reader has left (`fmnist-dist train ... | head -2`) raises
+BrokenPipeError, and a run started with stdout closed (`>&-`) has `sys.stdout = None`. Either would end a
+training run between two of its files, say after metrics.jsonl and before that epoch's state. Here the
+standard descriptors always point somewhere (/dev/null in place of a closed or broken one, as Python's
+documentation advises for SIGPIPE), and the Python streams drop what they cannot write instead of raising.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, TextIO
+
+STANDARD_DESCRIPTORS = (0, 1, 2)
+
+
+def keep_output_from_failing() -> None:
+    """From now on no write to stdout or stderr raises; call it first thing, before anything keeps a stream.
+
+    A descriptor that is closed at start is opened on /dev/null first: else the next file this process opens
+    (a state, the lock) would get its number, and text meant for the terminal would be written into it.
+    """
+    for descriptor in STANDARD_DESCRIPTORS:
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            _point_to_devnull(descriptor)
+    if not isinstance(sys.stdout, NeverFailingStream):  # main() may run more than once in a process (tests)
+        sys.stdout = NeverFailingStream(sys.stdout, "stdout")
+    if not isinstance(sys.stderr, NeverFailingStream):
+        sys.stderr = NeverFailingStream(sys.stderr, "stderr")
+
+
+class NeverFailingStream:
+    """A text stream whose writes and flushes never raise: once the stream fails, its output goes to /dev/null.
+
+    Everything else (isatty, encoding, fileno, ...) is the wrapped stream's.
+    """
+
+    def __init__(self, stream: TextIO | None, name: str) -> None:
+        self._stream: TextIO = stream if stream is not None else open(os.devnull, "w")  # noqa: SIM115 (kept open)
+        self._name = name
+        self.lost = False  # whether its output has been going to /dev/null
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError) as error:  # ValueError: the stream itself was closed
+            self._divert(error)
+            return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as error:
+            self._divert(error)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _divert(self, error: Exception) -> None:
+        """Send this stream's descriptor to /dev/null (other writers of it too: tqdm, logging, torch's C++), and
+        the text still buffered with it; say so on stderr when stdout was lost."""
+        self.lost = True
+        try:
+            _point_to_devnull(self._stream.fileno())
+            self._stream.flush()
+        except (OSError, ValueError):
+            self._stream = open(os.devnull, "w")  # noqa: SIM115 (kept open)
+        if self._name == "stdout":
+            print(
+                f"fmnist-dist: warning: standard output is gone ({type(error).__name__}); the run goes on and its "
+                "files are written as usual",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _point_to_devnull(descriptor: int) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    if devnull != descriptor:
+        os.dup2(devnull, descriptor)
+        os.close(devnull)

@@ -1,0 +1,141 @@
+"""How a process leaves: output streams that never fail, its line for torch's launcher, clean-up failures that
+never hide the error that ended the job, and the line of a process that a stop signal found stuck."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import train_args
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+from fmnist_dist import cli
+from fmnist_dist.errors import UsageError
+from fmnist_dist.runtime import stop_signals
+from fmnist_dist.runtime.job_exit import ERROR_FILE_VARIABLE, record_for_launcher, released_after
+from fmnist_dist.runtime.output_streams import NeverFailingStream
+from fmnist_dist.storage.output_dir import OutputDirLock
+
+ERROR = "fmnist-dist: error: "
+WARNING = "fmnist-dist: warning: "
+
+
+def test_a_stream_whose_reader_left_drops_its_output_instead_of_raising(tmp_path: Path) -> None:
+    readable, writable = os.pipe()
+    with open(writable, "w") as pipe:
+        stream = NeverFailingStream(pipe, "stderr")
+        os.close(readable)  # `| head -2` has read its lines
+
+        for _ in range(3):  # more than a pipe's buffer: the kernel refuses the write (EPIPE)
+            stream.write("x" * 70_000 + "\n")
+            stream.flush()
+
+        assert stream.lost
+        assert os.path.samefile(f"/proc/self/fd/{writable}", os.devnull)  # torch's C++ and logging write there too
+
+
+def test_a_closed_stream_drops_its_output_instead_of_raising() -> None:
+    stream = NeverFailingStream(None, "stdout")  # what Python gives for a descriptor closed at start
+    assert stream.write("lost\n") == len("lost\n")
+    stream.flush()
+
+
+def test_a_run_with_stdout_closed_at_start_writes_nothing_into_its_files(data_dir: Path, tmp_path: Path) -> None:
+    # Without a descriptor 1, the first file opened would get it, and the epoch lines would go into it.
+    args = " ".join(map(str, train_args(data_dir, tmp_path / "out", "--epochs", "1", "--no-progress")))
+    result = subprocess.run(
+        ["sh", "-c", f"exec {sys.executable} -m fmnist_dist {args} >&-"],
+        cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "offline", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert b"epoch 1/1" not in b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
+
+
+def test_the_launcher_reports_our_line_from_the_error_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv(ERROR_FILE_VARIABLE, str(error_file))
+
+    record_for_launcher("--output-dir out holds an earlier run")
+
+    # What torch's launcher does with it when the process exits non-zero.
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    report = ChildFailedError("fmnist_dist", {0: failure}).format_msg()
+    assert f"error_file: {error_file}" in report
+    assert "traceback : --output-dir out holds an earlier run\n" in report
+    assert list(tmp_path.iterdir()) == [error_file]
+
+
+def test_without_a_launcher_no_error_file_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ERROR_FILE_VARIABLE, raising=False)
+    monkeypatch.chdir(tmp_path)
+    record_for_launcher("anything")
+    assert not list(tmp_path.iterdir())
+
+
+class FailingRelease:
+    def __enter__(self) -> FailingRelease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        raise PermissionError(13, "Permission denied", "out/.fmnist-dist.lock")
+
+
+def test_a_failed_clean_up_rides_on_the_error_as_a_note() -> None:
+    with pytest.raises(UsageError) as raised, released_after(FailingRelease(), "releasing the lock"):
+        raise UsageError("the real error")
+
+    assert str(raised.value) == "the real error"
+    assert raised.value.__notes__ == [
+        "releasing the lock failed (PermissionError: [Errno 13] Permission denied: 'out/.fmnist-dist.lock')"
+    ]
+
+
+def test_a_failed_clean_up_after_success_is_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    with released_after(FailingRelease(), "releasing the lock"):
+        pass
+
+    assert capsys.readouterr().err.startswith(f"{WARNING}releasing the lock failed (PermissionError")
+
+
+def test_a_failing_lock_release_leaves_the_real_error_and_one_warning_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def release(self: OutputDirLock) -> None:
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(OutputDirLock, "release", release)
+    missing = tmp_path / "no-data"
+
+    code = cli.main([str(a) for a in train_args(missing, tmp_path / "out", "--no-progress")])
+
+    lines = capsys.readouterr().err.splitlines()
+    assert code == cli.USAGE_ERROR
+    assert len(lines) == 2 and lines[0].startswith(ERROR) and str(missing) in lines[0], lines
+    assert lines[1].startswith(f"{WARNING}releasing the lock of --output-dir") and "PermissionError" in lines[1]
+
+
+def test_a_stuck_process_names_the_collective_it_waits_in() -> None:
+    collective: dict = {"__name__": "torch.distributed.distributed_c10d"}  # a stand-in of torch's module
+    exec("def barrier(wait):\n    return wait()\n", collective)
+
+    line = collective["barrier"](lambda: stop_signals.stuck_message(signal.SIGTERM, sys._getframe()))
+
+    assert line.startswith(
+        "another process of this job failed, so this one stopped (SIGTERM arrived while it waited 15 s for it in "
+        "torch.distributed's barrier)"
+    ), line
+
+
+def test_a_process_stuck_elsewhere_says_where() -> None:
+    line = stop_signals.stuck_message(signal.SIGUSR1, sys._getframe())
+
+    assert line.startswith("stopped by SIGUSR1 without saving (SIGUSR1 arrived while it waited 15 s in test_a_"), line
