@@ -102,9 +102,7 @@ def test_command_blocks_run(page: Path, tmp_path: Path) -> None:
             continue
         command = ["bash", "-euo", "pipefail", "-c", block.code] if block.lang == "bash" else [sys.executable]
         stdin = block.code if block.lang == "python" else None
-        result = subprocess.run(
-            command, cwd=sandbox, env=env, input=stdin, capture_output=True, text=True, timeout=900
-        )
+        result = subprocess.run(command, cwd=sandbox, env=env, input=stdin, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, (
             f"{block.where} exited {result.returncode}\n{block.code}\nstdout:\n{result.stdout[-3000:]}\n"
             f"stderr:\n{result.stderr[-3000:]}"

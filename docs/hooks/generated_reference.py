@@ -52,8 +52,10 @@ def run_directory_tree() -> str:
     from fmnist_dist.storage import run_dir
 
     doc = inspect.getdoc(run_dir) or ""
-    tree = doc.split("\n\n", 1)[1] if "\n\n" in doc else doc
-    return f"```text\n{tree.strip()}\n```"
+    tree = re.search(r"^<output-dir>/\n(?:[ \t]+\S.*\n?)+", doc, re.MULTILINE)
+    if tree is None:
+        raise ValueError("fmnist_dist.storage.run_dir's docstring has no `<output-dir>/` tree to generate from")
+    return f"```text\n{tree.group(0).rstrip()}\n```"
 
 
 def progress_fields() -> str:
@@ -92,7 +94,7 @@ def _help_of(parser: argparse.ArgumentParser, name: str) -> str:
 
 def _usage(parser: argparse.ArgumentParser) -> str:
     # argparse wraps the usage to the terminal's width (COLUMNS): fixed here, so that every build is the same.
-    with _environment(COLUMNS="80"):
+    with _environment(COLUMNS="72"):
         usage = parser.format_usage().strip()
     return f"```text\n{usage}\n```"
 
