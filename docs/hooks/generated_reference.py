@@ -1,0 +1,174 @@
+"""MkDocs hook: pages that are generated from the code at build time, so that they cannot drift from it.
+
+A page holds a marker comment where the generated text goes:
+
+    <!-- generated: cli -->            every subcommand and flag of `fmnist_dist.cli.build_parser()`
+    <!-- generated: run-directory -->  the tree of an output directory that `fmnist_dist.storage.run_dir` declares
+    <!-- generated: progress-fields --> the fields of a state's progress.json, from the `Progress` docstring
+
+Nothing between or around the markers is generated; a marker the hook does not know fails the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+MARKER = re.compile(r"<!-- generated: ([a-z-]+) -->")
+TYPE_NAMES = {int: "integer", float: "number", Path: "path", str: "text"}
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    """Replace each `<!-- generated: NAME -->` marker with the text its generator writes."""
+    return MARKER.sub(lambda match: _generator(match.group(1))(), markdown)
+
+
+def _generator(name: str) -> Callable[[], str]:
+    generators = {"cli": cli_reference, "run-directory": run_directory_tree, "progress-fields": progress_fields}
+    if name not in generators:
+        raise ValueError(f"unknown generated section {name!r}; known: {', '.join(generators)}")
+    return generators[name]
+
+
+def cli_reference() -> str:
+    """Markdown for the whole command line: the top-level options, then one section per subcommand."""
+    from fmnist_dist.cli import build_parser
+
+    parser = build_parser()
+    sections = [_usage(parser), _options_table(parser)]
+    for name, subparser in _subcommands(parser):
+        sections += [f"## `{parser.prog} {name}`", _help_of(parser, name), _usage(subparser), _options_table(subparser)]
+        sections += _exclusive_groups(subparser)
+    return "\n\n".join(section for section in sections if section)
+
+
+def run_directory_tree() -> str:
+    """The output-directory tree from `fmnist_dist.storage.run_dir`'s docstring, which declares every name."""
+    from fmnist_dist.storage import run_dir
+
+    doc = inspect.getdoc(run_dir) or ""
+    tree = re.search(r"^<output-dir>/\n(?:[ \t]+\S.*\n?)+", doc, re.MULTILINE)
+    if tree is None:
+        raise ValueError("fmnist_dist.storage.run_dir's docstring has no `<output-dir>/` tree to generate from")
+    return f"```text\n{tree.group(0).rstrip()}\n```"
+
+
+def progress_fields() -> str:
+    """A list of the fields of a state's progress.json: the `Attributes:` section of `Progress`'s docstring."""
+    from fmnist_dist.storage.training_state import Progress
+
+    doc = inspect.getdoc(Progress) or ""
+    if "Attributes:" not in doc:
+        raise ValueError("Progress's docstring has no Attributes: section to generate progress.json's fields from")
+    section = inspect.cleandoc(doc.split("Attributes:", 1)[1])
+    items = re.split(r"\n(?=\S)", section)  # an attribute starts a line; its continuation lines are indented
+    return "\n".join(_attribute_item(item) for item in items if item.strip())
+
+
+def _attribute_item(item: str) -> str:
+    names, _, text = item.partition(": ")
+    described = " ".join(text.split())
+    return "- " + ", ".join(f"`{name.strip()}`" for name in names.split(",")) + f": {described}"
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    # argparse keeps subparsers in a private action type; its `choices` maps each name to its parser.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def _help_of(parser: argparse.ArgumentParser, name: str) -> str:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                if choice.dest == name and choice.help:
+                    return choice.help[0].upper() + choice.help[1:] + "."
+    return ""
+
+
+def _usage(parser: argparse.ArgumentParser) -> str:
+    # argparse wraps the usage to the terminal's width (COLUMNS): fixed here, so that every build is the same.
+    with _environment(COLUMNS="72"):
+        usage = parser.format_usage().strip()
+    return f"```text\n{usage}\n```"
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def _options_table(parser: argparse.ArgumentParser) -> str:
+    rows = [_row(action) for action in parser._actions if _documented(action)]
+    if not rows:
+        return ""
+    header = "| option | what | default | values |\n| --- | --- | --- | --- |"
+    return "\n".join([header, *rows])
+
+
+def _documented(action: argparse.Action) -> bool:
+    # -h/--help is on every command and said once on the page.
+    hidden = (argparse._SubParsersAction, argparse._HelpAction)
+    return action.help is not argparse.SUPPRESS and not isinstance(action, hidden)
+
+
+def _row(action: argparse.Action) -> str:
+    names = ", ".join(f"`{name}`" for name in action.option_strings) or f"`{action.metavar or action.dest}`"
+    cells = [names, _help_text(action), _default(action), _values(action)]
+    return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
+
+
+def _help_text(action: argparse.Action) -> str:
+    text = (action.help or "").replace("%(prog)s", "fmnist-dist")
+    return text.replace("%%", "%")
+
+
+def _default(action: argparse.Action) -> str:
+    if action.required:
+        return "required"
+    # A switch has no value; None and [] mean "not given", and the help says what then happens.
+    if action.nargs == 0 or action.default is None or action.default == []:
+        return ""
+    return f"`{action.default}`"
+
+
+def _values(action: argparse.Action) -> str:
+    if action.nargs == 0:
+        return "switch"
+    parts = []
+    if action.choices:
+        parts.append(" | ".join(f"`{choice}`" for choice in action.choices))  # the row escapes the bars
+    elif action.type is not None:
+        parts.append(TYPE_NAMES.get(action.type, getattr(action.type, "__name__", str(action.type))))
+    elif action.metavar:  # "auto|STATE_DIR": the bar stays outside the code spans, where the row escapes it
+        parts.append(" | ".join(f"`{value}`" for value in action.metavar.split("|")))
+    else:
+        parts.append("text")
+    if action.nargs in ("+", "*"):
+        parts.append("one or more" if action.nargs == "+" else "any number")
+    elif action.nargs == "?":
+        parts.append("may also be given without a value")
+    return ", ".join(parts)
+
+
+def _exclusive_groups(parser: argparse.ArgumentParser) -> list[str]:
+    lines = []
+    for group in parser._mutually_exclusive_groups:
+        flags = " and ".join(f"`{action.option_strings[0]}`" for action in group._group_actions)
+        lines.append(f"- {flags} exclude each other" + ("; one of them is required." if group.required else "."))
+    return ["\n".join(lines)] if lines else []
