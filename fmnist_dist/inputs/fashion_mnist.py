@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
 from fmnist_dist.inputs.dataset_checks import check_dataset
-from fmnist_dist.recipe.data import fashion_mnist
+from fmnist_dist.recipe.data import Split, fashion_mnist
 
 
 def load_split(
@@ -17,7 +15,7 @@ def load_split(
     download: bool,
     transform: Callable | None = None,
     target_transform: Callable | None = None,
-) -> Dataset:
+) -> Split:
     """One FashionMNIST split (`recipe.data.fashion_mnist`) after `check_dataset` (downloading when allowed).
 
     Raises:

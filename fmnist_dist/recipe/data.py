@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import torch
 from accelerate import Accelerator
@@ -49,6 +50,10 @@ class InMemoryFashionMNIST(Dataset):
         return InMemoryFashionMNIST(self.images.to(device), self.targets.to(device))
 
 
+# A FashionMNIST split: the fast in-memory one, or torchvision's applying the user's own transforms.
+Split: TypeAlias = InMemoryFashionMNIST | datasets.FashionMNIST
+
+
 def keep_batch(batch: Batch) -> Batch:
     """collate_fn for `__getitems__` datasets: the batch is already stacked."""
     return batch
@@ -59,7 +64,7 @@ def fashion_mnist(
     train: bool,
     transform: Callable | None = None,
     target_transform: Callable | None = None,
-) -> Dataset:
+) -> Split:
     """One FashionMNIST split as the quickstart reads it (`datasets.FashionMNIST`, `ToTensor()`), held in memory.
 
     Args:
@@ -95,18 +100,19 @@ def ordered_loader(
     return _loader(dataset, num_workers, pin_memory, batch_sampler=batch_sampler)
 
 
-def _loader(dataset: Dataset, num_workers: int, pin_memory: bool, **batching) -> DataLoader:
+def _loader(dataset: Dataset, num_workers: int, pin_memory: bool, **batching: Any) -> DataLoader:
+    collate_fn: Callable[[Any], Any] | None = keep_batch if hasattr(dataset, "__getitems__") else None
     return DataLoader(
         dataset,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        collate_fn=keep_batch if hasattr(dataset, "__getitems__") else None,
+        collate_fn=collate_fn,
         **batching,
     )
 
 
-def place_on_device(dataset: Dataset, accelerator: Accelerator, data_on_device: str) -> Dataset:
+def place_on_device(dataset: Split, accelerator: Accelerator, data_on_device: str) -> Split:
     """Move an in-memory split onto the accelerator when asked ("on"), or by default ("auto") off the CPU."""
     wanted = data_on_device == "on" or (data_on_device == "auto" and accelerator.device.type != "cpu")
     if wanted and isinstance(dataset, InMemoryFashionMNIST):
@@ -119,6 +125,6 @@ def is_on_device(dataset: Dataset) -> bool:
     return isinstance(dataset, InMemoryFashionMNIST) and dataset.images.device.type != "cpu"
 
 
-def first_images(dataset: Dataset, count: int) -> torch.Tensor:
+def first_images(dataset: Split, count: int) -> torch.Tensor:
     """The first `count` images of a split, as one CPU batch (for showing predictions)."""
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))]).cpu()
