@@ -168,9 +168,8 @@ class Trainer:
         result = evaluate(self.model, self.test_loader, self.accelerator)
         stop = self._check_in(torch.tensor(stats.loss + result.loss))
         self._finish_epoch(stats, result, time.perf_counter() - eval_start)
-        if stop and not self._run_finished():
-            raise self._stop_error()
-        if stop:  # after the last epoch only the model and the plots are left: a second or so
+        if stop:
+            self._stop_unless_finished()
             self.accelerator.print(
                 f"fmnist-dist: {self._stop_signal} arrived after the last optimizer step; finishing the run"
             )
@@ -228,8 +227,8 @@ class Trainer:
         if checkpoint_due or stop:
             self.progress.epoch_loss_sum, self.progress.epoch_samples = totals.fold(self.accelerator)
             self._save_state()
-        if stop and not self._run_finished():  # else fit() finishes the run: evaluation, model and plots
-            raise self._stop_error()
+        if stop:
+            self._stop_unless_finished()
 
     def _log_step(self, bar: tqdm, step_loss: torch.Tensor, step_samples: int) -> None:
         # Reading a loss synchronises with the device, so it happens only on logged steps.
@@ -245,8 +244,11 @@ class Trainer:
             self.position.global_step,
         )
 
-    def _run_finished(self) -> bool:
-        return self.position.run_finished(self.cfg.epochs, self.train.size)
+    def _stop_unless_finished(self) -> None:
+        """Stop here, unless no optimizer step is left: then the run finishes (its last evaluation, the model and
+        the plots take a second or so)."""
+        if not self.position.run_finished(self.cfg.epochs, self.train.size):
+            raise self._stop_error()
 
     def _check_in(self, loss: torch.Tensor) -> bool:
         """The processes' check-in (all call this at the same step): one gather of every process's stop signal
