@@ -51,9 +51,9 @@ def main() -> None:
     print(
         f"## Per-step host costs ({date.today()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__})"
     )
-    print("\n| choice | ours (µs) | alternative (µs) | alternative / ours |\n|---|---|---|---|")
+    print("\n| choice | ours (µs) | alternative (µs) | saved per call (µs) |\n|---|---|---|---|")
     for name, ours, alternative in rows:
-        print(f"| {name} | {ours:.1f} | {alternative:.1f} | {alternative / ours:.1f}x |")
+        print(f"| {name} | {ours:.1f} | {alternative:.1f} | {alternative - ours:.1f} |")
 
 
 def measure_all(data_dir: Path, repeats: int) -> list[tuple[str, float, float]]:

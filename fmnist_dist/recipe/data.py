@@ -2,8 +2,9 @@
 
 The default path keeps each split in memory as uint8 tensors (torchvision's `FashionMNIST.data`/`.targets`)
 and builds whole batches from index lists through `Dataset.__getitems__`, converting to float once per batch.
-It gives exactly the tensors `ToTensor()` gives per sample, an order of magnitude faster. A user's own
-`transform`/`target_transform` falls back to torchvision's per-sample dataset.
+It gives exactly the tensors `ToTensor()` gives per sample, without a Python call per image
+(benchmarks/README.md has the measurement). A user's own `transform`/`target_transform` falls back to
+torchvision's per-sample dataset.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class InMemoryFashionMNIST(Dataset):
         index = torch.as_tensor(indices).to(self.images.device, non_blocking=True)
         # ToTensor's arithmetic for a whole batch: a channel dimension, then uint8 / 255 as a true division in
         # the default float dtype (bit-identical to `.float().div(255)`, in one pass). index_select gathers
-        # whole rows several times faster than `images[index]` on the CPU.
+        # whole rows, where `images[index]` takes advanced indexing's general path.
         images = self.images.index_select(0, index).unsqueeze(1).div(255)
         return images, self.targets.index_select(0, index)
 
