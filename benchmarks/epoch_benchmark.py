@@ -11,11 +11,8 @@ step path differ):
   a. quickstart   the PyTorch quickstart as published: torchvision FashionMNIST + ToTensor, a per-sample
                   DataLoader(batch_size=64, shuffle=True) and the tutorial's `train` loop, which reads
                   `loss.item()` and prints every 100 batches (printed into a buffer to keep stdout a table).
-  b. fmnist-dist  the package's own training path, built with the functions `fmnist-dist train` uses
-                  (`build_accelerator`, `load_datasets`, `BatchPlan`, `GlobalOrderBatchSampler`,
-                  `train_loader_for`, `accelerator.prepare` with `loader_placement`, `build_scheduler`,
-                  `Trainer`), timing
-                  `Trainer._train_epoch`, the call `Trainer.fit` makes for every epoch.
+  b. fmnist-dist  the package's own training path, built by `build_run` as `fmnist-dist train` builds it,
+                  timing `Trainer.train_epoch`, the call `Trainer.fit` makes for every epoch.
   c. floor        the same SGD steps on preloaded float tensors, batches indexed by a random permutation,
                   no DataLoader: what any data path costs at least.
   d. end to end   the real command, `fmnist-dist train` in its own process (quickstart SGD, constant rate,
@@ -56,22 +53,11 @@ from torchvision.transforms import ToTensor
 
 from fmnist_dist.inputs.synthetic import write_synthetic_dataset
 from fmnist_dist.recipe.model import NeuralNetwork
-from fmnist_dist.recipe.position import BatchPlan, steps_per_epoch
-from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
-from fmnist_dist.recipe.schedule import build_scheduler
-from fmnist_dist.runtime.stop_signals import StopRequest
+from fmnist_dist.recipe.position import steps_per_epoch
 from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import MetricsLog
-from fmnist_dist.storage.training_state import Progress
-from fmnist_dist.tracking.null_tracker import NullTracker
-from fmnist_dist.training.job import (
-    build_accelerator,
-    load_datasets,
-    loader_placement,
-    test_loader_for,
-    train_loader_for,
-)
-from fmnist_dist.training.trainer import Trainer, TrainingData
+from fmnist_dist.training.build import build_run
+from fmnist_dist.training.resume import plan_start
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 64
@@ -89,7 +75,7 @@ Round = tuple[float, int, float]
 QUICKSTART, PACKAGE, FLOOR, END_TO_END, FLOOR_PROCESS = "a", "b", "c", "d", "c'"
 ROW_NAMES = {
     QUICKSTART: "a. quickstart (torchvision + ToTensor, per-sample DataLoader)",
-    PACKAGE: "b. fmnist-dist (Trainer._train_epoch, Accelerate-prepared loader)",
+    PACKAGE: "b. fmnist-dist (Trainer.train_epoch, Accelerate-prepared loader)",
     FLOOR: "c. floor (preloaded tensors, permutation slices, no loader)",
     END_TO_END: "d. end to end (`fmnist-dist train` in its own process, metrics.jsonl train_seconds)",
     FLOOR_PROCESS: "c'. floor in its own process (timed as d: epochs after the first)",
@@ -214,7 +200,7 @@ def quickstart_row(data_dir: Path, device: torch.device) -> EpochFn:
 
 
 def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> EpochFn:
-    """The objects `run_training` builds, made by the same functions, around the Trainer's real epoch."""
+    """The run `fmnist-dist train` builds, by the same function, timed in the Trainer's real epoch."""
     cfg = TrainConfig(
         data_dir=data_dir,
         download=False,
@@ -230,51 +216,16 @@ def package_row(data_dir: Path, device: torch.device, output_dir: Path) -> Epoch
         epochs=1_000_000,
     )
     output_dir.mkdir(parents=True)
-    accelerator = build_accelerator(cfg)
-    train_set, test_set = load_datasets(cfg, accelerator)
-    plan = BatchPlan.from_config(cfg, accelerator.num_processes)
-    model = NeuralNetwork()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    sampler = GlobalOrderBatchSampler(len(train_set), plan.micro_batch, cfg.seed)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(
-        model,
-        optimizer,
-        train_loader_for(train_set, cfg, sampler),
-        test_loader_for(test_set, cfg, plan.processes),
-        device_placement=[
-            None,
-            None,
-            loader_placement(train_set, accelerator),
-            loader_placement(test_set, accelerator),
-        ],
-    )
-    scheduler = accelerator.prepare(
-        build_scheduler(optimizer.optimizer, cfg, plan.global_batch, steps_per_epoch(plan.global_batch, len(train_set)))
-    )
-    progress = Progress()
-    train = TrainingData(train_loader, sampler, plan, len(train_set))
-    trainer = Trainer(
-        cfg,
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train,
-        test_loader,
-        progress,
-        MetricsLog(output_dir / "metrics.jsonl"),
-        torch.empty(0),
-        StopRequest(),
-        NullTracker(accelerator),
-    )
+    start = plan_start(cfg, given=frozenset())
+    trainer = build_run(start).trainer
+    position = start.progress.position  # the one position the Trainer reads and advances
 
     def run_epoch(epoch: int, samples_done: int = 0) -> tuple[float, int]:
-        # The Trainer reads and advances this one position object (`fit` would move to the next epoch).
-        progress.position.epoch, progress.position.samples_done = epoch, samples_done
-        stats = trainer._train_epoch()
+        position.epoch, position.samples_done = epoch, samples_done  # `fit` would move to the next epoch
+        stats = trainer.train_epoch()
         return stats.seconds, stats.samples
 
-    run_epoch(0, samples_done=len(train_set) - WARMUP_BATCHES * BATCH_SIZE)  # warm-up: the epoch's last batches
+    run_epoch(0, samples_done=start.progress.dataset_size - WARMUP_BATCHES * BATCH_SIZE)  # warm-up: the last batches
     return run_epoch
 
 

@@ -40,7 +40,7 @@ def batches(loader: DataLoader, seed: int) -> list[tuple[torch.Tensor, torch.Ten
 
 def assert_same_batches(actual: list, expected: list) -> None:
     assert len(actual) == len(expected)
-    for (images, labels), (expected_images, expected_labels) in zip(actual, expected):
+    for (images, labels), (expected_images, expected_labels) in zip(actual, expected, strict=True):
         assert images.dtype == expected_images.dtype and labels.dtype == expected_labels.dtype
         assert images.shape == expected_images.shape and labels.shape == expected_labels.shape
         assert torch.equal(images, expected_images)

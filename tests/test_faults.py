@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, epoch_record, free_port, run_cli, synthetic_data, train_args
+from conftest import (
+    CPU_LAUNCH_CONFIG,
+    TRAIN_SIZE,
+    cli_env,
+    epoch_record,
+    free_port,
+    run_cli,
+    synthetic_data,
+    train_args,
+)
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import NeuralNetwork

@@ -14,12 +14,13 @@ import torch
 from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, train_args
 
 from fmnist_dist.errors import UsageError
-from fmnist_dist.recipe.position import BatchPlan, TrainingPosition
+from fmnist_dist.recipe.position import TrainingPosition
 from fmnist_dist.recipe.sampling import epoch_order
 from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.storage.run_dir import STATES_DIR
 from fmnist_dist.storage.training_state import complete_states
+from fmnist_dist.training.recipe_settings import batch_plan
 
 RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
 GLOBAL_BATCH = 48  # divides by 1, 2 and 3 processes
@@ -76,7 +77,7 @@ def trained_indices(output_dir: Path) -> list[list[int]]:
     """Per recorded epoch, the indices every process trained (concatenated over processes)."""
     records = output_dir.parent / f"{output_dir.name}-records"
     per_rank = [json.loads(path.read_text()) for path in sorted(records.glob("rank-*.json"))]
-    return [sum(epoch, []) for epoch in zip(*per_rank)]
+    return [[index for rank in epoch for index in rank] for epoch in zip(*per_rank, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------- the position
@@ -92,13 +93,13 @@ def test_seeds_never_share_an_epoch_order() -> None:
 
 def test_global_batch_that_does_not_split_evenly_is_refused() -> None:
     with pytest.raises(UsageError, match="--global-batch-size 50 does not split evenly over 3 process"):
-        BatchPlan.from_config(TrainConfig(global_batch_size=50), processes=3)
+        batch_plan(TrainConfig(global_batch_size=50), processes=3)
     with pytest.raises(UsageError, match="exclude each other"):
         TrainConfig(batch_size=16, global_batch_size=64)
 
 
 def test_a_step_splits_its_images_over_micro_batches_then_processes() -> None:
-    plan = BatchPlan.from_config(TrainConfig(global_batch_size=96, gradient_accumulation_steps=3), processes=2)
+    plan = batch_plan(TrainConfig(global_batch_size=96, gradient_accumulation_steps=3), processes=2)
 
     assert (plan.per_process, plan.micro_batch, plan.global_batch) == (16, 32, 96)
     assert plan.micro_batch_sizes(96) == [32, 32, 32]
@@ -216,7 +217,9 @@ def test_resume_from_every_state_with_accumulation_is_bit_identical(
         out = tmp_path / f"from-{state.name}"
         shutil.copytree(state, out / STATES_DIR / state.name)
         train(data_dir, out, processes, "--resume")
-        assert all(torch.equal(a, b) for a, b in zip(weights(straight).values(), weights(out).values())), state.name
+        assert all(torch.equal(a, b) for a, b in zip(weights(straight).values(), weights(out).values(), strict=True)), (
+            state.name
+        )
         assert metrics(out) == metrics(straight) or [r["train_loss"] for r in metrics(out)] == [
             r["train_loss"] for r in metrics(straight)
         ]
@@ -260,7 +263,7 @@ def test_resume_without_flags_continues_with_the_saved_settings(
     out, result = resume_copy(warmup_run, tmp_path / "resumed", data_dir)
 
     assert "same settings" in result.stdout
-    assert all(torch.equal(a, b) for a, b in zip(weights(warmup_run).values(), weights(out).values()))
+    assert all(torch.equal(a, b) for a, b in zip(weights(warmup_run).values(), weights(out).values(), strict=True))
     assert [r["lr"] for r in metrics(out)] == [r["lr"] for r in metrics(warmup_run)]
 
 

@@ -23,7 +23,7 @@ from wandb.proto import wandb_internal_pb2
 from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.tracking.wandb_tracker import ignore_unusable_init_timeout, rejected_flag
-from fmnist_dist.training.job import SAMPLE_IMAGES
+from fmnist_dist.training.build import SAMPLE_IMAGES
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,6 @@
 """Single-process `fmnist-dist train`: it learns, records every epoch, saves weights plain PyTorch loads,
-and every option it takes (here: gradient accumulation) changes training the way it says."""
+and every option it takes (here: gradient accumulation) changes training the way it says. In-process: the run
+that `build_run` builds returns what it produced, and its states count images in whole numbers."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from conftest import run_cli, synthetic_data, train_args
+from conftest import TRAIN_SIZE, run_cli, synthetic_data, train_args
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
 from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import MetricsLog
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, RunDirectory
+from fmnist_dist.training.build import build_run
+from fmnist_dist.training.resume import plan_start
+from fmnist_dist.training.trainer import FitResult
 
 EPOCHS = 3
 TEST_SIZE = 301
@@ -149,3 +155,51 @@ def test_gradient_accumulation_steps_like_a_batch_that_many_times_larger(even_da
     # ...and not 16 steps on 16 images each, nor the untrained weights.
     assert not all_close(accumulated, small_batch, atol=1e-3)
     assert not all_close(accumulated, initial_weights(seed=0), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------- in-process
+
+IN_PROCESS_BATCH, IN_PROCESS_STATE_STEP = 32, 10
+
+
+@pytest.fixture(scope="module")
+def fitted(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FitResult, Path]:
+    """One run built by `build_run` and fitted in this process (2 epochs, a state every 10 steps)."""
+    output_dir = tmp_path_factory.mktemp("in-process") / "out"
+    cfg = TrainConfig(
+        data_dir=data_dir,
+        download=False,
+        output_dir=output_dir,
+        epochs=2,
+        batch_size=IN_PROCESS_BATCH,
+        eval_batch_size=64,
+        checkpoint_every=IN_PROCESS_STATE_STEP,
+        keep_states=100,
+        cpu=True,
+        tracker="none",
+        progress=False,
+    )
+    return build_run(plan_start(cfg, given=frozenset())).trainer.fit(), output_dir
+
+
+def test_fit_returns_every_epochs_record_and_the_last_evaluation(fitted: tuple[FitResult, Path]) -> None:
+    result, output_dir = fitted
+
+    assert [r["epoch"] for r in result.metrics] == [1, 2]
+    assert result.final_record == result.metrics[-1]
+    assert [r["test_accuracy"] for r in MetricsLog.read(output_dir / "metrics.jsonl")] == [
+        r["test_accuracy"] for r in result.metrics
+    ]
+    assert result.last_eval is not None and result.last_eval.samples == result.final_record["test_samples"]
+    assert result.last_eval.accuracy == result.final_record["test_accuracy"]
+
+
+def test_a_mid_epoch_state_counts_the_epochs_images_as_a_whole_number(fitted: tuple[FitResult, Path]) -> None:
+    result, output_dir = fitted
+    state = RunDirectory(output_dir).state(IN_PROCESS_STATE_STEP)
+
+    saved = json.loads((state / PROGRESS_FILE).read_text())
+
+    assert saved["epoch_samples"] == IN_PROCESS_STATE_STEP * IN_PROCESS_BATCH < TRAIN_SIZE
+    assert type(saved["epoch_samples"]) is int  # not 320.0
+    assert all(type(r["train_samples"]) is int for r in result.metrics)

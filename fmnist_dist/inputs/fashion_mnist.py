@@ -8,11 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 from torchvision import datasets
 
 from fmnist_dist.inputs.dataset_checks import check_dataset
-from fmnist_dist.recipe.data import InMemoryFashionMNIST, fashion_mnist
+from fmnist_dist.recipe.data import InMemoryFashionMNIST, Split, fashion_mnist
 
 # 128 bits: two different training sets never share a fingerprint by chance, and it still reads in one line.
 FINGERPRINT_BYTES = 16
@@ -24,7 +23,7 @@ def load_split(
     download: bool,
     transform: Callable | None = None,
     target_transform: Callable | None = None,
-) -> Dataset:
+) -> Split:
     """One FashionMNIST split (`recipe.data.fashion_mnist`) after `check_dataset` (downloading when allowed).
 
     Raises:
@@ -34,7 +33,7 @@ def load_split(
     return fashion_mnist(data_dir, train, transform, target_transform)
 
 
-def fingerprint(split: Dataset) -> str:
+def fingerprint(split: Split) -> str:
     """A digest of a loaded split's images and labels (BLAKE2b over their bytes, in order).
 
     It is the same wherever the split comes from (IDX files or torchvision's old cache, in memory or on a device,

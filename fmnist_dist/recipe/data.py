@@ -2,14 +2,16 @@
 
 The default path keeps each split in memory as uint8 tensors (torchvision's `FashionMNIST.data`/`.targets`)
 and builds whole batches from index lists through `Dataset.__getitems__`, converting to float once per batch.
-It gives exactly the tensors `ToTensor()` gives per sample, an order of magnitude faster. A user's own
-`transform`/`target_transform` falls back to torchvision's per-sample dataset.
+It gives exactly the tensors `ToTensor()` gives per sample, without a Python call per image
+(benchmarks/README.md has the measurement). A user's own `transform`/`target_transform` falls back to
+torchvision's per-sample dataset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import torch
 from accelerate import Accelerator
@@ -40,13 +42,17 @@ class InMemoryFashionMNIST(Dataset):
         index = torch.as_tensor(indices).to(self.images.device, non_blocking=True)
         # ToTensor's arithmetic for a whole batch: a channel dimension, then uint8 / 255 as a true division in
         # the default float dtype (bit-identical to `.float().div(255)`, in one pass). index_select gathers
-        # whole rows several times faster than `images[index]` on the CPU.
+        # whole rows, where `images[index]` takes advanced indexing's general path.
         images = self.images.index_select(0, index).unsqueeze(1).div(255)
         return images, self.targets.index_select(0, index)
 
     def to(self, device: torch.device) -> InMemoryFashionMNIST:
         """The same split with its tensors on `device`, so batches need no host-to-device copy."""
         return InMemoryFashionMNIST(self.images.to(device), self.targets.to(device))
+
+
+# A FashionMNIST split: the fast in-memory one, or torchvision's applying the user's own transforms.
+Split: TypeAlias = InMemoryFashionMNIST | datasets.FashionMNIST
 
 
 def keep_batch(batch: Batch) -> Batch:
@@ -59,7 +65,7 @@ def fashion_mnist(
     train: bool,
     transform: Callable | None = None,
     target_transform: Callable | None = None,
-) -> Dataset:
+) -> Split:
     """One FashionMNIST split as the quickstart reads it (`datasets.FashionMNIST`, `ToTensor()`), held in memory.
 
     Args:
@@ -95,18 +101,19 @@ def ordered_loader(
     return _loader(dataset, num_workers, pin_memory, batch_sampler=batch_sampler)
 
 
-def _loader(dataset: Dataset, num_workers: int, pin_memory: bool, **batching) -> DataLoader:
+def _loader(dataset: Dataset, num_workers: int, pin_memory: bool, **batching: Any) -> DataLoader:
+    collate_fn: Callable[[Any], Any] | None = keep_batch if hasattr(dataset, "__getitems__") else None
     return DataLoader(
         dataset,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        collate_fn=keep_batch if hasattr(dataset, "__getitems__") else None,
+        collate_fn=collate_fn,
         **batching,
     )
 
 
-def place_on_device(dataset: Dataset, accelerator: Accelerator, data_on_device: str) -> Dataset:
+def place_on_device(dataset: Split, accelerator: Accelerator, data_on_device: str) -> Split:
     """Move an in-memory split onto the accelerator when asked ("on"), or by default ("auto") off the CPU."""
     wanted = data_on_device == "on" or (data_on_device == "auto" and accelerator.device.type != "cpu")
     if wanted and isinstance(dataset, InMemoryFashionMNIST):
@@ -119,6 +126,6 @@ def is_on_device(dataset: Dataset) -> bool:
     return isinstance(dataset, InMemoryFashionMNIST) and dataset.images.device.type != "cpu"
 
 
-def first_images(dataset: Dataset, count: int) -> torch.Tensor:
+def first_images(dataset: Split, count: int) -> torch.Tensor:
     """The first `count` images of a split, as one CPU batch (for showing predictions)."""
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))]).cpu()

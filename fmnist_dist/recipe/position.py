@@ -10,9 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fmnist_dist.errors import UsageError
-from fmnist_dist.settings.train_config import DEFAULT_BATCH_SIZE, TrainConfig
-
 
 @dataclass
 class TrainingPosition:
@@ -78,24 +75,6 @@ class BatchPlan:
     per_process: int
     processes: int
     accumulation: int
-
-    @classmethod
-    def from_config(cls, cfg: TrainConfig, processes: int) -> BatchPlan:
-        """The plan `--batch-size` or `--global-batch-size` asks for on `processes` processes.
-
-        Raises:
-            UsageError: a global batch size that does not split evenly over processes x accumulation steps.
-        """
-        accumulation = cfg.accumulation_steps
-        if cfg.global_batch_size is None:
-            return cls(cfg.batch_size or DEFAULT_BATCH_SIZE, processes, accumulation)
-        shares = processes * accumulation
-        if cfg.global_batch_size % shares:
-            raise UsageError(
-                f"--global-batch-size {cfg.global_batch_size} does not split evenly over {processes} process(es) x "
-                f"{accumulation} accumulation step(s); pass a multiple of {shares}"
-            )
-        return cls(cfg.global_batch_size // shares, processes, accumulation)
 
     @property
     def micro_batch(self) -> int:

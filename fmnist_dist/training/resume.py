@@ -73,7 +73,8 @@ def check_resumable(start: Start, dataset_size: int, fingerprint: str) -> None:
     if saved != dataset_size:
         raise UsageError(
             f"--resume: the state {start.state_dir} was saved training on {saved} images, but "
-            f"{start.cfg.data_dir} has {dataset_size}; resume with the same --data-dir, or start afresh with --overwrite"
+            f"{start.cfg.data_dir} has {dataset_size}; resume with the same --data-dir, or start afresh with "
+            "--overwrite"
         )
     if trained_on is not None and trained_on["fingerprint"] != fingerprint:
         raise UsageError(

@@ -25,7 +25,7 @@ from fmnist_dist.inputs.fashion_mnist import load_split
 from fmnist_dist.recipe.data import InMemoryFashionMNIST, ordered_loader
 from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
 from fmnist_dist.settings.train_config import TrainConfig
-from fmnist_dist.training.job import build_accelerator
+from fmnist_dist.training.build import build_accelerator
 
 
 def compare_batches(data_dir: Path, batch_size: int, epochs: int, seed: int) -> dict:

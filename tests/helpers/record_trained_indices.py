@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-import fmnist_dist.training.job
+import fmnist_dist.training.build
 from fmnist_dist.cli import main
 from fmnist_dist.recipe.model import NeuralNetwork
 from fmnist_dist.training.trainer import Trainer
 
 trained: list[list[bytes]] = []
-train_epoch = Trainer._train_epoch
+train_epoch = Trainer.train_epoch
 
 
 def recording_epoch(self: Trainer):
@@ -50,8 +50,8 @@ def indices_by_content(data_dir: Path) -> dict[bytes, int]:
 
 if __name__ == "__main__":
     record_dir, argv = Path(sys.argv[1]), sys.argv[2:]
-    fmnist_dist.training.job.NeuralNetwork = RecordingNetwork
-    Trainer._train_epoch = recording_epoch
+    fmnist_dist.training.build.NeuralNetwork = RecordingNetwork
+    Trainer.train_epoch = recording_epoch
     code = main(argv)
     index = indices_by_content(Path(argv[argv.index("--data-dir") + 1]))
     rank = os.environ.get("RANK", "0")
