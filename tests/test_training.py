@@ -185,13 +185,13 @@ def fitted(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Fi
 def test_fit_returns_every_epochs_record_and_the_last_evaluation(fitted: tuple[FitResult, Path]) -> None:
     result, output_dir = fitted
 
-    assert [r["epoch"] for r in result.metrics] == [1, 2]
+    assert [r.epoch for r in result.metrics] == [1, 2]
     assert result.final_record == result.metrics[-1]
-    assert [r["test_accuracy"] for r in MetricsLog.read(output_dir / "metrics.jsonl")] == [
-        r["test_accuracy"] for r in result.metrics
+    assert [r.test_accuracy for r in MetricsLog.read(output_dir / "metrics.jsonl")] == [
+        r.test_accuracy for r in result.metrics
     ]
-    assert result.last_eval is not None and result.last_eval.samples == result.final_record["test_samples"]
-    assert result.last_eval.accuracy == result.final_record["test_accuracy"]
+    assert result.last_eval is not None and result.last_eval.samples == result.final_record.test_samples
+    assert result.last_eval.accuracy == result.final_record.test_accuracy
 
 
 def test_a_mid_epoch_state_counts_the_epochs_images_as_a_whole_number(fitted: tuple[FitResult, Path]) -> None:
@@ -202,4 +202,4 @@ def test_a_mid_epoch_state_counts_the_epochs_images_as_a_whole_number(fitted: tu
 
     assert saved["epoch_samples"] == IN_PROCESS_STATE_STEP * IN_PROCESS_BATCH < TRAIN_SIZE
     assert type(saved["epoch_samples"]) is int  # not 320.0
-    assert all(type(r["train_samples"]) is int for r in result.metrics)
+    assert all(type(r.train_samples) is int for r in result.metrics)
