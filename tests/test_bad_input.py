@@ -211,9 +211,7 @@ def test_resume_from_a_damaged_state_is_refused(
     train_refused(data_dir, output_dir, "--resume", named=(str(state), "cannot be read", "--resume STATE_DIR"))
 
 
-def test_resume_of_a_state_whose_saved_settings_no_flag_would_take_is_refused(
-    data_dir: Path, output_dir: Path
-) -> None:
+def test_resume_of_a_state_whose_saved_settings_no_flag_would_take_is_refused(data_dir: Path, output_dir: Path) -> None:
     # The family's end-to-end case; tests/test_settings.py checks each kind of value in-process.
     (state,) = (output_dir / STATES_DIR).iterdir()
     progress = json.loads((state / PROGRESS_FILE).read_text())
