@@ -26,28 +26,15 @@ from fmnist_dist.runtime.job_exit import ThisProcessStopped, clean_up_warnings, 
 from fmnist_dist.runtime.launcher_death import stop_with_launcher
 from fmnist_dist.runtime.output_streams import keep_output_from_failing
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
-from fmnist_dist.settings.train_config import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LR,
-    DEFAULT_MOMENTUM,
-    DEFAULT_WARMUP_EPOCHS,
-    LR_SCHEDULES,
-    REFERENCE_BATCH_SIZE,
-    RESUME_LATEST,
-    TrainConfig,
-    check_at_most,
-    check_count,
-    check_positive,
-    check_seed,
-)
+from fmnist_dist.settings import commands
+from fmnist_dist.settings.declaration import SWITCH, Setting, nonempty_path
+from fmnist_dist.settings.train_config import DEFAULTS, EXCLUSIVE_PAIRS, SETTINGS, TrainConfig, flag_of
 from fmnist_dist.storage import strict_json
 from fmnist_dist.storage.run_dir import RunDirectory
 
 USAGE_ERROR = 2
 # Where `train` writes its model by default, which evaluate and predict read.
 DEFAULT_CHECKPOINT = RunDirectory(TrainConfig().output_dir).model
-# synthetic-data builds each split in memory (about 7 KB per image while it is drawn).
-MAX_SYNTHETIC_IMAGES = 1_000_000
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -56,9 +43,15 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         # The hook ArgumentDefaultsHelpFormatter itself overrides; argparse offers no public one.
-        if action.default is None or isinstance(action.default, bool) or action.default == []:
+        if not _shows_default(action.default):
             return action.help
         return super()._get_help_string(action)
+
+
+def _shows_default(default: object) -> bool:
+    """Whether --help shows "(default: ...)": not for None (the help says what happens), on/off switches and empty
+    lists."""
+    return default is not None and not isinstance(default, bool) and default not in ([], ())
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -85,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, so that the message points to its --help
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.argv = argv
     try:
+        _check_declared(args)
         return args.handler(args)
     except UsageError as error:
         _report(str(error), error)
@@ -119,151 +112,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=TrainConfig().data_dir,
-        help="dataset root (torchvision's: FashionMNIST/raw holds the IDX files)",
-    )
-    parser.add_argument(
-        "--no-download",
-        dest="download",
-        action="store_false",
-        help="fail instead of downloading FashionMNIST when any of its files is missing",
-    )
+def _add_flag(
+    parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup,
+    flag: str,
+    dest: str,
+    declared: Setting,
+    default: object,
+    track_given: bool = False,
+) -> None:
+    """Add the flag of a declared setting.
+
+    Args:
+        track_given: leave the flag out of the parsed namespace unless it is given (argparse.SUPPRESS), so that
+            the namespace itself says which flags were given; the help still shows `default`.
+    """
+    help_text = declared.help
+    if track_given and _shows_default(default):
+        help_text += f" (default: {default})"
+    options: dict[str, object] = {
+        "dest": dest,
+        "help": help_text,
+        "default": argparse.SUPPRESS if track_given else default,
+    }
+    if declared.kind is SWITCH:  # an on switch, or the off switch of a setting that is on by default
+        options["action"] = "store_false" if default else "store_true"
+    else:
+        options.update(
+            type=declared.kind.parse, choices=declared.choices, nargs=declared.nargs, metavar=declared.metavar
+        )
+        if declared.const is not None:
+            options["const"] = declared.const
+    parser.add_argument(flag, **options)  # type: ignore[arg-type]
+
+
+def _add_declared(parser: argparse.ArgumentParser, flags: dict[str, tuple[str, Setting, object]]) -> None:
+    """Add flags `{dest: (flag, setting, default)}` and have `main` check their values before the handler runs."""
+    for dest, (flag, declared, default) in flags.items():
+        _add_flag(parser, flag, dest, declared, default)
+    parser.set_defaults(declared={dest: (flag, declared) for dest, (flag, declared, _) in flags.items()})
+
+
+def _check_declared(args: argparse.Namespace) -> None:
+    """Refuse a value outside its declared bounds (train's are checked by TrainConfig itself)."""
+    for dest, (flag, declared) in getattr(args, "declared", {}).items():
+        declared.check(flag, getattr(args, dest))
+
+
+def _data_flags() -> dict[str, tuple[str, Setting, object]]:
+    return {name: (flag_of(name), SETTINGS[name], DEFAULTS[name]) for name in ("data_dir", "download")}
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
-    _add_data_flags(parser)
-    defaults = TrainConfig()
-    add = parser.add_argument
-    add("--epochs", type=int, default=defaults.epochs, help="passes over the training set")
-    batch = parser.add_mutually_exclusive_group()
-    batch.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=f"images per process per micro-batch (default {DEFAULT_BATCH_SIZE}); the global batch "
-        "grows with the number of processes",
-    )
-    batch.add_argument(
-        "--global-batch-size",
-        type=int,
-        default=None,
-        help="images per optimizer step across all processes and accumulation steps, split evenly: "
-        "the same batches on any number of processes",
-    )
-    add("--eval-batch-size", type=int, default=defaults.eval_batch_size, help="per process, for evaluation")
-    add("--lr", type=float, default=DEFAULT_LR, help="SGD learning rate (the tutorial's is 1e-3)")
-    add("--momentum", type=float, default=DEFAULT_MOMENTUM, help="SGD momentum (the tutorial's is 0)")
-    add("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay (L2)")
-    add(
-        "--scale-lr",
-        action="store_true",
-        help=f"linear scaling rule: multiply --lr by global batch size / {REFERENCE_BATCH_SIZE} (with a warm-up)",
-    )
-    add(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default=defaults.lr_schedule,
-        help="after the warm-up: constant, cosine (CosineAnnealingLR to 0) or onecycle (OneCycleLR); the "
-        "tutorial's is constant",
-    )
-    warmup = parser.add_mutually_exclusive_group()
-    warmup.add_argument(
-        "--warmup-steps", type=int, default=None, help="optimizer steps of linear warm-up from lr/10 to lr"
-    )
-    warmup.add_argument(
-        "--warmup-epochs",
-        type=float,
-        default=None,
-        help=f"linear warm-up over this many epochs (default: {DEFAULT_WARMUP_EPOCHS} unless "
-        "--warmup-steps is given; fractions allowed; the tutorial's is 0)",
-    )
-    add("--seed", type=int, default=defaults.seed, help="initial weights and the shuffling of every epoch")
-    add(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads per process (default: OMP_NUM_THREADS if set, as `accelerate launch` and torchrun set it "
-        "for their processes; else the usable cores divided by the processes on this node)",
-    )
-    add("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
-    add(
-        "--data-on-device",
-        choices=("auto", "on", "off"),
-        default=defaults.data_on_device,
-        help="keep the dataset on the accelerator (auto: on for GPUs, off for the CPU)",
-    )
-    add("--output-dir", type=Path, default=defaults.output_dir, help="model.pth, metrics.jsonl, plots, states")
-    add(
-        "--overwrite",
-        action="store_true",
-        help="start afresh in an --output-dir that holds an earlier run (its states, metrics and model are replaced)",
-    )
-    add("--cpu", action="store_true", help="train on the CPU (gloo across processes) even with a GPU")
-    add(
-        "--mixed-precision",
-        choices=("no", "fp16", "bf16"),
-        default=None,
-        help="default: what `accelerate config`/`accelerate launch` says",
-    )
-    add("--gradient-accumulation-steps", type=int, default=None, help="default: what `accelerate launch` says, else 1")
-    add("--log-every", type=int, default=defaults.log_every, help="log the train loss every N optimizer steps")
-    add(
-        "--checkpoint-every",
-        type=int,
-        default=defaults.checkpoint_every,
-        help="also save a resumable state every N steps (0: only at the end of each epoch)",
-    )
-    add("--keep-states", type=int, default=defaults.keep_states, help="how many saved states to keep")
-    add(
-        "--resume",
-        nargs="?",
-        const=RESUME_LATEST,
-        default=None,
-        metavar="auto|STATE_DIR",
-        help="continue from the newest state in --output-dir, or from STATE_DIR; `--resume auto` also starts "
-        "afresh when there is no state (the same command for the first start and every restart)",
-    )
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar (one line per epoch stays)")
-    add("--tracker", choices=("wandb", "none"), default=defaults.tracker, help="where the run is tracked")
-    add("--wandb-project", default=defaults.wandb_project, help="W&B project")
-    add("--run-name", default=None, help="W&B run name (default: W&B picks one)")
-    add("--run-group", default=None, help="W&B run group")
-    add("--tags", nargs="+", default=[], help="W&B run tags")
-    add(
-        "--log-samples-every-epoch",
-        action="store_true",
-        help="log sample predictions and the confusion matrix after every epoch, not only at the end",
-    )
-    add("--log-model", action="store_true", help="store the final model.pth as a W&B artifact")
+    """Every TrainConfig field as a flag; a flag not given is absent from the namespace (see `_train`)."""
+    groups = {}
+    for one, other in EXCLUSIVE_PAIRS:
+        groups[one] = groups[other] = parser.add_mutually_exclusive_group()
+    for name, declared in SETTINGS.items():
+        _add_flag(groups.get(name, parser), flag_of(name), name, declared, DEFAULTS[name], track_given=True)
     parser.set_defaults(handler=_train, command_parser=parser)
 
 
-def _add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=DEFAULT_CHECKPOINT,
-        help="model weights saved by `fmnist-dist train` (or the PyTorch quickstart), or a saved "
-        "state's model.safetensors",
-    )
+def _checkpoint_flag() -> dict[str, tuple[str, Setting, object]]:
+    return {"checkpoint": ("--checkpoint", commands.CHECKPOINT, DEFAULT_CHECKPOINT)}
 
 
 def _add_evaluate(parser: argparse.ArgumentParser) -> None:
-    _add_checkpoint_flag(parser)
-    _add_data_flags(parser)
-    parser.add_argument("--batch-size", type=int, default=1000, help="test images per process per batch")
+    _add_declared(
+        parser,
+        {
+            **_checkpoint_flag(),
+            **_data_flags(),
+            "batch_size": ("--batch-size", commands.EVAL_BATCH_SIZE, 1000),
+        },
+    )
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even with a GPU")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_evaluate, command_parser=parser)
 
 
 def _add_predict(parser: argparse.ArgumentParser) -> None:
-    _add_checkpoint_flag(parser)
-    _add_data_flags(parser)
+    _add_declared(parser, {**_checkpoint_flag(), **_data_flags()})
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--index", type=int, nargs="+", help="test-set indices")
     what.add_argument("--image", type=Path, nargs="+", help="image files (PNG, JPEG; any size)")
@@ -278,28 +206,29 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_synthetic(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="dataset root to write (use it as --data-dir)")
-    parser.add_argument("--train-size", type=int, default=60000, help=f"training images (1-{MAX_SYNTHETIC_IMAGES})")
-    parser.add_argument("--test-size", type=int, default=10000, help=f"test images (1-{MAX_SYNTHETIC_IMAGES})")
-    parser.add_argument("--seed", type=int, default=0, help="the random patterns and images")
+    parser.add_argument("--out", type=nonempty_path, required=True, help=commands.DATASET_OUT.help)
+    _add_declared(
+        parser,
+        {
+            "train_size": ("--train-size", commands.TRAIN_SIZE, 60000),
+            "test_size": ("--test-size", commands.TEST_SIZE, 10000),
+            "seed": ("--seed", commands.SYNTHETIC_SEED, 0),
+        },
+    )
     parser.add_argument("--force", action="store_true", help="replace a dataset already in --out")
     parser.set_defaults(handler=_synthetic, command_parser=parser)
 
 
 def _add_plot(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "output_dir",
-        type=Path,
-        metavar="RUN",
-        help="a training run's --output-dir, or its metrics.jsonl (the plots go next to it)",
-    )
+    parser.add_argument("output_dir", type=nonempty_path, metavar="RUN", help=commands.RUN.help)
     parser.set_defaults(handler=_plot, command_parser=parser)
 
 
 def _train(args: argparse.Namespace) -> int:
-    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    given = given_flags(args.argv)
-    cfg = TrainConfig(**{**fields, "tags": tuple(args.tags)})  # a bad value fails here, before the slow imports
+    # The namespace holds only the flags given (see `_add_train`): they are what a resumed run takes over the
+    # saved settings, and TrainConfig fills in the rest.
+    given = {name: value for name, value in vars(args).items() if name in SETTINGS}
+    cfg = TrainConfig.from_plain(given)  # a bad value fails here, before the slow imports
     # Before the slow imports, so that a preemption during start-up is not lost either; kept until the process
     # exits, so that a signal after training has finished does not turn a finished run into a killed one.
     stop = StopRequest().install()
@@ -307,30 +236,20 @@ def _train(args: argparse.Namespace) -> int:
     from fmnist_dist.training.job import run_training  # heavy imports only for the commands that need them
 
     with lost_peers_reported():
-        run_training(cfg, given, stop)
+        run_training(cfg, frozenset(given), stop)
     return 0
-
-
-def given_flags(argv: Sequence[str]) -> frozenset[str]:
-    """The `train` settings written on this command line (a resumed run takes the others from its state)."""
-    parser = OneLineErrorParser(prog="fmnist-dist train")
-    _add_train(parser)
-    not_given = object()  # not a string: argparse would run a string default through the flag's type
-    parser.set_defaults(**dict.fromkeys(TrainConfig.__dataclass_fields__, not_given))
-    subcommand_args = list(argv)[list(argv).index("train") + 1 :]
-    given = {k for k, v in vars(parser.parse_args(subcommand_args)).items() if v is not not_given}
-    return frozenset(given & TrainConfig.__dataclass_fields__.keys())
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from fmnist_dist.inference import evaluate_checkpoint
 
-    check_count("--batch-size", args.batch_size)
     result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.download, args.batch_size, args.cpu)
     if not _is_main_process():
         return 0
     # None (JSON null) for a class the test set lacks: NaN is not valid JSON.
-    per_class = {name: None if math.isnan(a) else a for name, a in zip(CLASSES, result.per_class_accuracy())}
+    per_class = {
+        name: None if math.isnan(a) else a for name, a in zip(CLASSES, result.per_class_accuracy(), strict=True)
+    }
     if args.json:
         print(
             strict_json.dumps(
@@ -367,10 +286,6 @@ def _predict(args: argparse.Namespace) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     from fmnist_dist.inputs.synthetic import write_synthetic_dataset
 
-    for flag, size in (("--train-size", args.train_size), ("--test-size", args.test_size)):
-        check_positive(flag, size)
-        check_at_most(flag, size, MAX_SYNTHETIC_IMAGES)
-    check_seed("--seed", args.seed)
     raw_dir = write_synthetic_dataset(args.out, args.train_size, args.test_size, args.seed, force=args.force)
     print(
         f"wrote {args.train_size} train and {args.test_size} test images to {raw_dir}; train with --data-dir {args.out}"

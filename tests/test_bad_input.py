@@ -211,6 +211,20 @@ def test_resume_from_a_damaged_state_is_refused(
     train_refused(data_dir, output_dir, "--resume", named=(str(state), "cannot be read", "--resume STATE_DIR"))
 
 
+def test_resume_of_a_state_whose_saved_settings_no_flag_would_take_is_refused(data_dir: Path, output_dir: Path) -> None:
+    # The family's end-to-end case; tests/test_settings.py checks each kind of value in-process.
+    (state,) = (output_dir / STATES_DIR).iterdir()
+    progress = json.loads((state / PROGRESS_FILE).read_text())
+    progress["config"]["epochs"] = "6"
+    (state / PROGRESS_FILE).write_text(json.dumps(progress))
+    # No --epochs here: the run would take the saved one.
+    args = [arg for arg in map(str, train_args(data_dir, output_dir, "--resume")) if arg not in ("--epochs", "2")]
+    before = files_in(output_dir)
+    result = run_cli(args, cwd=output_dir.parent, **QUIET)
+    assert_refused(result.returncode, result.stdout, result.stderr, str(state), "epochs is '6'", "--epochs")
+    assert files_in(output_dir) == before
+
+
 # --------------------------------------------------------------------------------------------------- flags
 
 

@@ -16,8 +16,9 @@ import safetensors.torch
 import torch
 
 import fmnist_dist
-from fmnist_dist.cli import MAX_SYNTHETIC_IMAGES, build_parser, main
+from fmnist_dist.cli import build_parser, main
 from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.settings.commands import MAX_SYNTHETIC_IMAGES
 from fmnist_dist.settings.train_config import DEFAULT_LR, MAX_SEED
 
 PREFIX = "fmnist-dist: error: "

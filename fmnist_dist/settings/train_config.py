@@ -1,19 +1,38 @@
-"""The training job's settings: one typed object, built once from the command line and logged whole."""
+"""The training job's settings: one typed object, built once from the command line and logged whole.
+
+Each field declares its setting (kind, help, bounds or choices, scope) in its metadata: the `train` flags,
+their validation and what a resumed run takes from its state are all derived from these declarations.
+"""
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fmnist_dist.errors import UsageError
+from fmnist_dist.settings.declaration import (
+    NUMBER,
+    PATH,
+    SWITCH,
+    TEXT,
+    WHOLE,
+    WORDS,
+    Bounds,
+    Refusal,
+    Scope,
+    Setting,
+    setting,
+    setting_of,
+)
 
 # Defaults that learn well in 5 epochs (with the TrainConfig defaults below: cosine schedule, half an epoch of
 # warm-up; chosen on a real-image sample, README "Defaults, and reproducing the tutorial"). The quickstart is
 # `--lr 1e-3 --momentum 0 --lr-schedule constant --warmup-epochs 0` exactly (batch 64, no weight decay).
 DEFAULT_LR = 0.12
+DEFAULT_DATA_DIR = Path("data")
+DEFAULT_OUTPUT_DIR = Path("checkpoints")
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_BATCH_SIZE = 64  # per process, when neither --batch-size nor --global-batch-size is given
 DEFAULT_WARMUP_EPOCHS = 0.5  # when neither --warmup-steps nor --warmup-epochs is given
@@ -21,6 +40,7 @@ DEFAULT_WARMUP_EPOCHS = 0.5  # when neither --warmup-steps nor --warmup-epochs i
 # of this many images, and a global batch k times larger trains at k times the rate, after a warm-up.
 REFERENCE_BATCH_SIZE = 64
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")  # fp8 only from `accelerate config`/`accelerate launch`
 RESUME_AUTO = "auto"  # continue from the newest state if there is one, else start fresh
 RESUME_LATEST = "latest"  # continue from the newest state; refuse if there is none
 # torch.Generator seeds are 64-bit; the shuffle seed is derived from (seed, epoch), so a seed fits in 32 bits.
@@ -31,131 +51,214 @@ MAX_THREADS = 1024
 # The largest float32: the model's weights are float32, and torch cannot apply a rate or decay beyond it.
 MAX_FLOAT32 = 3.4028234663852886e38
 
-# Settings of one invocation, never carried over from a saved state to a resumed run.
-# Mixed precision is among them because what a device can run depends on the machine the run continues on.
-PER_INVOCATION = frozenset(
-    {
-        "resume",
-        "overwrite",
-        "output_dir",
-        "progress",
-        "cpu",
-        "num_workers",
-        "data_on_device",
-        "download",
-        "threads",
-        "mixed_precision",
-    }
-)
+COUNT = Bounds(0, MAX_COUNT, low_open=True)  # 1 or more
+COUNT_OR_ZERO = Bounds(0, MAX_COUNT)
+SEED = Bounds(0, MAX_SEED, requirement=f"between 0 and {MAX_SEED}", advice="pass a seed in range")
+
+
+def _cpu_count() -> float:
+    # PyTorch's DataLoader itself warns above the machine's CPU count; far above it, a machine stalls.
+    return os.cpu_count() or 1
+
+
+def _resume_refusal(value: str) -> Refusal | None:
+    if value == "":
+        return Refusal("got an empty value", "pass a state directory, `auto`, or --resume alone (the newest state)")
+    return None
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything `fmnist-dist train` needs.
+    """Everything `fmnist-dist train` needs; every field declares its flag (see `settings.declaration`).
 
     `batch_size` is per process and per micro-batch; `global_batch_size` is the images of one optimizer step
     across all processes and accumulation steps. At most one of them is set; with neither, the batch is
     DEFAULT_BATCH_SIZE per process.
     """
 
-    data_dir: Path = Path("data")
-    download: bool = True
-    epochs: int = 5
-    batch_size: int | None = None
-    global_batch_size: int | None = None
-    eval_batch_size: int = 1000
-    lr: float = DEFAULT_LR
-    momentum: float = DEFAULT_MOMENTUM
-    weight_decay: float = 0.0
-    scale_lr: bool = False
-    lr_schedule: str = "cosine"
-    warmup_steps: int | None = None
-    warmup_epochs: float | None = None
-    seed: int = 0
-    num_workers: int = 0
-    data_on_device: str = "auto"
-    output_dir: Path = Path("checkpoints")
-    overwrite: bool = False
-    cpu: bool = False
-    threads: int | None = None
-    mixed_precision: str | None = None
-    gradient_accumulation_steps: int | None = None
-    log_every: int = 50
-    checkpoint_every: int = 0
-    keep_states: int = 2
-    resume: str | None = None
-    progress: bool = True
-    tracker: str = "wandb"
-    wandb_project: str = "fmnist-dist"
-    run_name: str | None = None
-    run_group: str | None = None
-    tags: tuple[str, ...] = field(default_factory=tuple)
-    log_samples_every_epoch: bool = False
-    log_model: bool = False
+    data_dir: Path = setting(
+        DEFAULT_DATA_DIR, "dataset root (torchvision's: FashionMNIST/raw holds the IDX files)", kind=PATH
+    )
+    download: bool = setting(
+        True,
+        "fail instead of downloading FashionMNIST when any of its files is missing",
+        kind=SWITCH,
+        flag="--no-download",
+        scope=Scope.INVOCATION,
+    )
+    epochs: int = setting(5, "passes over the training set", kind=WHOLE, bounds=COUNT)
+    batch_size: int | None = setting(
+        None,
+        f"images per process per micro-batch (default {DEFAULT_BATCH_SIZE}); the global batch grows with the "
+        "number of processes",
+        kind=WHOLE,
+        bounds=COUNT,
+        optional=True,
+        excludes="global_batch_size",
+    )
+    global_batch_size: int | None = setting(
+        None,
+        "images per optimizer step across all processes and accumulation steps, split evenly: the same batches "
+        "on any number of processes",
+        kind=WHOLE,
+        bounds=COUNT,
+        optional=True,
+    )
+    eval_batch_size: int = setting(1000, "per process, for evaluation", kind=WHOLE, bounds=COUNT)
+    lr: float = setting(
+        DEFAULT_LR,
+        "SGD learning rate (the tutorial's is 1e-3)",
+        kind=NUMBER,
+        bounds=Bounds(0, MAX_FLOAT32, low_open=True),
+    )
+    momentum: float = setting(
+        DEFAULT_MOMENTUM,
+        "SGD momentum (the tutorial's is 0)",
+        kind=NUMBER,
+        # At 1 or more the velocity never decays and training diverges.
+        bounds=Bounds(
+            0,
+            1,
+            high_open=True,
+            requirement="at least 0 and below 1",
+            advice="SGD momentum of 1 or more adds up every gradient without forgetting and diverges; pass a "
+            "value such as 0.9",
+        ),
+    )
+    weight_decay: float = setting(0.0, "SGD weight decay (L2)", kind=NUMBER, bounds=Bounds(0, MAX_FLOAT32))
+    scale_lr: bool = setting(
+        False,
+        f"linear scaling rule: multiply --lr by global batch size / {REFERENCE_BATCH_SIZE} (with a warm-up)",
+        kind=SWITCH,
+    )
+    lr_schedule: str = setting(
+        "cosine",
+        "after the warm-up: constant, cosine (CosineAnnealingLR to 0) or onecycle (OneCycleLR); the tutorial's is "
+        "constant",
+        kind=TEXT,
+        choices=LR_SCHEDULES,
+    )
+    warmup_steps: int | None = setting(
+        None,
+        "optimizer steps of linear warm-up from lr/10 to lr",
+        kind=WHOLE,
+        bounds=COUNT_OR_ZERO,
+        optional=True,
+        excludes="warmup_epochs",
+    )
+    warmup_epochs: float | None = setting(
+        None,
+        f"linear warm-up over this many epochs (default: {DEFAULT_WARMUP_EPOCHS} unless --warmup-steps is given; "
+        "fractions allowed; the tutorial's is 0)",
+        kind=NUMBER,
+        bounds=COUNT_OR_ZERO,
+        optional=True,
+    )
+    seed: int = setting(0, "initial weights and the shuffling of every epoch", kind=WHOLE, bounds=SEED)
+    threads: int | None = setting(
+        None,
+        "CPU threads per process (default: OMP_NUM_THREADS if set, as `accelerate launch` and torchrun set it for "
+        "their processes; else the usable cores divided by the processes on this node)",
+        kind=WHOLE,
+        bounds=Bounds(0, MAX_THREADS, low_open=True),
+        optional=True,
+        scope=Scope.MACHINE,
+    )
+    num_workers: int = setting(
+        0, "DataLoader worker processes", kind=WHOLE, bounds=Bounds(0, _cpu_count), scope=Scope.MACHINE
+    )
+    data_on_device: str = setting(
+        "auto",
+        "keep the dataset on the accelerator (auto: on for GPUs, off for the CPU)",
+        kind=TEXT,
+        choices=("auto", "on", "off"),
+        scope=Scope.MACHINE,
+    )
+    output_dir: Path = setting(
+        DEFAULT_OUTPUT_DIR, "model.pth, metrics.jsonl, plots, states", kind=PATH, scope=Scope.INVOCATION
+    )
+    overwrite: bool = setting(
+        False,
+        "start afresh in an --output-dir that holds an earlier run (its states, metrics and model are replaced)",
+        kind=SWITCH,
+        scope=Scope.INVOCATION,
+        excludes="resume",
+    )
+    cpu: bool = setting(
+        False, "train on the CPU (gloo across processes) even with a GPU", kind=SWITCH, scope=Scope.MACHINE
+    )
+    # What a device can run depends on the machine the run continues on.
+    mixed_precision: str | None = setting(
+        None,
+        "default: what `accelerate config`/`accelerate launch` says",
+        kind=TEXT,
+        choices=MIXED_PRECISIONS,
+        optional=True,
+        scope=Scope.MACHINE,
+    )
+    gradient_accumulation_steps: int | None = setting(
+        None, "default: what `accelerate launch` says, else 1", kind=WHOLE, bounds=COUNT, optional=True
+    )
+    log_every: int = setting(50, "log the train loss every N optimizer steps", kind=WHOLE, bounds=COUNT)
+    checkpoint_every: int = setting(
+        0,
+        "also save a resumable state every N steps (0: only at the end of each epoch)",
+        kind=WHOLE,
+        bounds=COUNT_OR_ZERO,
+    )
+    keep_states: int = setting(2, "how many saved states to keep", kind=WHOLE, bounds=COUNT)
+    resume: str | None = setting(
+        None,
+        "continue from the newest state in --output-dir, or from STATE_DIR; `--resume auto` also starts afresh when "
+        "there is no state (the same command for the first start and every restart)",
+        kind=TEXT,
+        optional=True,
+        scope=Scope.INVOCATION,
+        nargs="?",
+        const=RESUME_LATEST,
+        metavar="auto|STATE_DIR",
+        extra_check=_resume_refusal,
+    )
+    progress: bool = setting(
+        True,
+        "no progress bar (one line per epoch stays)",
+        kind=SWITCH,
+        flag="--no-progress",
+        scope=Scope.INVOCATION,
+    )
+    tracker: str = setting("wandb", "where the run is tracked", kind=TEXT, choices=("wandb", "none"))
+    wandb_project: str = setting("fmnist-dist", "W&B project", kind=TEXT)
+    run_name: str | None = setting(None, "W&B run name (default: W&B picks one)", kind=TEXT, optional=True)
+    run_group: str | None = setting(None, "W&B run group", kind=TEXT, optional=True)
+    tags: tuple[str, ...] = setting((), "W&B run tags", kind=WORDS, nargs="+")
+    log_samples_every_epoch: bool = setting(
+        False,
+        "log sample predictions and the confusion matrix after every epoch, not only at the end",
+        kind=SWITCH,
+    )
+    log_model: bool = setting(False, "store the final model.pth as a W&B artifact", kind=SWITCH)
 
     def __post_init__(self) -> None:
-        self._check_upper_bounds()
-        check_positive("--epochs", self.epochs)
-        for flag, value in (
-            ("--batch-size", self.batch_size),
-            ("--global-batch-size", self.global_batch_size),
-            ("--gradient-accumulation-steps", self.gradient_accumulation_steps),
-        ):
-            if value is not None:
-                check_positive(flag, value)
-        if self.batch_size is not None and self.global_batch_size is not None:
-            raise UsageError(
-                "--batch-size (per process) and --global-batch-size (all processes) exclude each "
-                "other; pass only one of them"
-            )
-        check_positive("--eval-batch-size", self.eval_batch_size)
-        check_positive("--lr", self.lr)
-        check_positive("--log-every", self.log_every)
-        check_positive("--keep-states", self.keep_states)
-        check_momentum(self.momentum)
-        check_at_least_zero("--weight-decay", self.weight_decay)
-        check_at_least_zero("--num-workers", self.num_workers)
-        if self.threads is not None:
-            check_positive("--threads", self.threads)
-        check_at_least_zero("--checkpoint-every", self.checkpoint_every)
-        for flag, value in (("--warmup-steps", self.warmup_steps), ("--warmup-epochs", self.warmup_epochs)):
-            if value is not None:
-                check_at_least_zero(flag, value)
-        if self.warmup_steps and self.warmup_epochs:
-            raise UsageError("--warmup-steps and --warmup-epochs exclude each other; pass only one of them")
-        if self.resume == "":
-            raise UsageError(
-                "--resume got an empty value; pass a state directory, `auto`, or --resume alone (the newest state)"
-            )
-        if self.overwrite and self.resume is not None:
-            raise UsageError("--overwrite (start afresh) and --resume (continue) exclude each other; pass only one")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UsageError(f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
-        check_seed("--seed", self.seed)
+        """Refuse any value its setting does not allow, then any two settings that exclude each other.
 
-    def _check_upper_bounds(self) -> None:
-        counts = {
-            "--epochs": self.epochs,
-            "--batch-size": self.batch_size,
-            "--eval-batch-size": self.eval_batch_size,
-            "--global-batch-size": self.global_batch_size,
-            "--log-every": self.log_every,
-            "--gradient-accumulation-steps": self.gradient_accumulation_steps,
-            "--checkpoint-every": self.checkpoint_every,
-            "--keep-states": self.keep_states,
-            "--warmup-steps": self.warmup_steps,
-        }
-        for flag, value in counts.items():
-            if value is not None:
-                check_at_most(flag, value, MAX_COUNT)
-        if self.warmup_epochs is not None:
-            check_at_most("--warmup-epochs", self.warmup_epochs, MAX_COUNT)
-        for flag, value in (("--lr", self.lr), ("--weight-decay", self.weight_decay)):
-            check_at_most(flag, value, MAX_FLOAT32)
-        if self.threads is not None:
-            check_at_most("--threads", self.threads, MAX_THREADS)
-        # PyTorch's DataLoader itself warns above the machine's CPU count; far above it, a machine stalls.
-        check_at_most("--num-workers", self.num_workers, os.cpu_count() or 1)
+        Raises:
+            UsageError: naming the flag, the value and what to pass instead.
+        """
+        for name, declared in SETTINGS.items():
+            declared.check(flag_of(name), getattr(self, name))
+        for one, other in EXCLUSIVE_PAIRS:
+            # Both set (a zero warm-up beside the other warm-up flag says nothing and is allowed).
+            if getattr(self, one) and getattr(self, other):
+                raise UsageError(f"{flag_of(one)} and {flag_of(other)} exclude each other; pass only one of them")
+
+    @classmethod
+    def from_plain(cls, values: dict[str, Any]) -> TrainConfig:
+        """The settings from plain values (argparse's, or JSON's: lists, path strings); the rest default.
+
+        Raises:
+            UsageError: a value its setting does not allow.
+        """
+        return cls(**{name: SETTINGS[name].kind.from_plain(value) for name, value in values.items()})
 
     @property
     def warmup_epochs_or_default(self) -> float:
@@ -173,81 +276,74 @@ class TrainConfig:
         """The settings as plain values, for W&B and the saved training state."""
         return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
 
-    def resumed_from(self, saved: dict[str, Any], given: frozenset[str]) -> tuple[TrainConfig, dict[str, tuple]]:
-        """This invocation's settings for a resumed run: the saved ones, except the flags given now.
+    def resumed_from(self, saved: dict[str, Any], given: frozenset[str], state: Path) -> TrainConfig:
+        """This invocation's settings for a resumed run: the state's run settings, except the flags given now.
+
+        Every saved value not replaced by a flag passes the flags' checks first (on the machine that saved it,
+        for the settings of that machine). Names that are not settings (another version's) are ignored.
 
         Args:
-            saved: `to_log()` of the run being resumed.
+            saved: `to_log()` of the run being resumed, as its state holds it.
             given: the fields set explicitly on this command line.
+            state: the state's directory, for the refusals.
 
-        Returns:
-            The merged settings, and `{field: (saved value, new value)}` for every saved setting that changes.
+        Raises:
+            UsageError: a saved value no flag would take, or saved values that exclude each other; the message
+                names the state and the setting.
         """
-        names = {f.name for f in fields(self)}
-        carried = {k: v for k, v in saved.items() if k in names and k not in given and k not in PER_INVOCATION}
-        # The two batch flags exclude each other, and so do the two warm-up flags: the one given now replaces the
-        # saved one.
-        for one, other in (
-            ("batch_size", "global_batch_size"),
-            ("global_batch_size", "batch_size"),
-            ("warmup_steps", "warmup_epochs"),
-            ("warmup_epochs", "warmup_steps"),
-        ):
-            if one in given and getattr(self, one) is not None:
-                carried.pop(other, None)
-        carried = {k: _from_log(k, v) for k, v in carried.items()}
-        merged = replace(self, **carried)
-        changed = {
-            k: (saved[k], v)
-            for k, v in merged.to_log().items()
-            if k in saved and k not in PER_INVOCATION and _from_log(k, saved[k]) != getattr(merged, k)
-        }
-        return merged, changed
+        values = {name: SETTINGS[name].kind.from_plain(value) for name, value in saved.items() if name in SETTINGS}
+        for name, value in values.items():
+            if name in given:
+                continue
+            if refusal := SETTINGS[name].refusal(value, this_machine=SETTINGS[name].scope is Scope.RUN):
+                raise UsageError(
+                    f"--resume: the state {state} cannot be resumed: its saved setting {name} {refusal.problem}; "
+                    f"pass {flag_of(name)} to replace it, or start afresh with --overwrite"
+                )
+        carried = {name: v for name, v in values.items() if name not in given and SETTINGS[name].scope is Scope.RUN}
+        # A flag given now replaces the saved value of the flag it excludes (--global-batch-size a saved
+        # --batch-size, say).
+        for pair in EXCLUSIVE_PAIRS:
+            for one, other in (pair, pair[::-1]):
+                if one in given and getattr(self, one) is not None:
+                    carried.pop(other, None)
+        try:
+            return replace(self, **carried)
+        except UsageError as error:
+            raise UsageError(
+                f"--resume: the state {state} cannot be resumed with its saved settings: {error}"
+            ) from None
 
 
-def _from_log(name: str, value: Any) -> Any:
-    """A saved (JSON) setting back in its field's type."""
-    if name == "data_dir":
-        return Path(value)
-    if name == "tags":
-        return tuple(value)
-    return value
+def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """`{name: (saved value, value now)}` for each setting of the run or of the machine that differs.
+
+    Args:
+        saved, now: `to_log()`-like records; a setting absent from `saved` (an older version's state) is skipped.
+    """
+    return {
+        name: (saved[name], now[name])
+        for name, declared in SETTINGS.items()
+        if declared.scope is not Scope.INVOCATION
+        and name in saved
+        and declared.kind.from_plain(saved[name]) != declared.kind.from_plain(now[name])
+    }
 
 
-def check_positive(flag: str, value: float) -> None:
-    """Refuse a flag value that must be above zero (and finite)."""
-    if not 0 < value < math.inf:
-        raise UsageError(f"{flag} must be greater than 0 (got {value}); pass a positive value")
+def flag_of(name: str) -> str:
+    """The `train` flag of a TrainConfig field: its declared one, or `--` and the name with dashes."""
+    return SETTINGS[name].flag or "--" + name.replace("_", "-")
 
 
-def check_at_least_zero(flag: str, value: float) -> None:
-    """Refuse a flag value that must not be negative (and finite)."""
-    if not 0 <= value < math.inf:
-        raise UsageError(f"{flag} must be 0 or more (got {value}); pass a value of at least 0")
-
-
-def check_count(flag: str, value: int) -> None:
-    """Refuse a count (a batch size, a number of steps) below 1 or above MAX_COUNT."""
-    check_positive(flag, value)
-    check_at_most(flag, value, MAX_COUNT)
-
-
-def check_momentum(momentum: float) -> None:
-    """Refuse an SGD momentum outside [0, 1): at 1 or more the velocity never decays and training diverges."""
-    if not 0 <= momentum < 1:
-        raise UsageError(
-            f"--momentum must be at least 0 and below 1 (got {momentum}); SGD momentum of 1 or more "
-            "adds up every gradient without forgetting and diverges; pass a value such as 0.9"
-        )
+SETTINGS: dict[str, Setting] = {f.name: setting_of(f) for f in fields(TrainConfig)}
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
+# Settings given together are refused; on a resume, the one given now replaces the other's saved value.
+EXCLUSIVE_PAIRS: tuple[tuple[str, str], ...] = tuple(
+    (name, declared.excludes) for name, declared in SETTINGS.items() if declared.excludes
+)
 
 
 def check_at_most(flag: str, value: float, limit: float) -> None:
     """Refuse a flag value above `limit`."""
     if value > limit:
         raise UsageError(f"{flag} must be at most {limit} (got {value}); pass a smaller value")
-
-
-def check_seed(flag: str, seed: int) -> None:
-    """Refuse a seed outside 0..MAX_SEED (what torch and numpy generators take)."""
-    if not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"{flag} must be between 0 and {MAX_SEED} (got {seed}); pass a seed in range")

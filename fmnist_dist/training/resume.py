@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import parse_choice_from_env
+
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import BatchPlan
-from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.settings.train_config import MIXED_PRECISIONS, TrainConfig, changed_settings
 from fmnist_dist.storage.training_state import Progress, find_state, read_progress
 
 
@@ -33,16 +35,33 @@ def plan_start(cfg: TrainConfig, given: frozenset[str]) -> Start:
         given: the settings written on this command line (they override the saved ones).
 
     Raises:
-        UsageError: `--resume` names no readable state, or a new --seed for a state saved mid-epoch.
+        UsageError: `--resume` names no readable state; its saved settings are not ones the flags would take; a
+            new --seed for a state saved mid-epoch; or --epochs ends before the epoch the state is in.
     """
     state_dir = find_state(cfg.output_dir, cfg.resume) if cfg.resume else None
     if state_dir is None:
-        return Start(cfg, Progress(config=cfg.to_log()))
+        return Start(cfg, Progress(config=settings_record(cfg)))
     progress = read_progress(state_dir)
-    resumed_cfg, changed = cfg.resumed_from(progress.config, given)
+    resumed_cfg = cfg.resumed_from(progress.config, given, state_dir)
+    record = settings_record(resumed_cfg)
+    changed = changed_settings(progress.config, record)
     check_same_epoch_order(state_dir, progress, changed)
-    progress.config = resumed_cfg.to_log()
+    check_epochs_reach_the_state(state_dir, progress, resumed_cfg.epochs)
+    progress.config = record
     return Start(resumed_cfg, progress, state_dir, changed)
+
+
+def settings_record(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a state saves: `cfg.to_log()`, with the mixed precision this run asks for even where the flag
+    is not given, so that a resumed run can say when its own differs."""
+    return {**cfg.to_log(), "mixed_precision": requested_precision(cfg.mixed_precision)}
+
+
+def requested_precision(flag: str | None) -> str | None:
+    """--mixed-precision, else what `accelerate launch` passes on (ACCELERATE_MIXED_PRECISION), else "no": what
+    Accelerate itself reads. None for a mode the flag does not offer (fp8), which a resumed run could not check."""
+    requested = flag or parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no")
+    return requested if requested in MIXED_PRECISIONS else None
 
 
 def check_same_epoch_order(state_dir: Path, progress: Progress, changed: dict[str, tuple[Any, Any]]) -> None:
@@ -56,6 +75,20 @@ def check_same_epoch_order(state_dir: Path, progress: Progress, changed: dict[st
             f"{progress.dataset_size} of epoch {position.epoch + 1}), whose order comes from the seed: --seed "
             f"{new} (saved: {old}) would train some of its images twice and others never; resume without --seed, "
             "or from a state saved at an epoch end"
+        )
+
+
+def check_epochs_reach_the_state(state_dir: Path, progress: Progress, epochs: int) -> None:
+    """Refuse an --epochs that ends before the epoch a state was saved in the middle of: the run would train
+    nothing and save a model of a part-trained epoch as the final one. At an epoch end there is nothing to refuse:
+    the run writes the model of the epochs the state has trained."""
+    position = progress.position
+    if position.samples_done > 0 and position.epoch >= epochs:
+        raise UsageError(
+            f"--resume: the state {state_dir} was saved in the middle of epoch {position.epoch + 1} (image "
+            f"{position.samples_done}/{progress.dataset_size}), after the end of --epochs {epochs}; pass --epochs "
+            f"{position.epoch + 1} or more to finish that epoch, or resume a state saved at or before the end of "
+            f"epoch {epochs}"
         )
 
 
