@@ -71,5 +71,5 @@ def _predict(checkpoint: Path, images: torch.Tensor, sources: list[str], actual:
     best, classes = probabilities.max(dim=1)
     return [
         Prediction(source, CLASSES[int(c)], float(p), true)
-        for source, c, p, true in zip(sources, classes, best, actual)
+        for source, c, p, true in zip(sources, classes, best, actual, strict=True)
     ]
