@@ -141,7 +141,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             project_dir=str(cfg.output_dir),
             # The samplers yield global batches and Accelerate gives each process its slice of every one, so the
             # images of an optimizer step do not depend on the number of processes.
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            # non_blocking: a batch copied to the accelerator (from pinned memory, with the data off the device)
+            # does not wait for the queued steps, so a step that logs nothing never synchronises with the host.
+            dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
             # One schedule step per optimizer step (without this, Accelerate steps it once per process).
             step_scheduler_with_optimizer=False,
         )
