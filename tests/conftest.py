@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,12 @@ TEST_SIZE = 301
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic FashionMNIST root (TRAIN_SIZE / TEST_SIZE images), read by torchvision's real loader."""
     return synthetic_data(tmp_path_factory, "fmnist", TRAIN_SIZE, TEST_SIZE, seed=0)
+
+
+@pytest.fixture
+def corrupt_data_dir(data_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the synthetic dataset, for a test to damage."""
+    return Path(shutil.copytree(data_dir, tmp_path / "data"))
 
 
 def synthetic_data(
@@ -212,7 +220,27 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 def train_finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """The output directory of a finished 1-epoch run: model.pth, metrics.jsonl, plots and a saved state."""
+    return _train_one_epoch(data_dir, tmp_path_factory, name).output_dir
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished training run: its output directory and what it printed."""
+
+    output_dir: Path
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """`train --epochs 1 --no-progress` on `data_dir`, trained once for the whole session: model.pth,
+    metrics.jsonl, plots and a saved state. Shared by every module that needs a finished run, so a test must
+    copy it (`shutil.copytree`) before running anything into it."""
+    return _train_one_epoch(data_dir, tmp_path_factory, "one-epoch")
+
+
+def _train_one_epoch(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> FinishedRun:
     work = tmp_path_factory.mktemp(name)
     result = run_cli(train_args(data_dir, work / "out", "--epochs", "1", "--no-progress"), cwd=work)
     assert result.returncode == 0, result.stderr
-    return work / "out"
+    return FinishedRun(work / "out", result.stdout)

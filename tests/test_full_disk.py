@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, train_args, train_finished_run
+from conftest import CPU_LAUNCH_CONFIG, FinishedRun, cli_env, free_port, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.storage.metrics_log import MetricsLog
@@ -58,9 +58,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 1-epoch run's output directory, copied onto each small disk."""
-    return train_finished_run(data_dir, tmp_path_factory, "finished")
+def finished_run(one_epoch_run: FinishedRun) -> Path:
+    """The session's finished 1-epoch run's output directory, copied onto each small disk."""
+    return one_epoch_run.output_dir
 
 
 def resume_command(processes: int, args: list) -> list[str]:
