@@ -122,6 +122,66 @@ def train_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def cli_command(processes: int) -> list[str]:
+    """`python -m fmnist_dist`, or `accelerate launch` of `processes` gloo processes (launch/cpu.yaml)."""
+    if processes == 1:
+        return [sys.executable, "-m", "fmnist_dist"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fmnist_dist",
+    ]
+
+
+# The long run: 375 optimizer steps of 32 images per epoch, so a signal or a kill lands mid-epoch.
+LONG_TRAIN_SIZE = 12000
+
+
+@pytest.fixture(scope="session")
+def long_run_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic data of the long run (LONG_TRAIN_SIZE training images)."""
+    return synthetic_data(tmp_path_factory, "long-run", LONG_TRAIN_SIZE, 200, seed=5)
+
+
+def long_run_args(data_dir: Path, output_dir: Path, processes: int, *extra: str) -> list[str]:
+    """The long run's `train` arguments: 2 epochs, `--resume auto` (the same command continues a stopped run),
+    `--cpu` on more than one process."""
+    flags = train_args(data_dir, output_dir, "--no-progress", "--resume", "auto", *extra)
+    return [str(a) for a in (*flags, *(["--cpu"] if processes > 1 else []))]
+
+
+def run_long_to_end(data_dir: Path, output_dir: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    """The long run (started, or continued from its newest state) on `processes` processes, to its end."""
+    result = subprocess.run(
+        [*cli_command(processes), *long_run_args(data_dir, output_dir, processes, *extra)],
+        cwd=output_dir.parent,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_long_runs(long_run_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The long run without a stop on 1 and 2 processes, trained once for the session: what every preempted
+    (tests/test_preemption.py) or killed (tests/test_faults.py) and continued run must equal bit for bit."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    for processes in (1, 2):
+        run_long_to_end(long_run_data_dir, work / f"p{processes}", processes)
+    return {processes: work / f"p{processes}" for processes in (1, 2)}
+
+
 MULTI_NODE_LAUNCH_CONFIG = REPO / "launch" / "multi-node.yaml"
 
 
