@@ -72,18 +72,7 @@ def run_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str) ->
 def launch_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file launch/cpu.yaml -m fmnist_dist ARGS` in `cwd`: two real gloo processes."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(CPU_LAUNCH_CONFIG),
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "fmnist_dist",
-            *map(str, args),
-        ],
+        [*cli_command(2), *map(str, args)],
         cwd=cwd,
         env=cli_env(**env),
         capture_output=True,
@@ -122,10 +111,8 @@ def train_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def cli_command(processes: int) -> list[str]:
-    """`python -m fmnist_dist`, or `accelerate launch` of `processes` gloo processes (launch/cpu.yaml)."""
-    if processes == 1:
-        return [sys.executable, "-m", "fmnist_dist"]
+def accelerate_launch(processes: int) -> list[str]:
+    """`accelerate launch` of `processes` gloo processes (launch/cpu.yaml) on a free port; what it runs follows."""
     return [
         sys.executable,
         "-m",
@@ -136,9 +123,14 @@ def cli_command(processes: int) -> list[str]:
         str(processes),
         "--main_process_port",
         str(free_port()),
-        "-m",
-        "fmnist_dist",
     ]
+
+
+def cli_command(processes: int) -> list[str]:
+    """`python -m fmnist_dist`, or `accelerate launch` of it on `processes` gloo processes."""
+    if processes == 1:
+        return [sys.executable, "-m", "fmnist_dist"]
+    return [*accelerate_launch(processes), "-m", "fmnist_dist"]
 
 
 # The long run: 375 optimizer steps of 32 images per epoch, so a signal or a kill lands mid-epoch.

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    CPU_LAUNCH_CONFIG,
     LONG_TRAIN_SIZE,
+    accelerate_launch,
     cli_command,
     cli_env,
-    free_port,
     long_run_args,
     run_long_to_end,
     train_args,
@@ -204,13 +203,7 @@ def test_atomic_write_keeps_an_existing_files_permissions(tmp_path: Path) -> Non
 def test_two_process_job_ends_when_one_rank_fails(failing_rank: int, data_dir: Path, tmp_path: Path) -> None:
     """One rank raises at step 3 (injected by tests/helpers/fail_on_rank.py); the other must not wait forever."""
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_LAUNCH_CONFIG),
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_launch(2),
         str(HELPERS / "fail_on_rank.py"),
         *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--no-progress")),
     ]

@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, FinishedRun, cli_env, free_port, train_args
+from conftest import FinishedRun, cli_command, cli_env, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.storage.metrics_log import MetricsLog
@@ -64,21 +63,7 @@ def finished_run(one_epoch_run: FinishedRun) -> Path:
 
 
 def resume_command(processes: int, args: list) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "fmnist_dist", *map(str, args)]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_LAUNCH_CONFIG),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "fmnist_dist",
-        *map(str, args),
-        "--cpu",
-    ]
+    return [*cli_command(processes), *map(str, args), *(["--cpu"] if processes > 1 else [])]
 
 
 @pytest.mark.slow
