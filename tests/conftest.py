@@ -270,11 +270,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
             terminalreporter.line(line)
 
 
-def train_finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """The output directory of a finished 1-epoch run: model.pth, metrics.jsonl, plots and a saved state."""
-    return _train_one_epoch(data_dir, tmp_path_factory, name).output_dir
-
-
 @dataclass(frozen=True)
 class FinishedRun:
     """A finished training run: its output directory and what it printed."""
@@ -288,11 +283,7 @@ def one_epoch_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> F
     """`train --epochs 1 --no-progress` on `data_dir`, trained once for the whole session: model.pth,
     metrics.jsonl, plots and a saved state. Shared by every module that needs a finished run, so a test must
     copy it (`shutil.copytree`) before running anything into it."""
-    return _train_one_epoch(data_dir, tmp_path_factory, "one-epoch")
-
-
-def _train_one_epoch(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> FinishedRun:
-    work = tmp_path_factory.mktemp(name)
+    work = tmp_path_factory.mktemp("one-epoch")
     result = run_cli(train_args(data_dir, work / "out", "--epochs", "1", "--no-progress"), cwd=work)
     assert result.returncode == 0, result.stderr
     return FinishedRun(work / "out", result.stdout)
