@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,12 @@ TEST_SIZE = 301
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic FashionMNIST root (TRAIN_SIZE / TEST_SIZE images), read by torchvision's real loader."""
     return synthetic_data(tmp_path_factory, "fmnist", TRAIN_SIZE, TEST_SIZE, seed=0)
+
+
+@pytest.fixture
+def corrupt_data_dir(data_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the synthetic dataset, for a test to damage."""
+    return Path(shutil.copytree(data_dir, tmp_path / "data"))
 
 
 def synthetic_data(
@@ -100,18 +108,7 @@ def launch_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str)
 
 def launch_command(args: Sequence) -> list[str]:
     """The command line of `launch_cli`, for a test that starts it itself."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_LAUNCH_CONFIG),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "fmnist_dist",
-        *map(str, args),
-    ]
+    return [*cli_command(2), *map(str, args)]
 
 
 def free_port() -> int:
@@ -142,6 +139,69 @@ def train_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
         "none",
         *extra,
     ]
+
+
+def accelerate_launch(processes: int) -> list[str]:
+    """`accelerate launch` of `processes` gloo processes (launch/cpu.yaml) on a free port; what it runs follows."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
+def cli_command(processes: int) -> list[str]:
+    """`python -m fmnist_dist`, or `accelerate launch` of it on `processes` gloo processes."""
+    if processes == 1:
+        return [sys.executable, "-m", "fmnist_dist"]
+    return [*accelerate_launch(processes), "-m", "fmnist_dist"]
+
+
+# The long run: 375 optimizer steps of 32 images per epoch, so a signal or a kill lands mid-epoch.
+LONG_TRAIN_SIZE = 12000
+
+
+@pytest.fixture(scope="session")
+def long_run_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic data of the long run (LONG_TRAIN_SIZE training images)."""
+    return synthetic_data(tmp_path_factory, "long-run", LONG_TRAIN_SIZE, 200, seed=5)
+
+
+def long_run_args(data_dir: Path, output_dir: Path, processes: int, *extra: str) -> list[str]:
+    """The long run's `train` arguments: 2 epochs, `--resume auto` (the same command continues a stopped run),
+    `--cpu` on more than one process."""
+    flags = train_args(data_dir, output_dir, "--no-progress", "--resume", "auto", *extra)
+    return [str(a) for a in (*flags, *(["--cpu"] if processes > 1 else []))]
+
+
+def run_long_to_end(data_dir: Path, output_dir: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    """The long run (started, or continued from its newest state) on `processes` processes, to its end."""
+    result = subprocess.run(
+        [*cli_command(processes), *long_run_args(data_dir, output_dir, processes, *extra)],
+        cwd=output_dir.parent,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_long_runs(long_run_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The long run without a stop on 1 and 2 processes, trained once for the session: what every preempted
+    (tests/test_preemption.py) or killed (tests/test_faults.py) and continued run must equal bit for bit."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    for processes in (1, 2):
+        run_long_to_end(long_run_data_dir, work / f"p{processes}", processes)
+    return {processes: work / f"p{processes}" for processes in (1, 2)}
 
 
 MULTI_NODE_LAUNCH_CONFIG = REPO / "launch" / "multi-node.yaml"
@@ -240,9 +300,20 @@ def pytest_terminal_summary(terminalreporter) -> None:
             terminalreporter.line(line)
 
 
-def train_finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """The output directory of a finished 1-epoch run: model.pth, metrics.jsonl, plots and a saved state."""
-    work = tmp_path_factory.mktemp(name)
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished training run: its output directory and what it printed."""
+
+    output_dir: Path
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """`train --epochs 1 --no-progress` on `data_dir`, trained once for the whole session: model.pth,
+    metrics.jsonl, plots and a saved state. Shared by every module that needs a finished run, so a test must
+    copy it (`shutil.copytree`) before running anything into it."""
+    work = tmp_path_factory.mktemp("one-epoch")
     result = run_cli(train_args(data_dir, work / "out", "--epochs", "1", "--no-progress"), cwd=work)
     assert result.returncode == 0, result.stderr
-    return work / "out"
+    return FinishedRun(work / "out", result.stdout)

@@ -7,24 +7,21 @@ the CLI's `main` in this process.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import run_cli, train_args, train_finished_run
+from conftest import FinishedRun, run_cli, train_args
+from damages import cut_images_short, truncate_weights
 from torch import nn
 
 from fmnist_dist.cli import main
-from fmnist_dist.inputs.idx import SPLIT_FILES, write_idx
 from fmnist_dist.recipe.model import NeuralNetwork
-from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
+from fmnist_dist.storage.run_dir import STATES_DIR
 
-IMAGES, LABELS = SPLIT_FILES["train"]
 PREFIX = "fmnist-dist: error: "
 QUIET = {"OMP_NUM_THREADS": "1"}  # one thread per process: faster on a small shared CPU
 
@@ -47,22 +44,11 @@ def assert_refused(returncode: int, stdout: str, stderr: str, *named: str) -> st
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def previous_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 1-epoch run: model.pth, metrics.jsonl, plots and a saved state."""
-    return train_finished_run(data_dir, tmp_path_factory, "previous")
-
-
 @pytest.fixture
-def output_dir(previous_run: Path, tmp_path: Path) -> Path:
-    """A copy of the previous run's output directory, for a command to leave alone."""
-    return Path(shutil.copytree(previous_run, tmp_path / "out"))
-
-
-@pytest.fixture
-def corrupt_data_dir(data_dir: Path, tmp_path: Path) -> Path:
-    """A copy of the synthetic dataset, for a test to damage."""
-    return Path(shutil.copytree(data_dir, tmp_path / "data"))
+def output_dir(one_epoch_run: FinishedRun, tmp_path: Path) -> Path:
+    """A copy of the session's finished 1-epoch run (model.pth, metrics.jsonl, plots, a saved state), for a
+    command to leave alone."""
+    return Path(shutil.copytree(one_epoch_run.output_dir, tmp_path / "out"))
 
 
 def train_refused(data: Path, output_dir: Path, *extra, named: tuple[str, ...] = ()) -> str:
@@ -75,63 +61,14 @@ def train_refused(data: Path, output_dir: Path, *extra, named: tuple[str, ...] =
 
 
 # ------------------------------------------------------------------------------------------- dataset files
+# Every damage of tests/damages.py is checked in this process by tests/test_damaged_inputs.py; one of the family
+# here, end to end.
 
 
-def cut_images_short(raw: Path) -> str:
-    path = raw / IMAGES
-    path.write_bytes(path.read_bytes()[:-1000])
-    return IMAGES
-
-
-def wrong_magic(raw: Path) -> str:
-    path = raw / IMAGES
-    path.write_bytes(b"\x00\x00\x0d\x03" + path.read_bytes()[4:])  # 0x0d: float32, not FashionMNIST's uint8
-    return IMAGES
-
-
-def header_claims_more_images(raw: Path) -> str:
-    path = raw / IMAGES
-    data = bytearray(path.read_bytes())
-    data[4:8] = (2000).to_bytes(4, "big")
-    path.write_bytes(bytes(data))
-    return IMAGES
-
-
-def empty_labels(raw: Path) -> str:
-    (raw / LABELS).write_bytes(b"")
-    return LABELS
-
-
-def label_out_of_range(raw: Path) -> str:
-    labels = np.fromfile(raw / LABELS, dtype=np.uint8, offset=8)
-    labels[17] = 10
-    write_idx(raw / LABELS, labels)
-    return LABELS
-
-
-def fewer_labels_than_images(raw: Path) -> str:
-    labels = np.fromfile(raw / LABELS, dtype=np.uint8, offset=8)
-    write_idx(raw / LABELS, labels[:-1])
-    return LABELS
-
-
-@pytest.mark.parametrize(
-    ("damage", "problem"),
-    [
-        (cut_images_short, "truncated"),
-        (wrong_magic, "magic number"),
-        (header_claims_more_images, "header"),
-        (empty_labels, "empty file"),
-        (label_out_of_range, "label 10 is outside 0-9"),
-        (fewer_labels_than_images, "1002 labels for 1003 images"),
-    ],
-)
-def test_damaged_dataset_file_is_refused(
-    damage: Callable[[Path], str], problem: str, corrupt_data_dir: Path, output_dir: Path
-) -> None:
-    name = damage(corrupt_data_dir / "FashionMNIST" / "raw")
+def test_damaged_dataset_file_is_refused(corrupt_data_dir: Path, output_dir: Path) -> None:
+    name = cut_images_short(corrupt_data_dir / "FashionMNIST" / "raw")
     # --overwrite: even a run allowed to replace the earlier run leaves it alone when its data is damaged.
-    train_refused(corrupt_data_dir, output_dir, "--overwrite", named=(name, problem, "download again"))
+    train_refused(corrupt_data_dir, output_dir, "--overwrite", named=(name, "truncated", "download again"))
 
 
 # ----------------------------------------------------------------------------------- output dir and resume
@@ -155,59 +92,11 @@ def test_resume_without_saved_state_is_refused(data_dir: Path, output_dir: Path)
     train_refused(data_dir, output_dir, "--resume", named=("--resume", "no saved training state", "without --resume"))
 
 
-def test_resume_from_a_directory_that_is_no_state_is_refused(data_dir: Path, output_dir: Path) -> None:
-    train_refused(data_dir, output_dir, "--resume", output_dir, named=(f"--resume {output_dir}", "not a saved"))
-
-
-def truncate_weights(state: Path) -> None:
-    weights = state / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-
-
-def edit_progress(position: dict | None = None, **fields: object) -> Callable[[Path], None]:
-    """Damage that reads as JSON: a progress.json with impossible values (a hand edit, say)."""
-
-    def damage(state: Path) -> None:
-        progress = json.loads((state / PROGRESS_FILE).read_text())
-        progress["position"].update(position or {})
-        progress.update(fields)
-        (state / PROGRESS_FILE).write_text(json.dumps(progress))
-
-    return damage
-
-
-@pytest.mark.parametrize(
-    "damage",
-    [
-        truncate_weights,
-        edit_progress({"samples_done": -500}),
-        edit_progress({"samples_done": 10**6}),
-        edit_progress({"epoch": -1}),
-        edit_progress({"global_step": 10**30}),
-        edit_progress(epoch_loss_sum=None),
-        edit_progress(epoch_samples=-5),
-        edit_progress(world_size=0),
-        edit_progress(metrics=None),
-        edit_progress(metrics=[{"epoch": "x"}]),
-    ],
-    ids=[
-        "truncated-weights",
-        "negative-position",
-        "position-past-the-data",
-        "negative-epoch",
-        "huge-step",
-        "loss-sum-null",
-        "negative-samples",
-        "world-size-0",
-        "metrics-null",
-        "metrics-record-foreign",
-    ],
-)
-def test_resume_from_a_damaged_state_is_refused(
-    damage: Callable[[Path], None], data_dir: Path, output_dir: Path
-) -> None:
+def test_resume_from_a_damaged_state_is_refused(data_dir: Path, output_dir: Path) -> None:
+    """Truncated weights, found only when Accelerate loads them, after the run is built; damaged progress.json
+    files are checked in this process by tests/test_damaged_inputs.py."""
     (state,) = (output_dir / STATES_DIR).iterdir()
-    damage(state)
+    truncate_weights(state)
     train_refused(data_dir, output_dir, "--resume", named=(str(state), "cannot be read", "--resume STATE_DIR"))
 
 

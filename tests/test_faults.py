@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    CPU_LAUNCH_CONFIG,
+    LONG_TRAIN_SIZE,
     TRAIN_SIZE,
+    accelerate_launch,
+    cli_command,
     cli_env,
     epoch_record,
-    free_port,
+    long_run_args,
     run_cli,
-    synthetic_data,
+    run_long_to_end,
     train_args,
 )
 
@@ -46,58 +48,15 @@ def files_in(directory: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------- SIGKILL, then resume
 
-KILL_TRAIN_SIZE = 3000
-KILL_BATCH = 8
-KILL_CHECKPOINT_EVERY = 40
-
-
-@pytest.fixture(scope="module")
-def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Enough small batches per epoch that a kill right after the first saved state lands mid-epoch."""
-    return synthetic_data(tmp_path_factory, "long", KILL_TRAIN_SIZE, 200, seed=1)
-
-
-def kill_args(data_dir: Path, output_dir: Path, *extra: str) -> list:
-    return train_args(
-        data_dir,
-        output_dir,
-        "--epochs",
-        "2",
-        "--batch-size",
-        KILL_BATCH,
-        "--no-progress",
-        "--checkpoint-every",
-        KILL_CHECKPOINT_EVERY,
-        *extra,
-    )
-
-
-def cli_command(processes: int) -> list[str]:
-    """`python -m fmnist_dist`, or `accelerate launch` of two gloo processes."""
-    if processes == 1:
-        return [sys.executable, "-m", "fmnist_dist"]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_LAUNCH_CONFIG),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "fmnist_dist",
-    ]
+# The killed run saves a state every 40 optimizer steps (the first ones mid-epoch); saving does not change the
+# weights, so it ends equal to the session's uninterrupted long run.
+KILL_CHECKPOINT_EVERY = "40"
 
 
 def run_quietly(command: list[str], args: list, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*command, *map(str, args)], cwd=cwd, env=cli_env(**QUIET), capture_output=True, text=True, timeout=300
     )
-
-
-def run_to_end(processes: int, args: list, cwd: Path) -> None:
-    result = run_quietly(cli_command(processes), args, cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def start_in_own_session(processes: int, args: list, cwd: Path) -> subprocess.Popen:
@@ -127,12 +86,12 @@ def read_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(processes: int, long_data_dir: Path, tmp_path: Path) -> None:
-    extra = ("--cpu",) if processes > 1 else ()
-    run_to_end(processes, kill_args(long_data_dir, tmp_path / "reference", *extra), tmp_path)
-
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(
+    processes: int, long_run_data_dir: Path, uninterrupted_long_runs: dict[int, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "killed"
-    process = start_in_own_session(processes, kill_args(long_data_dir, out, *extra), tmp_path)
+    args = long_run_args(long_run_data_dir, out, processes, "--checkpoint-every", KILL_CHECKPOINT_EVERY)
+    process = start_in_own_session(processes, args, tmp_path)
     try:
         wait_for_saved_state(process, out)
     finally:
@@ -141,13 +100,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(processes: int, long_dat
     assert not (out / "model.pth").exists()
     progress = json.loads((find_state(out, "latest") / PROGRESS_FILE).read_text())
     position = progress["position"]
-    assert position["epoch"] == 0 and 0 < position["samples_done"] < KILL_TRAIN_SIZE, progress
+    assert position["epoch"] == 0 and 0 < position["samples_done"] < LONG_TRAIN_SIZE, progress
 
-    run_to_end(processes, kill_args(long_data_dir, out, *extra, "--resume"), tmp_path)
-    expected, actual = read_weights(tmp_path / "reference"), read_weights(out)
+    run_long_to_end(long_run_data_dir, out, processes, "--checkpoint-every", KILL_CHECKPOINT_EVERY, "--resume")
+    reference = uninterrupted_long_runs[processes]
+    expected, actual = read_weights(reference), read_weights(out)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
-    reference_metrics = MetricsLog.read(tmp_path / "reference" / "metrics.jsonl")
+    reference_metrics = MetricsLog.read(reference / "metrics.jsonl")
     resumed_metrics = MetricsLog.read(out / "metrics.jsonl")
     assert [(r["train_loss"], r["test_accuracy"]) for r in resumed_metrics] == [
         (r["train_loss"], r["test_accuracy"]) for r in reference_metrics
@@ -252,13 +212,7 @@ def test_atomic_write_keeps_an_existing_files_permissions(tmp_path: Path) -> Non
 def test_two_process_job_ends_when_one_rank_fails(failing_rank: int, data_dir: Path, tmp_path: Path) -> None:
     """One rank raises at step 3 (injected by tests/helpers/fail_on_rank.py); the other must not wait forever."""
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_LAUNCH_CONFIG),
-        "--main_process_port",
-        str(free_port()),
+        *accelerate_launch(2),
         str(HELPERS / "fail_on_rank.py"),
         *map(str, train_args(data_dir, tmp_path / "out", "--cpu", "--no-progress")),
     ]

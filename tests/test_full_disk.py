@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, epoch_record, free_port, train_args, train_finished_run
+from conftest import FinishedRun, cli_command, cli_env, epoch_record, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.storage import strict_json
@@ -59,27 +58,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 1-epoch run's output directory, copied onto each small disk."""
-    return train_finished_run(data_dir, tmp_path_factory, "finished")
+def finished_run(one_epoch_run: FinishedRun) -> Path:
+    """The session's finished 1-epoch run's output directory, copied onto each small disk."""
+    return one_epoch_run.output_dir
 
 
 def resume_command(processes: int, args: list) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "fmnist_dist", *map(str, args)]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_LAUNCH_CONFIG),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "fmnist_dist",
-        *map(str, args),
-        "--cpu",
-    ]
+    return [*cli_command(processes), *map(str, args), *(["--cpu"] if processes > 1 else [])]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port, train_args
+from conftest import TRAIN_SIZE, accelerate_launch, cli_env, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import TrainingPosition
@@ -54,18 +54,7 @@ def train(
         (output_dir.parent / f"{output_dir.name}-records").mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(RECORDER), str(output_dir.parent / f"{output_dir.name}-records")]
     if processes > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(CPU_LAUNCH_CONFIG),
-            "--num_processes",
-            str(processes),
-            "--main_process_port",
-            str(free_port()),
-        ]
-        command = [*launcher, *(command[1:] if record else ["-m", "fmnist_dist"])]
+        command = [*accelerate_launch(processes), *(command[1:] if record else ["-m", "fmnist_dist"])]
     result = subprocess.run(
         [*command, *args], cwd=output_dir.parent, env=cli_env(), capture_output=True, text=True, timeout=300
     )

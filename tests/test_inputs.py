@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli, train_args
+from conftest import FinishedRun, run_cli
 from torchvision import datasets
 
 from fmnist_dist.cli import main
@@ -81,15 +81,6 @@ def refused(data: Path, capsys: pytest.CaptureFixture, *named: str, flags: tuple
 
 
 # ------------------------------------------------------------------------------------ raw files, both splits
-
-
-def test_a_missing_test_file_is_named_even_when_training_reads_the_train_split(
-    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    (raw_dir(data) / TEST_LABELS).unlink()
-    result = run_cli(train_args(data, tmp_path / "out", "--epochs", "1"), cwd=tmp_path)
-    one_error_line(result.returncode, result.stderr, TEST_LABELS, "incomplete", "all four", "--no-download")
-    assert not (tmp_path / "out" / "model.pth").exists()
 
 
 def test_a_partial_dataset_is_downloaded_whole_when_allowed(
@@ -359,8 +350,6 @@ def test_real_files_over_a_synthetic_dataset_are_not_called_synthetic(tmp_path: 
     assert not is_synthetic(tmp_path) and describe_dataset(tmp_path) is None
 
 
-def test_training_on_synthetic_data_says_so_at_start(data_dir: Path, tmp_path: Path) -> None:
-    result = run_cli(train_args(data_dir, tmp_path / "out", "--epochs", "1", "--no-progress"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    start_up = result.stdout.splitlines()[0]
+def test_training_on_synthetic_data_says_so_at_start(one_epoch_run: FinishedRun) -> None:
+    start_up = one_epoch_run.stdout.splitlines()[0]
     assert start_up.startswith("fmnist-dist: 1 process(es)") and "data: synthetic" in start_up

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, run_cli, train_args
+from conftest import cli_command, cli_env, run_cli, train_args
 from PIL import Image
 
 from fmnist_dist.cli import main
@@ -78,18 +78,7 @@ def run_on_terminal(command: Sequence[str], cwd: Path, timeout: float = 300, **e
 
 def launch_command(*args: object) -> list[str]:
     """What conftest's launch_cli runs: `accelerate launch` with launch/cpu.yaml, two gloo processes."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_LAUNCH_CONFIG),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "fmnist_dist",
-        *map(str, args),
-    ]
+    return [*cli_command(2), *map(str, args)]
 
 
 @pytest.fixture(scope="module")

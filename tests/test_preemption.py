@@ -7,39 +7,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, launch_command, run_cli, synthetic_data, train_args
+from conftest import (
+    LONG_TRAIN_SIZE,
+    FinishedRun,
+    cli_command,
+    cli_env,
+    long_run_args,
+    run_cli,
+    run_long_to_end,
+    train_args,
+)
 from processes import children
 
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
 from fmnist_dist.storage.training_state import complete_states
 
-LONG_TRAIN_SIZE = 12000  # 375 steps of 32 per epoch: a signal after the first epoch lands mid-way in the second
 FIRST_EPOCH_LINE = "epoch 1/2:"
 USAGE_ERROR = 2
-
-
-@pytest.fixture(scope="module")
-def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_data(tmp_path_factory, "long", LONG_TRAIN_SIZE, 200, seed=5)
-
-
-def command(processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "fmnist_dist"]
-    return launch_command([])
-
-
-def args(data_dir: Path, output_dir: Path, processes: int, *extra: str) -> list[str]:
-    flags = train_args(data_dir, output_dir, "--no-progress", "--resume", "auto", *extra)
-    return [str(a) for a in (*flags, *(["--cpu"] if processes > 1 else []))]
 
 
 def weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -48,19 +40,6 @@ def weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
-
-
-def run_to_end(data_dir: Path, output_dir: Path, processes: int) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [*command(processes), *args(data_dir, output_dir, processes)],
-        cwd=output_dir.parent,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def run_and_signal(
@@ -75,7 +54,7 @@ def run_and_signal(
     """Start the run; once a line starts with `after`, send `signum` to `target` ("run", "rank" 1 or "launcher")."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [*command(processes), *args(data_dir, output_dir, processes, *extra)],
+        [*cli_command(processes), *long_run_args(data_dir, output_dir, processes, *extra)],
         cwd=output_dir.parent,
         env=cli_env(),
         stdout=subprocess.PIPE,
@@ -94,15 +73,6 @@ def run_and_signal(
     finally:
         if process.poll() is None:
             process.kill()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(long_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """The same runs without a stop, on 1 and 2 processes."""
-    work = tmp_path_factory.mktemp("uninterrupted")
-    for processes in (1, 2):
-        run_to_end(long_data_dir, work / f"p{processes}", processes)
-    return {processes: work / f"p{processes}" for processes in (1, 2)}
 
 
 @pytest.mark.slow
@@ -128,10 +98,15 @@ def uninterrupted(long_data_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     ],
 )
 def test_a_signal_stops_every_process_at_one_step_with_a_state_and_resume_is_bit_identical(
-    processes: int, signum: int, target: str, long_data_dir: Path, uninterrupted: dict[int, Path], tmp_path: Path
+    processes: int,
+    signum: int,
+    target: str,
+    long_run_data_dir: Path,
+    uninterrupted_long_runs: dict[int, Path],
+    tmp_path: Path,
 ) -> None:
     out = tmp_path / "out"
-    code, output = run_and_signal(long_data_dir, out, processes, signum, target)
+    code, output = run_and_signal(long_run_data_dir, out, processes, signum, target)
 
     named = signum
     if processes == 1:
@@ -154,32 +129,32 @@ def test_a_signal_stops_every_process_at_one_step_with_a_state_and_resume_is_bit
     assert position["epoch"] == 1 and 0 < position["samples_done"] < LONG_TRAIN_SIZE, position
     assert not (out / "model.pth").exists()
 
-    run_to_end(long_data_dir, out, processes)
-    assert_bit_identical(weights(uninterrupted[processes]), weights(out))
+    run_long_to_end(long_run_data_dir, out, processes)
+    assert_bit_identical(weights(uninterrupted_long_runs[processes]), weights(out))
 
 
 @pytest.mark.slow
 def test_the_same_command_after_two_preemptions_ends_with_the_uninterrupted_model(
-    long_data_dir: Path, uninterrupted: dict[int, Path], tmp_path: Path
+    long_run_data_dir: Path, uninterrupted_long_runs: dict[int, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     for after in (FIRST_EPOCH_LINE, "fmnist-dist: resuming from"):
-        code, output = run_and_signal(long_data_dir, out, 1, signal.SIGTERM, "run", after)
+        code, output = run_and_signal(long_run_data_dir, out, 1, signal.SIGTERM, "run", after)
         assert code == PREEMPTED_EXIT_CODE, output
-    run_to_end(long_data_dir, out, 1)
+    run_long_to_end(long_run_data_dir, out, 1)
 
-    assert_bit_identical(weights(uninterrupted[1]), weights(out))
+    assert_bit_identical(weights(uninterrupted_long_runs[1]), weights(out))
     assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
 
 
 @pytest.mark.slow
 def test_a_signal_agreed_on_after_the_last_optimizer_step_lets_the_run_finish(
-    long_data_dir: Path, tmp_path: Path
+    long_run_data_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     # 10 optimizer steps of 1,200 images an epoch: sent during epoch 2, the stop is agreed on at step 20, its last.
     code, output = run_and_signal(
-        long_data_dir,
+        long_run_data_dir,
         out,
         1,
         signal.SIGTERM,
@@ -203,10 +178,10 @@ def digests(directory: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_diverged_run_keeps_the_good_model_and_valid_json(data_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    good = run_cli(train_args(data_dir, out, "--epochs", "1"), cwd=tmp_path)
-    assert good.returncode == 0, good.stderr
+def test_a_diverged_run_keeps_the_good_model_and_valid_json(
+    data_dir: Path, one_epoch_run: FinishedRun, tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(one_epoch_run.output_dir, tmp_path / "out"))  # a good run
     model_before = (out / "model.pth").read_bytes()
 
     diverged = run_cli(train_args(data_dir, out, "--epochs", "1", "--lr", "1000", "--overwrite"), cwd=tmp_path)
