@@ -251,13 +251,13 @@ def launch_two_nodes(
         for rank, args in enumerate(node_args)
     ]
     # Output goes to files, not pipes: a node blocked on a full pipe would stall the other in a collective.
-    outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
+    outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]  # noqa: SIM115 - read and closed after the job
     # A session per node, so that a timeout kills its ranks too and not only the launcher.
     nodes = [
         subprocess.Popen(
             command, cwd=cwd, env=cli_env(**env), stdout=out, stderr=err, text=True, start_new_session=True
         )
-        for command, (out, err) in zip(commands, outputs)
+        for command, (out, err) in zip(commands, outputs, strict=False)
     ]
     deadline = time.monotonic() + timeout
     try:
@@ -269,7 +269,7 @@ def launch_two_nodes(
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
     results = []
-    for command, node, files in zip(commands, nodes, outputs):
+    for command, node, files in zip(commands, nodes, outputs, strict=False):
         stdout, stderr = (_read_and_close(file) for file in files)
         results.append(subprocess.CompletedProcess(command, node.returncode, stdout, stderr))
     return results

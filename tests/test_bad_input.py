@@ -7,6 +7,7 @@ the CLI's `main` in this process.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from torch import nn
 
 from fmnist_dist.cli import main
 from fmnist_dist.recipe.model import NeuralNetwork
-from fmnist_dist.storage.run_dir import STATES_DIR
+from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
 
 PREFIX = "fmnist-dist: error: "
 QUIET = {"OMP_NUM_THREADS": "1"}  # one thread per process: faster on a small shared CPU

@@ -165,7 +165,7 @@ def launch_recorder(data_dir: Path, work: Path, seed: int) -> list[list[list[int
     )
     assert result.returncode == 0, result.stderr
     ranks = [json.loads((records / f"rank-{rank}.json").read_text()) for rank in range(2)]
-    return [list(epoch) for epoch in zip(*ranks)]
+    return [list(epoch) for epoch in zip(*ranks, strict=False)]
 
 
 @pytest.fixture(scope="module")

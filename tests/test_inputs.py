@@ -205,7 +205,7 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 def write_legacy_cache(data: Path, train: Pair, test: Pair) -> None:
     """processed/training.pt and test.pt as old torchvision versions wrote them: (uint8 images, int64 labels)."""
     processed_dir(data).mkdir(parents=True)
-    for name, pair in zip(LEGACY_FILES.values(), (train, test)):
+    for name, pair in zip(LEGACY_FILES.values(), (train, test), strict=False):
         torch.save(pair, processed_dir(data) / name)
 
 
@@ -252,7 +252,7 @@ def test_the_cache_check_accepts_exactly_the_label_dtypes_training_can_use(tmp_p
     images, labels = good_pair(4)
     for dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
         torch.save((images, labels.to(dtype)), tmp_path / "test.pt")
-        assert accepts(lambda: F.cross_entropy(torch.zeros(4, 10), labels.to(dtype)), RuntimeError) == accepts(
+        assert accepts(lambda: F.cross_entropy(torch.zeros(4, 10), labels.to(dtype)), RuntimeError) == accepts(  # noqa: B023 - called at once
             lambda: check_legacy_file(tmp_path / "test.pt"), UsageError
         ), dtype
 
@@ -290,7 +290,7 @@ def test_synthetic_data_force_replaces_symlinks_never_their_targets(data: Path, 
     outside, nowhere = tmp_path / "precious", tmp_path / "nowhere" / "made"
     outside.write_bytes(b"keep me")
     links = [raw_dir(data) / name for name in SPLIT_FILES["test"]]
-    for link, target in zip(links, (outside, nowhere)):
+    for link, target in zip(links, (outside, nowhere), strict=False):
         link.unlink()
         link.symlink_to(target)
     assert run_synthetic_data(data, "--force") == 0

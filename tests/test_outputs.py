@@ -231,7 +231,7 @@ def test_evaluate_json_has_per_class_accuracy_consistent_with_the_total(piped_jo
     assert list(report["per_class_accuracy"]) == list(CLASSES)
     labels = load_split(data_dir, train=False, download=False).targets.tolist()
     counts = [labels.count(c) for c in range(len(CLASSES))]
-    correct = sum(acc * n for acc, n in zip(report["per_class_accuracy"].values(), counts))
+    correct = sum(acc * n for acc, n in zip(report["per_class_accuracy"].values(), counts, strict=False))
     assert correct / sum(counts) == pytest.approx(report["accuracy"])
 
 

@@ -192,4 +192,4 @@ def test_a_diverged_run_keeps_the_good_model_and_valid_json(
     assert (out / "model.pth").read_bytes() == model_before
     for path in [*out.rglob("*.json"), *out.rglob("*.jsonl")]:
         for line in path.read_text().splitlines():
-            json.loads(line, parse_constant=lambda name: pytest.fail(f"{path} holds {name}"))
+            json.loads(line, parse_constant=lambda name: pytest.fail(f"{path} holds {name}"))  # noqa: B023 - called at once

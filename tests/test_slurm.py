@@ -11,6 +11,7 @@ FMNIST_DIST_REQUIRE_SLURM=1 (as `.ci/run` sets) they fail instead.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -375,7 +376,7 @@ def test_each_node_launches_one_process_per_gpu_or_as_many_as_asked_on_cpu_nodes
     launches = [(tmp_path / f"{node}.args").read_text().splitlines() for node in ("n1", "n2")]
     ports = set()
     for rank, args in enumerate(launches):
-        option = dict(zip(args, args[1:]))
+        option = dict(itertools.pairwise(args))
         assert args[:3] == ["launch", "--machine_rank", str(rank)]
         assert option["--config_file"] == str(REPO / "launch" / "multi-node.yaml")
         assert (option["--num_machines"], option["--num_processes"]) == ("2", str(2 * processes))
