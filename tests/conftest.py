@@ -281,6 +281,19 @@ def _read_and_close(file) -> str:
         return file.read()
 
 
+@pytest.fixture(autouse=True)
+def in_process_tests_start_no_program(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the two tiers apart: a test not marked `integration` runs in this process (forks included) and starts
+    no program, so that `pytest -m 'not integration'` stays the fast tier; one that does must be marked."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{request.node.nodeid} starts a program: mark it @pytest.mark.integration")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cluster: runs a real SLURM cluster or a real two-node launch")
 

@@ -66,6 +66,7 @@ def train_refused(data: Path, output_dir: Path, *extra, named: tuple[str, ...] =
 # here, end to end.
 
 
+@pytest.mark.integration
 def test_damaged_dataset_file_is_refused(corrupt_data_dir: Path, output_dir: Path) -> None:
     name = cut_images_short(corrupt_data_dir / "FashionMNIST" / "raw")
     # --overwrite: even a run allowed to replace the earlier run leaves it alone when its data is damaged.
@@ -75,12 +76,14 @@ def test_damaged_dataset_file_is_refused(corrupt_data_dir: Path, output_dir: Pat
 # ----------------------------------------------------------------------------------- output dir and resume
 
 
+@pytest.mark.integration
 def test_output_dir_that_is_a_file_is_refused(data_dir: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "results"
     blocker.write_bytes(b"someone else's file")
     train_refused(data_dir, blocker, named=(str(blocker), "--output-dir"))
 
 
+@pytest.mark.integration
 def test_output_dir_under_a_file_is_refused(data_dir: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "results"
     blocker.write_bytes(b"someone else's file")
@@ -88,11 +91,13 @@ def test_output_dir_under_a_file_is_refused(data_dir: Path, tmp_path: Path) -> N
     assert blocker.read_bytes() == b"someone else's file"
 
 
+@pytest.mark.integration
 def test_resume_without_saved_state_is_refused(data_dir: Path, output_dir: Path) -> None:
     shutil.rmtree(output_dir / STATES_DIR)
     train_refused(data_dir, output_dir, "--resume", named=("--resume", "no saved training state", "without --resume"))
 
 
+@pytest.mark.integration
 def test_resume_from_a_damaged_state_is_refused(data_dir: Path, output_dir: Path) -> None:
     """Truncated weights, found only when Accelerate loads them, after the run is built; damaged progress.json
     files are checked in this process by tests/test_damaged_inputs.py."""
@@ -101,6 +106,7 @@ def test_resume_from_a_damaged_state_is_refused(data_dir: Path, output_dir: Path
     train_refused(data_dir, output_dir, "--resume", named=(str(state), "cannot be read", "--resume STATE_DIR"))
 
 
+@pytest.mark.integration
 def test_resume_of_a_state_whose_saved_settings_no_flag_would_take_is_refused(data_dir: Path, output_dir: Path) -> None:
     # The family's end-to-end case; tests/test_settings.py checks each kind of value in-process.
     (state,) = (output_dir / STATES_DIR).iterdir()
@@ -118,6 +124,7 @@ def test_resume_of_a_state_whose_saved_settings_no_flag_would_take_is_refused(da
 # --------------------------------------------------------------------------------------------------- flags
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("flag", "value"),
     [
@@ -246,6 +253,7 @@ def test_bad_checkpoint_is_refused(
     assert files_in(tmp_path) == before
 
 
+@pytest.mark.integration
 def test_checkpoint_that_would_run_code_is_refused_without_running_it(data_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "model.pth"

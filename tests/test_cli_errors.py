@@ -11,6 +11,8 @@ from conftest import run_cli, train_args
 
 from fmnist_dist.recipe.model import NeuralNetwork
 
+pytestmark = pytest.mark.integration  # real processes: see tests/conftest.py
+
 USAGE_ERROR = 2
 PREFIX = "fmnist-dist: error:"
 

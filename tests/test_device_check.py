@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, cli_env
 
+pytestmark = pytest.mark.integration  # real processes: see tests/conftest.py
+
 DEVICE_CHECK = REPO / "benchmarks" / "device_check.py"
 # The rows of every run, by the start of their first column (the quick run on the CPU has each of them once).
 EXPECTED_ROWS = (

@@ -14,6 +14,8 @@ from conftest import CPU_LAUNCH_CONFIG, TEST_SIZE, TRAIN_SIZE, cli_env, free_por
 
 from fmnist_dist.storage.metrics_log import MetricsLog
 
+pytestmark = pytest.mark.integration  # real processes: see tests/conftest.py
+
 EPOCHS = 2
 DEVICE_LINE = "process(es) on"
 RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"

@@ -91,6 +91,7 @@ def test_not_run_markers_precede_runnable_blocks() -> None:
     assert not misplaced
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES_TO_RUN, ids=[str(p.relative_to(REPO)) for p in PAGES_TO_RUN])
 def test_command_blocks_run(page: Path, tmp_path: Path) -> None:
@@ -157,6 +158,7 @@ def test_cli_reference_names_every_flag() -> None:
                 assert f"`{flag}`" in reference, (name, flag)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_site_builds_strictly(tmp_path: Path) -> None:
     """`mkdocs build --strict`: a broken link, a page missing from the navigation or a bad anchor fails."""

@@ -142,6 +142,7 @@ def ranks(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_prepared_fast_batches_equal_to_tensor_batches_on_every_rank(ranks: list[dict]) -> None:
     batches_per_rank = EPOCHS * -(-TRAIN_SIZE // (2 * BATCH_SIZE))  # Accelerate pads the last round to full batches
@@ -154,6 +155,7 @@ def test_prepared_fast_batches_equal_to_tensor_batches_on_every_rank(ranks: list
             assert batch["shape"] == [BATCH_SIZE, 1, 28, 28]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_prepared_ranks_get_different_shuffled_batches(ranks: list[dict]) -> None:
     labels = [[batch["labels"] for batch in seen["batches"]] for seen in ranks]

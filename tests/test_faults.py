@@ -84,6 +84,7 @@ def read_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(output_dir / "model.pth", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(
@@ -167,6 +168,7 @@ def test_failed_metrics_append_leaves_previous_metrics_intact(tmp_path: Path, di
     assert MetricsLog.read(path) == [epoch_record()]
 
 
+@pytest.mark.integration
 def test_process_dying_mid_write_leaves_previous_model_loadable(tmp_path: Path) -> None:
     path = tmp_path / "model.pth"
     torch.save(NeuralNetwork().state_dict(), path)
@@ -207,6 +209,7 @@ def test_atomic_write_keeps_an_existing_files_permissions(tmp_path: Path) -> Non
 # ------------------------------------------------------------------------------------------------ no hangs
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("failing_rank", [1, 0])
 def test_two_process_job_ends_when_one_rank_fails(failing_rank: int, data_dir: Path, tmp_path: Path) -> None:
@@ -242,6 +245,7 @@ def test_two_process_job_ends_when_one_rank_fails(failing_rank: int, data_dir: P
 # ------------------------------------------------------------------------------------------------- file modes
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("umask", [0o002, 0o077], ids=["umask-002", "umask-077"])
 def test_every_file_a_run_writes_gets_the_mode_the_umask_gives(umask: int, data_dir: Path, tmp_path: Path) -> None:
     old = os.umask(umask)  # the CLI's process inherits it
@@ -263,6 +267,7 @@ def test_every_file_a_run_writes_gets_the_mode_the_umask_gives(umask: int, data_
 # ---------------------------------------------------------------------------- a kill mid-replacement of a state
 
 
+@pytest.mark.integration
 def test_a_kill_while_a_state_of_the_same_step_is_replaced_resumes_from_that_step(
     data_dir: Path, tmp_path: Path
 ) -> None:

@@ -67,6 +67,7 @@ def resume_command(processes: int, args: list) -> list[str]:
     return [*cli_command(processes), *map(str, args), *(["--cpu"] if processes > 1 else [])]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
 def test_state_save_on_a_full_disk_is_one_line_and_leaves_no_debris(
@@ -97,6 +98,7 @@ def test_state_save_on_a_full_disk_is_one_line_and_leaves_no_debris(
     assert files_in(output_dir) == before
 
 
+@pytest.mark.integration
 def test_a_plot_that_cannot_be_written_leaves_the_previous_one(finished_run: Path, small_disk: Path) -> None:
     output_dir = Path(shutil.copytree(finished_run, small_disk / "out"))
     before = files_in(output_dir)

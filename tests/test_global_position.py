@@ -134,6 +134,7 @@ def two_process_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_global_batch_size_gives_the_same_model_on_1_2_and_3_processes(
     data_dir: Path, reference: Path, two_process_run: Path, tmp_path: Path
@@ -146,6 +147,7 @@ def test_global_batch_size_gives_the_same_model_on_1_2_and_3_processes(
     assert [r["global_batch_size"] for r in metrics(three)] == [GLOBAL_BATCH] * 2
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize(("saved_by", "resumed_on"), [(1, 2), (2, 1), (2, 3)], ids=["1-on-2", "2-on-1", "2-on-3"])
 def test_a_mid_epoch_state_resumes_exactly_on_another_world_size(
@@ -170,6 +172,7 @@ def test_a_mid_epoch_state_resumes_exactly_on_another_world_size(
 # ------------------------------------------------------------------------------------- gradient accumulation
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_accumulating_3_batches_of_64_equals_a_batch_of_192(data_dir: Path, tmp_path: Path) -> None:
     # 1003 images: neither 64 nor 192 divides them, so the last step has 43 images in one short micro-batch.
@@ -182,6 +185,7 @@ def test_accumulating_3_batches_of_64_equals_a_batch_of_192(data_dir: Path, tmp_
     assert metrics(accumulated)[0]["global_step"] == metrics(large)[0]["global_step"] == 6
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_resume_from_every_state_with_accumulation_is_bit_identical(
@@ -245,6 +249,7 @@ def resume_copy(run: Path, work: Path, data_dir: Path, *flags: str) -> tuple[Pat
     return work, train(data_dir, work, 1, "--resume", *flags)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_resume_without_flags_continues_with_the_saved_settings(
     warmup_run: Path, data_dir: Path, tmp_path: Path
@@ -256,6 +261,7 @@ def test_resume_without_flags_continues_with_the_saved_settings(
     assert [r["lr"] for r in metrics(out)] == [r["lr"] for r in metrics(warmup_run)]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_resume_with_a_new_lr_applies_it_and_says_so(warmup_run: Path, data_dir: Path, tmp_path: Path) -> None:
     out, result = resume_copy(warmup_run, tmp_path / "resumed", data_dir, "--lr", "1e-9", "--lr-schedule", "constant")

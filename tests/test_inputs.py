@@ -299,6 +299,7 @@ def test_synthetic_data_force_replaces_symlinks_never_their_targets(data: Path, 
     assert len(datasets.FashionMNIST(root=str(data), train=False)) == 10
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("make", "kind"), [(Path.mkdir, "is a directory"), (os.mkfifo, "not a regular file")], ids=["directory", "fifo"]
 )
@@ -350,6 +351,7 @@ def test_real_files_over_a_synthetic_dataset_are_not_called_synthetic(tmp_path: 
     assert not is_synthetic(tmp_path) and describe_dataset(tmp_path) is None
 
 
+@pytest.mark.integration
 def test_training_on_synthetic_data_says_so_at_start(one_epoch_run: FinishedRun) -> None:
     start_up = one_epoch_run.stdout.splitlines()[0]
     assert start_up.startswith("fmnist-dist: 1 process(es)") and "data: synthetic" in start_up

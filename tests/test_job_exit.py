@@ -44,6 +44,7 @@ def test_a_closed_stream_drops_its_output_instead_of_raising() -> None:
     stream.flush()
 
 
+@pytest.mark.integration
 def test_a_run_with_stdout_closed_at_start_writes_nothing_into_its_files(data_dir: Path, tmp_path: Path) -> None:
     # Without a descriptor 1, the first file opened would get it, and the epoch lines would go into it.
     args = " ".join(map(str, train_args(data_dir, tmp_path / "out", "--epochs", "1", "--no-progress")))

@@ -37,6 +37,7 @@ def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic_data(tmp_path_factory, "long", 20000, 100, seed=4)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_killing_the_launcher_stops_every_rank(long_data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
@@ -81,6 +82,7 @@ def test_killing_the_launcher_stops_every_rank(long_data_dir: Path, tmp_path: Pa
     assert named_as_states == complete and complete
 
 
+@pytest.mark.integration
 def test_a_process_started_by_a_launcher_ends_with_it(tmp_path: Path) -> None:
     """A stand-in launcher (a plain parent) starts a rank, then dies by SIGKILL: the rank gets SIGTERM."""
     rank = (
@@ -131,6 +133,7 @@ def start_training(args: list, cwd: Path, stdout, stderr) -> subprocess.Popen:
     )
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_closed_stdout_neither_stops_training_nor_skips_a_save(data_dir: Path, tmp_path: Path) -> None:
     """`fmnist-dist train ... | head -2`: once head has its lines, the epoch lines go nowhere and training goes on."""
@@ -154,6 +157,7 @@ def test_a_closed_stdout_neither_stops_training_nor_skips_a_save(data_dir: Path,
     assert progress["position"]["epoch"] == 3, progress
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="chattr +i needs root")
 def test_an_output_dir_made_immutable_mid_run_ends_in_the_real_error_and_at_most_one_warning(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import run_cli
 from torchvision import datasets
@@ -23,6 +24,7 @@ QUICKSTART_SHAPES = {
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
+@pytest.mark.integration
 def test_synthetic_data_writes_the_files_torchvision_reads(tmp_path: Path) -> None:
     result = run_cli(["synthetic-data", "--out", "syn", "--train-size", "230", "--test-size", "170"], cwd=tmp_path)
 

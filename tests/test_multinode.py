@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import launch_cli, launch_two_nodes, train_args
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,7 @@ def earlier_run(finished_run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(finished_run, tmp_path / "out"))
 
 
+@pytest.mark.integration
 def test_rerun_without_resume_is_refused_and_changes_nothing(data_dir: Path, earlier_run: Path) -> None:
     before = hashes(earlier_run)
     result = run_cli(train_args(data_dir, earlier_run, "--epochs", "1"), cwd=earlier_run.parent, **QUIET)
@@ -90,6 +91,7 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(data_dir: Path, ear
     assert hashes(earlier_run) == before  # byte for byte, nothing added, and the lock file named no job again
 
 
+@pytest.mark.integration
 def test_overwrite_starts_afresh_and_removes_only_what_fmnist_dist_wrote(data_dir: Path, earlier_run: Path) -> None:
     assert states(earlier_run) == ["step-000000032", "step-000000064"]
     unrelated = {
@@ -118,6 +120,7 @@ def test_overwrite_starts_afresh_and_removes_only_what_fmnist_dist_wrote(data_di
     assert_released(earlier_run)
 
 
+@pytest.mark.integration
 def test_an_unrelated_state_folder_survives_a_new_run(data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     own = {output_dir / STATES_DIR / "plan.txt": b"my notes", output_dir / STATES_DIR / "old" / "x.bin": b"\0" * 10}
@@ -143,6 +146,7 @@ def busy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic_data(tmp_path_factory, "busy", BUSY_TRAIN_SIZE, 100, seed=3)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_two_jobs_started_together_one_runs_the_other_refuses(busy_data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
@@ -189,6 +193,7 @@ def _race_for_the_lock(
         barrier.wait()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lock_file_left", [False, True], ids=["fresh", "left-by-a-killed-job"])
 def test_of_jobs_racing_for_a_directory_one_holds_it_and_every_other_names_it(
     tmp_path: Path, lock_file_left: bool
@@ -273,6 +278,7 @@ def immutable(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
         subprocess.run(["chattr", "-i", str(directory)], check=True)
 
 
+@pytest.mark.integration
 def test_releasing_the_lock_of_a_directory_made_unwritable_never_hides_the_error_that_ended_the_job(
     tmp_path: Path, immutable: Callable[[Path], None]
 ) -> None:

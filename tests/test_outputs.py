@@ -93,12 +93,14 @@ def piped_job(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Job:
 # Progress and per-epoch lines
 
 
+@pytest.mark.integration
 def test_no_progress_bar_when_output_is_not_a_terminal(piped_job: Job) -> None:
     for mark in BAR_MARKS:
         assert mark not in piped_job.stderr
     assert [line.split(":")[0] for line in summary_lines(piped_job.stdout)] == ["epoch 1/2", "epoch 2/2"]
 
 
+@pytest.mark.integration
 def test_terminal_shows_one_bar_per_epoch_from_the_main_process_only(data_dir: Path, tmp_path: Path) -> None:
     returncode, output = run_on_terminal(
         launch_command(*train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", str(EPOCHS), "--log-every", "2")),
@@ -111,6 +113,7 @@ def test_terminal_shows_one_bar_per_epoch_from_the_main_process_only(data_dir: P
     assert len(summary_lines(output)) == EPOCHS  # printed by the main process alone
 
 
+@pytest.mark.integration
 def test_no_progress_flag_removes_the_bar_on_a_terminal(data_dir: Path, tmp_path: Path) -> None:
     returncode, output = run_on_terminal(
         [
@@ -137,11 +140,13 @@ def assert_png(path: Path, size_inches: tuple[float, float]) -> None:
         image.verify()
 
 
+@pytest.mark.integration
 def test_training_writes_curves_and_confusion_pngs(piped_job: Job) -> None:
     assert_png(piped_job.output_dir / "curves.png", CURVES_SIZE)
     assert_png(piped_job.output_dir / "confusion.png", CONFUSION_SIZE)
 
 
+@pytest.mark.integration
 def test_plot_command_redraws_the_pngs_from_metrics(piped_job: Job, tmp_path: Path, capsys) -> None:
     shutil.copy(piped_job.output_dir / "metrics.jsonl", tmp_path)
     assert main(["plot", str(tmp_path)]) == 0
@@ -163,6 +168,7 @@ def test_plot_without_usable_metrics_is_a_one_line_usage_error(tmp_path: Path, c
 # Inference
 
 
+@pytest.mark.integration
 def test_predict_image_file_matches_the_same_test_image_by_index(
     piped_job: Job, data_dir: Path, tmp_path: Path, capsys
 ) -> None:
@@ -183,6 +189,7 @@ def test_predict_image_file_matches_the_same_test_image_by_index(
     assert lines == [f"{dark}: {by_index}", f"{light}: {by_index}"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode,size", [("L", (300, 180)), ("RGBA", (20, 20)), ("P", (64, 97)), ("RGB", (28, 28))])
 def test_predict_takes_images_of_any_size_and_colour_mode(
     piped_job: Job, tmp_path: Path, capsys, mode: str, size: tuple[int, int]
@@ -196,6 +203,7 @@ def test_predict_takes_images_of_any_size_and_colour_mode(
     assert line.startswith(f"{path}: ") and predicted in CLASSES and line.endswith("%)")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("content", [b"not an image", None], ids=["not-an-image", "missing"])
 def test_predict_bad_image_file_is_a_one_line_usage_error(
     piped_job: Job, tmp_path: Path, capsys, content: bytes | None
@@ -210,6 +218,7 @@ def test_predict_bad_image_file_is_a_one_line_usage_error(
     assert captured.err.startswith(f"fmnist-dist: error: cannot read image {path}")
 
 
+@pytest.mark.integration
 def test_evaluate_json_has_per_class_accuracy_consistent_with_the_total(piped_job: Job, data_dir: Path) -> None:
     result = run_cli(
         [
@@ -235,6 +244,7 @@ def test_evaluate_json_has_per_class_accuracy_consistent_with_the_total(piped_jo
     assert correct / sum(counts) == pytest.approx(report["accuracy"])
 
 
+@pytest.mark.integration
 def test_evaluate_prints_one_line_per_class(piped_job: Job, data_dir: Path) -> None:
     result = run_cli(
         [

@@ -31,6 +31,7 @@ def refused_line(result) -> str:
     return lines[0]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("flags", "env", "source"),
     [
@@ -48,6 +49,7 @@ def test_fp16_on_the_cpu_is_refused_instead_of_training_in_fp32(
     assert not (tmp_path / "out" / "model.pth").exists() and not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_fp8_from_accelerate_launch_is_refused_without_a_backend(data_dir: Path, tmp_path: Path) -> None:
     """`accelerate launch --mixed_precision fp8` sets ACCELERATE_MIXED_PRECISION=fp8; Accelerate then refuses
     with a ValueError when neither transformer_engine, MS-AMP nor torchao is installed."""
@@ -67,6 +69,7 @@ def test_fp8_with_a_backend_installed_is_refused_on_the_cpu() -> None:
         check_precision_runs(accelerator, flag_given=False)
 
 
+@pytest.mark.integration
 def test_bf16_and_the_thread_count_are_reported_as_in_effect(data_dir: Path, tmp_path: Path) -> None:
     result = run_cli(
         train_args(
@@ -111,6 +114,7 @@ def test_threads_flag_is_applied_and_exported(restore_threads) -> None:
     assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
+@pytest.mark.integration
 def test_threads_flag_holds_in_processes_a_launcher_started_without_omp_num_threads(
     data_dir: Path, tmp_path: Path
 ) -> None:

@@ -30,6 +30,8 @@ from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
 from fmnist_dist.storage.training_state import complete_states
 
+pytestmark = pytest.mark.integration  # real processes: see tests/conftest.py
+
 FIRST_EPOCH_LINE = "epoch 1/2:"
 USAGE_ERROR = 2
 

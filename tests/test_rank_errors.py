@@ -18,7 +18,7 @@ from processes import children
 
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROMPT_S = 120  # well under the 10-minute collective timeout a waiting process would otherwise sit out
 QUIET = {"OMP_NUM_THREADS": "1"}

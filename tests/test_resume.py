@@ -130,10 +130,12 @@ def resumed_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     }
 
 
+@pytest.mark.integration
 def test_resumed_model_is_bit_identical_to_a_straight_run(straight_run: Path, resumed_run: dict) -> None:
     assert_bit_identical(load_weights(straight_run), load_weights(resumed_run["out"]))
 
 
+@pytest.mark.integration
 def test_resume_starts_from_the_end_of_the_second_epoch(resumed_run: dict) -> None:
     steps_per_epoch = -(-TRAIN_SIZE // BATCH)
     assert resumed_run["saved_progress"]["position"]["epoch"] == STOP_AFTER
@@ -142,6 +144,7 @@ def test_resume_starts_from_the_end_of_the_second_epoch(resumed_run: dict) -> No
     assert len(resumed_run["metrics_after_stop"]) == STOP_AFTER
 
 
+@pytest.mark.integration
 def test_resumed_metrics_have_one_line_per_epoch_matching_the_straight_run(
     straight_run: Path, resumed_run: dict
 ) -> None:
@@ -152,6 +155,7 @@ def test_resumed_metrics_have_one_line_per_epoch_matching_the_straight_run(
     assert resumed[:STOP_AFTER] == resumed_run["metrics_after_stop"]
 
 
+@pytest.mark.integration
 def test_resume_continues_the_same_wandb_run(resumed_run: dict) -> None:
     run_id = resumed_run["saved_progress"]["tracker_run_id"]
     assert run_id
@@ -162,6 +166,7 @@ def test_resume_continues_the_same_wandb_run(resumed_run: dict) -> None:
     assert final_progress["tracker_run_id"] == run_id
 
 
+@pytest.mark.integration
 def test_keep_states_keeps_only_the_newest(resumed_run: dict) -> None:
     steps_per_epoch = -(-TRAIN_SIZE // BATCH)
     saved_at = set(range(CHECKPOINT_EVERY, EPOCHS * steps_per_epoch + 1, CHECKPOINT_EVERY))
@@ -222,10 +227,12 @@ def two_process_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return {"straight": work / "straight", "resumed": work / "resumed"}
 
 
+@pytest.mark.integration
 def test_two_process_resumed_model_is_bit_identical(two_process_runs: dict[str, Path]) -> None:
     assert_bit_identical(load_weights(two_process_runs["straight"]), load_weights(two_process_runs["resumed"]))
 
 
+@pytest.mark.integration
 def test_two_process_resumed_metrics_match_the_straight_run(two_process_runs: dict[str, Path]) -> None:
     straight, resumed = read_metrics(two_process_runs["straight"]), read_metrics(two_process_runs["resumed"])
     assert len(resumed) == EPOCHS
@@ -256,6 +263,7 @@ def progress_of(state: Path) -> dict:
     return json.loads((state / PROGRESS_FILE).read_text())
 
 
+@pytest.mark.integration
 def test_a_run_resumed_from_an_older_state_is_the_run_that_resume_auto_continues(
     data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
 ) -> None:
@@ -293,6 +301,7 @@ def test_a_run_resumed_from_an_older_state_is_the_run_that_resume_auto_continues
     assert "changed: epochs 1 -> 2" in again.stdout  # the branch's batch of 64 is the saved one
 
 
+@pytest.mark.integration
 def test_a_new_seed_is_refused_mid_epoch_and_taken_at_an_epoch_end(
     data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
 ) -> None:
@@ -319,6 +328,7 @@ def test_a_new_seed_is_refused_mid_epoch_and_taken_at_an_epoch_end(
     assert "seed 0 -> 7" in taken.stdout
 
 
+@pytest.mark.integration
 def test_a_finished_run_missing_its_model_and_plots_gets_them_from_a_resume_with_nothing_to_train(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -337,6 +347,7 @@ def test_a_finished_run_missing_its_model_and_plots_gets_them_from_a_resume_with
     assert all((out / name).stat().st_size > 0 for name in ("curves.png", "confusion.png"))
 
 
+@pytest.mark.integration
 def test_copies_the_user_made_beside_the_states_are_never_resumed_or_pruned(
     data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
 ) -> None:

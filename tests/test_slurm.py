@@ -27,7 +27,7 @@ import pytest
 import torch
 from conftest import REPO, cli_env, launch_cli, synthetic_data, train_args
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
 
 CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
 SBATCH_SCRIPT = REPO / "launch" / "slurm.sbatch"

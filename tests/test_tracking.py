@@ -136,11 +136,13 @@ def every_epoch_job(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return _tracked_job(run_cli, data_dir, tmp_path_factory.mktemp("wandb-every-epoch"), "--log-samples-every-epoch")
 
 
+@pytest.mark.integration
 def test_a_two_process_job_makes_exactly_one_offline_run(launched_job: TrackedJob) -> None:
     assert len(launched_job.run_dirs) == 1, [p.name for p in launched_job.run_dirs]
     assert len(launched_job.of_type("run")) == 1
 
 
+@pytest.mark.integration
 def test_the_run_records_every_epochs_test_metrics(launched_job: TrackedJob) -> None:
     records = MetricsLog.read(launched_job.output_dir / "metrics.jsonl")
     logged = [json.loads(row["test/accuracy"]) for row in launched_job.history() if "test/accuracy" in row]
@@ -149,29 +151,34 @@ def test_the_run_records_every_epochs_test_metrics(launched_job: TrackedJob) -> 
     assert all("test/loss" in row for row in launched_job.history() if "test/accuracy" in row)
 
 
+@pytest.mark.integration
 def test_run_name_group_and_tags_come_from_the_flags(launched_job: TrackedJob) -> None:
     run = launched_job.run_record()
     assert (run.display_name, run.run_group, list(run.tags)) == (RUN_NAME, RUN_GROUP, TAGS)
 
 
+@pytest.mark.integration
 def test_the_run_config_records_the_world_size(launched_job: TrackedJob) -> None:
     config = {item.key: json.loads(item.value_json) for r in launched_job.of_type("config") for item in r.config.update}
     assert config["world_size"] == 2
     assert config["epochs"] == EPOCHS
 
 
+@pytest.mark.integration
 def test_log_model_stores_model_pth_as_a_model_artifact(launched_job: TrackedJob) -> None:
     models = [a for a in launched_job.artifacts() if a.type == "model"]
     assert len(models) == 1
     assert [entry.path for entry in models[0].manifest.contents] == ["model.pth"]
 
 
+@pytest.mark.integration
 def test_samples_and_confusion_matrix_are_logged_once_at_the_end_by_default(launched_job: TrackedJob) -> None:
     last_epoch = _steps_with(launched_job, "test/accuracy")[-1]
     assert _steps_with(launched_job, "test/predictions/_type") == [last_epoch]
     assert _steps_with(launched_job, "test/confusion_matrix_table/_type") == [last_epoch]
 
 
+@pytest.mark.integration
 def test_log_samples_every_epoch_logs_them_after_every_epoch(every_epoch_job: TrackedJob) -> None:
     epochs = _steps_with(every_epoch_job, "test/accuracy")
     assert len(epochs) == EPOCHS
@@ -179,6 +186,7 @@ def test_log_samples_every_epoch_logs_them_after_every_epoch(every_epoch_job: Tr
     assert _steps_with(every_epoch_job, "test/confusion_matrix_table/_type") == epochs
 
 
+@pytest.mark.integration
 def test_samples_table_shows_test_images_with_predicted_and_true_labels(every_epoch_job: TrackedJob) -> None:
     (run_dir,) = every_epoch_job.run_dirs
     last = _logged_tables(every_epoch_job, "test/predictions")[-1]
@@ -189,10 +197,12 @@ def test_samples_table_shows_test_images_with_predicted_and_true_labels(every_ep
         assert image == "Image" and predicted in CLASSES and true in CLASSES
 
 
+@pytest.mark.integration
 def test_no_model_artifact_without_log_model(every_epoch_job: TrackedJob) -> None:
     assert not [a for a in every_epoch_job.artifacts() if a.type == "model"]
 
 
+@pytest.mark.integration
 def test_training_goes_on_when_wandb_cannot_start(data_dir: Path, tmp_path: Path) -> None:
     result = run_cli(
         train_args(data_dir, tmp_path / "out", "--cpu", "--epochs", "1", "--tracker", "wandb"),
@@ -208,6 +218,7 @@ def test_training_goes_on_when_wandb_cannot_start(data_dir: Path, tmp_path: Path
     assert len(MetricsLog.read(tmp_path / "out" / "metrics.jsonl")) == 1
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [

@@ -65,11 +65,13 @@ def load_plain(path: Path) -> NeuralNetwork:
     return model.eval()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_training_reaches_accuracy_far_above_chance(trained_run: Path) -> None:
     assert read_metrics(trained_run)[-1]["test_accuracy"] > 0.6  # chance is 0.1
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_metrics_file_has_one_line_per_epoch_with_every_required_key(trained_run: Path) -> None:
     records = read_metrics(trained_run)
@@ -83,6 +85,7 @@ def test_metrics_file_has_one_line_per_epoch_with_every_required_key(trained_run
         assert record["train_seconds"] > 0 and record["eval_seconds"] > 0 and record["train_samples_per_second"] > 0
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_saved_model_loads_with_weights_only_into_a_fresh_network(trained_run: Path) -> None:
     model = load_plain(trained_run / "model.pth")  # raises on a missing, extra or misshapen tensor
@@ -90,6 +93,7 @@ def test_saved_model_loads_with_weights_only_into_a_fresh_network(trained_run: P
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_saved_model_accuracy_matches_evaluate_and_the_last_epoch(trained_run: Path, learnable_data_dir: Path) -> None:
     test_set = datasets.FashionMNIST(root=str(learnable_data_dir), train=False, download=False, transform=ToTensor())
@@ -142,6 +146,7 @@ def all_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: floa
     return all(torch.allclose(a[key], b[key], rtol=0, atol=atol) for key in a)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_gradient_accumulation_steps_like_a_batch_that_many_times_larger(even_data_dir: Path, tmp_path: Path) -> None:
     accumulated = train_weights(

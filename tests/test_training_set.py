@@ -110,11 +110,13 @@ def refused(work: Path, data: str, *named: str) -> str:
     return lines[0]
 
 
+@pytest.mark.integration
 def test_a_state_records_the_training_set_it_was_trained_on(work: Path) -> None:
     recorded = saved_training_data(work)
     assert recorded == {"data_dir": "data", "fingerprint": fingerprint(load_split(work / "data", True, False))}
 
 
+@pytest.mark.integration
 def test_a_state_is_not_resumed_on_another_data_dir_of_the_same_size(work: Path) -> None:
     write_synthetic_dataset(work / "other", TRAIN_SIZE, TEST_SIZE, seed=7)
     saved = saved_training_data(work)["fingerprint"]
@@ -122,6 +124,7 @@ def test_a_state_is_not_resumed_on_another_data_dir_of_the_same_size(work: Path)
     assert fingerprint(load_split(work / "other", True, False)) in line
 
 
+@pytest.mark.integration
 def test_a_state_is_not_resumed_on_files_replaced_in_place(work: Path, capsys: pytest.CaptureFixture) -> None:
     saved = saved_training_data(work)["fingerprint"]
     replace = ["synthetic-data", "--out", str(work / "data"), "--seed", "7", "--force"]
@@ -131,12 +134,14 @@ def test_a_state_is_not_resumed_on_files_replaced_in_place(work: Path, capsys: p
     assert fingerprint(load_split(work / "data", True, False)) in line
 
 
+@pytest.mark.integration
 def test_the_same_images_in_another_directory_resume(work: Path) -> None:
     shutil.copytree(work / "data", work / "moved")
     result = resume(work, "moved", "--epochs", "1")  # nothing left to train: it checks, and finishes
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.integration
 def test_a_state_saved_before_fingerprints_is_checked_by_its_image_count_only(work: Path) -> None:
     for state in complete_states(work / "out" / STATES_DIR):
         progress = json.loads((state / PROGRESS_FILE).read_text())
@@ -148,6 +153,7 @@ def test_a_state_saved_before_fingerprints_is_checked_by_its_image_count_only(wo
     refused(work, "smaller", f"saved training on {TRAIN_SIZE} images", f"has {TRAIN_SIZE - 1}")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damaged", [5, {"data_dir": "data"}, {"data_dir": "data", "fingerprint": None}])
 def test_a_damaged_training_set_record_is_refused_in_one_line(work: Path, damaged) -> None:
     [state] = complete_states(work / "out" / STATES_DIR)

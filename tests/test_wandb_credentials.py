@@ -17,7 +17,7 @@ from test_outputs import run_on_terminal
 
 from fmnist_dist.tracking.wandb_tracker import INIT_TIMEOUT_SECONDS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FAKE_KEY = "0123456789abcdef" * 3  # 48 characters: well formed, wrong everywhere
 WANDB_CLI = Path(sys.executable).parent / "wandb"
