@@ -15,10 +15,12 @@ reasons, at the end of the pytest run, and by `python tests/test_docs.py`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,14 +142,9 @@ def test_readme_links_point_into_the_clone() -> None:
 
 def test_cli_reference_names_every_flag() -> None:
     """The generated reference holds every subcommand and flag of the parser (it is built from it)."""
-    sys.path.insert(0, str(DOCS / "hooks"))
-    try:
-        from generated_reference import cli_reference
-    finally:
-        sys.path.remove(str(DOCS / "hooks"))
     from fmnist_dist.cli import build_parser
 
-    reference = cli_reference()
+    reference = _hooks().cli_reference()
     subcommands = build_parser()._subparsers._group_actions[0].choices  # argparse has no public accessor
     for name, parser in subcommands.items():
         assert f"## `fmnist-dist {name}`" in reference
@@ -156,6 +153,18 @@ def test_cli_reference_names_every_flag() -> None:
                 continue
             for flag in action.option_strings:
                 assert f"`{flag}`" in reference, (name, flag)
+
+
+def test_metrics_reference_has_a_row_per_field() -> None:
+    """The generated metrics.jsonl table has one row per `EpochRecord` field, in the JSON's order, with its tracker
+    name; a field without its line in the docstring's Attributes: fails the build instead."""
+    from fmnist_dist.storage.metrics_log import TRACKER_KEY, EpochRecord
+
+    cells = [[cell.strip() for cell in row.split(" | ")] for row in _hooks().metrics_fields().splitlines()[2:]]
+    fields = dataclasses.fields(EpochRecord)
+    assert [row[0] for row in cells] == [f"| `{f.name}`" for f in fields]
+    tracker_names = [f"`{f.metadata[TRACKER_KEY]}`" if TRACKER_KEY in f.metadata else "" for f in fields]
+    assert [row[3] for row in cells] == tracker_names
 
 
 @pytest.mark.integration
@@ -172,6 +181,16 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "resume" in (tmp_path / "site" / "search" / "search_index.json").read_text()
+
+
+def _hooks() -> types.ModuleType:
+    """docs/hooks/generated_reference.py, the MkDocs hook that generates the reference pages (not a package)."""
+    sys.path.insert(0, str(DOCS / "hooks"))
+    try:
+        import generated_reference
+    finally:
+        sys.path.remove(str(DOCS / "hooks"))
+    return generated_reference
 
 
 def _sandbox(root: Path) -> Path:

@@ -5,6 +5,8 @@ A page holds a marker comment where the generated text goes:
     <!-- generated: cli -->            every subcommand and flag of `fmnist_dist.cli.build_parser()`
     <!-- generated: run-directory -->  the tree of an output directory that `fmnist_dist.storage.run_dir` declares
     <!-- generated: progress-fields --> the fields of a state's progress.json, from the `Progress` docstring
+    <!-- generated: metrics-fields --> the fields of a metrics.jsonl record: `EpochRecord`'s fields, their types,
+                                       tracker names and `Attributes:` docstring
 
 Nothing between or around the markers is generated; a marker the hook does not know fails the build.
 """
@@ -13,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import os
 import re
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MARKER = re.compile(r"<!-- generated: ([a-z-]+) -->")
 TYPE_NAMES = {int: "integer", float: "number", Path: "path", str: "text"}
+JSON_TYPE_NAMES = {int: "integer", str: "string"}
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
@@ -29,7 +35,12 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 
 def _generator(name: str) -> Callable[[], str]:
-    generators = {"cli": cli_reference, "run-directory": run_directory_tree, "progress-fields": progress_fields}
+    generators = {
+        "cli": cli_reference,
+        "run-directory": run_directory_tree,
+        "progress-fields": progress_fields,
+        "metrics-fields": metrics_fields,
+    }
     if name not in generators:
         raise ValueError(f"unknown generated section {name!r}; known: {', '.join(generators)}")
     return generators[name]
@@ -62,18 +73,70 @@ def progress_fields() -> str:
     """A list of the fields of a state's progress.json: the `Attributes:` section of `Progress`'s docstring."""
     from fmnist_dist.storage.training_state import Progress
 
-    doc = inspect.getdoc(Progress) or ""
+    return "\n".join(f"- {', '.join(f'`{name}`' for name in names)}: {text}" for names, text in _attributes(Progress))
+
+
+def metrics_fields() -> str:
+    """A table of the fields of a metrics.jsonl record, one row per field of `EpochRecord`, in the JSON's order.
+
+    Raises:
+        ValueError: a field lacks its line under `Attributes:` in `EpochRecord`'s docstring, or a line there
+            names no field.
+    """
+    from fmnist_dist.storage.metrics_log import TRACKER_KEY, EpochRecord
+
+    described = {name: text for names, text in _attributes(EpochRecord) for name in names}
+    fields = dataclasses.fields(EpochRecord)
+    if undocumented := sorted({f.name for f in fields} ^ described.keys()):
+        raise ValueError(f"EpochRecord's fields and the Attributes: of its docstring differ in: {undocumented}")
+    hints = typing.get_type_hints(EpochRecord)
+    rows = [
+        f"| `{f.name}` | {_json_type(hints[f.name])} | {_always_there(f)} | "
+        f"{f'`{f.metadata[TRACKER_KEY]}`' if TRACKER_KEY in f.metadata else ''} | {described[f.name]} |"
+        for f in fields
+    ]
+    header = "| field | type | in every record | name in the tracker | what |\n| --- | --- | --- | --- | --- |"
+    return "\n".join([header, *rows])
+
+
+def _attributes(cls: type) -> list[tuple[list[str], str]]:
+    """The `Attributes:` section of a class's docstring: each item's names (`a, b: ...` names two) and text."""
+    doc = inspect.getdoc(cls) or ""
     if "Attributes:" not in doc:
-        raise ValueError("Progress's docstring has no Attributes: section to generate progress.json's fields from")
+        raise ValueError(f"{cls.__name__}'s docstring has no Attributes: section to generate its fields from")
     section = inspect.cleandoc(doc.split("Attributes:", 1)[1])
     items = re.split(r"\n(?=\S)", section)  # an attribute starts a line; its continuation lines are indented
-    return "\n".join(_attribute_item(item) for item in items if item.strip())
+    return [_attribute(item) for item in items if item.strip()]
 
 
-def _attribute_item(item: str) -> str:
+def _attribute(item: str) -> tuple[list[str], str]:
     names, _, text = item.partition(": ")
-    described = " ".join(text.split())
-    return "- " + ", ".join(f"`{name.strip()}`" for name in names.split(",")) + f": {described}"
+    return [name.strip() for name in names.split(",")], " ".join(text.split())
+
+
+def _json_type(hint: object) -> str:
+    """How a field's type reads in the JSON: `int | None` is an integer, null where a float was not finite."""
+    kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] if _is_optional(hint) else [hint]
+    (kind,) = kinds
+    if kind is float:
+        return "number, or null where not finite"
+    if typing.get_origin(kind) is list:  # the confusion matrix, one row and one column per class
+        from fmnist_dist.recipe.model import CLASSES
+
+        return f"{len(CLASSES)} x {len(CLASSES)} integers"
+    if kind not in JSON_TYPE_NAMES:
+        raise ValueError(f"no JSON name for the type {kind!r} of an EpochRecord field; add it to JSON_TYPE_NAMES")
+    return JSON_TYPE_NAMES[kind]
+
+
+def _is_optional(hint: object) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _always_there(field: dataclasses.Field) -> str:
+    # A field with a default is one that older versions did not write: their records lack it.
+    required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    return "yes" if required else "not in older versions' records"
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:

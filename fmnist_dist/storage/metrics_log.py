@@ -36,7 +36,27 @@ class EpochRecord:
     version wrote (what `plot` draws); the others are None in the records of older versions, which did not write
     them, and then stay out of the JSON. A number that is not finite (a diverged loss) is null in the JSON (strict
     JSON) and None when read back. A new metric is one field: None by default (older records lack it), with
-    `_tracked(key)` as its metadata if trackers show it.
+    `_tracked(key)` as its metadata if trackers show it, and a line under Attributes (the docs' field table is
+    generated from them).
+
+    Attributes:
+        epoch: the epoch, from 1.
+        global_step: optimizer steps trained by the end of the epoch, over the whole run.
+        lr: the learning rate after the epoch's last optimizer step.
+        train_loss: the epoch's mean training loss, over every image of it and all processes.
+        test_loss: the mean loss on the test set.
+        test_accuracy: the fraction of test images classified right, 0 to 1.
+        test_samples: test images evaluated (each exactly once, whatever the number of processes).
+        train_samples: training images of the epoch.
+        train_seconds: wall time of the epoch's training (for a resumed epoch, of the part trained since the resume).
+        eval_seconds: wall time of the evaluation.
+        train_samples_per_second: images trained per second by the whole job in this invocation.
+        world_size: processes of the job.
+        global_batch_size: images per optimizer step, over all processes and accumulation steps.
+        mixed_precision: the precision in effect: "no", "fp16", "bf16" or "fp8".
+        cpu_threads: torch CPU threads per process.
+        confusion_matrix: test images counted by true class (row) and predicted class (column), both in the order
+            of `recipe.model.CLASSES`.
     """
 
     epoch: int = field(metadata=_tracked("epoch"))
