@@ -62,6 +62,23 @@ from fmnist_dist.training.resume import plan_start
 REPO = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 64
 LR = 1e-3  # the quickstart's SGD settings, for every row
+# What `fmnist-dist train` is given in rows d and the 2-process job: the quickstart's SGD (batch, rate, no
+# momentum, a constant rate without warm-up), untracked and without a progress bar.
+QUICKSTART_SGD_FLAGS = [
+    "--batch-size",
+    str(BATCH_SIZE),
+    "--lr",
+    str(LR),
+    "--momentum",
+    "0",
+    "--lr-schedule",
+    "constant",
+    "--warmup-epochs",
+    "0",
+    "--tracker",
+    "none",
+    "--no-progress",
+]
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000
 WARMUP_BATCHES = 100
 
@@ -248,19 +265,7 @@ def end_to_end_row(data_dir: Path, device: torch.device, output_dir: Path, args:
         str(args.process_epochs),
         "--threads",
         str(args.threads),
-        "--batch-size",
-        str(BATCH_SIZE),
-        "--lr",
-        str(LR),
-        "--momentum",
-        "0",
-        "--lr-schedule",
-        "constant",
-        "--warmup-epochs",
-        "0",
-        "--tracker",
-        "none",
-        "--no-progress",
+        *QUICKSTART_SGD_FLAGS,
         "--overwrite",
     ] + (["--cpu"] if device.type == "cpu" else [])
     args.end_to_end_command = "fmnist-dist " + " ".join(command[3:])
@@ -389,19 +394,7 @@ def two_process_cpu(data_dir: Path, output_dir: Path, repeats: int) -> dict:
         str(output_dir),
         "--epochs",
         str(epochs),
-        "--batch-size",
-        str(BATCH_SIZE),
-        "--lr",
-        str(LR),
-        "--momentum",
-        "0",
-        "--lr-schedule",
-        "constant",
-        "--warmup-epochs",
-        "0",
-        "--tracker",
-        "none",
-        "--no-progress",
+        *QUICKSTART_SGD_FLAGS,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "LOCAL_RANK"))}
     env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_DISABLE_RICH="1", WANDB_MODE="offline")
