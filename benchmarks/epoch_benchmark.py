@@ -294,17 +294,18 @@ def floor_process_row(data_dir: Path, device: torch.device, args: argparse.Names
     ]
 
     def epoch(_: int) -> tuple[float, int]:
-        seconds = json.loads(run_child(command, "the floor process").splitlines()[-1])
-        return statistics.median(seconds), TRAIN_SIZE
+        measured = json.loads(run_child(command, "the floor process").splitlines()[-1])
+        return statistics.median(measured["seconds"]), measured["images"]
 
     return epoch
 
 
 def floor_process(data_dir: Path, device: torch.device, epochs: int) -> int:
-    """Row c' inside its own process: print the seconds of each epoch after the first, as one JSON list."""
+    """Row c' inside its own process: print the seconds of each epoch after the first and the images of one epoch,
+    as one JSON object."""
     epoch = floor_row(data_dir, device)
-    seconds = [epoch(e)[0] for e in range(epochs)][1:]
-    print(json.dumps(seconds))
+    measured = [epoch(e) for e in range(epochs)][1:]
+    print(json.dumps({"seconds": [seconds for seconds, _ in measured], "images": measured[0][1]}))
     return 0
 
 
