@@ -52,9 +52,6 @@ REPO = Path(__file__).resolve().parent.parent
 EPOCH_BENCHMARK = REPO / "benchmarks" / "epoch_benchmark.py"
 DEVICES = ("cpu", "cuda", "mps", "xpu")
 USAGE_ERROR = 2
-# README "Preemption": the processes agree on stopping every 20 optimizer steps (one tiny gather, which reads the
-# agreed flags on the host); those steps are allowed their reads.
-STOP_CHECK_EVERY = 20
 DEFAULT_BATCH = 64  # `train`'s default batch (per process), which every row here uses
 NEVER_LOGS = 10**9  # a --log-every beyond any run here: no step logs
 CHILD_MARK = "device-check-child: "  # the line by which a child reports to this script
@@ -226,7 +223,13 @@ class ProbeResult:
 
 
 def quiet_step(step: int, steps_per_epoch: int, log_every: int) -> bool:
-    """Whether the stretch after optimizer step `step` (a step counted from 1) has no reason to read a value."""
+    """Whether the stretch after optimizer step `step` (a step counted from 1) has no reason to read a value.
+
+    The processes agree on stopping every STOP_CHECK_EVERY optimizer steps (one tiny gather, whose flags are read on
+    the host): those steps are allowed their reads, as are logged steps and epoch ends.
+    """
+    from fmnist_dist.training.trainer import STOP_CHECK_EVERY  # the package's own cadence, imported where it is used
+
     return step > 0 and all(step % every for every in (STOP_CHECK_EVERY, log_every, steps_per_epoch))
 
 
