@@ -155,6 +155,22 @@ def test_cli_reference_names_every_flag() -> None:
                 assert f"`{flag}`" in reference, (name, flag)
 
 
+def test_cli_reference_gives_each_declared_flags_range_and_default() -> None:
+    """Ranges, defaults and help come from the settings' declarations: train's flags hold no argparse default (a
+    flag not given stays out of the namespace), and their --help adds "(default: ...)" to the help."""
+    reference = _hooks().cli_reference()
+    train = reference.split("## `fmnist-dist evaluate`")[0]
+    rows = {row.split(" | ")[0].removeprefix("| "): row for row in train.splitlines() if row.startswith("| `--")}
+    assert rows["`--epochs`"] == "| `--epochs` | passes over the training set | `5` | integer, 1 to 2^31-1 |"
+    assert rows["`--momentum`"].endswith("| `0.9` | number, at least 0, below 1 |")
+    assert rows["`--lr`"].endswith("| `0.12` | number, more than 0, at most 3.403e+38 |")
+    assert rows["`--num-workers`"].endswith("| `0` | integer, 0 to the machine's CPU count |")
+    assert rows["`--output-dir`"].endswith("| `checkpoints` | non-empty path |")
+    assert rows["`--resume`"].endswith("|  | `auto` \\| `STATE_DIR`, may also be given without a value |")
+    assert "==SUPPRESS==" not in reference
+    assert "| `--train-size` | training images (1-1000000) | `60000` | integer, 1 to 1000000 |" in reference
+
+
 def test_metrics_reference_has_a_row_per_field() -> None:
     """The generated metrics.jsonl table has one row per `EpochRecord` field, in the JSON's order, with its tracker
     name; a field without its line in the docstring's Attributes: fails the build instead."""

@@ -2,7 +2,8 @@
 
 A page holds a marker comment where the generated text goes:
 
-    <!-- generated: cli -->            every subcommand and flag of `fmnist_dist.cli.build_parser()`
+    <!-- generated: cli -->            every subcommand and flag of `fmnist_dist.cli.build_parser()`, with the
+                                       range and default each flag's declaration gives (`fmnist_dist.settings`)
     <!-- generated: run-directory -->  the tree of an output directory that `fmnist_dist.storage.run_dir` declares
     <!-- generated: progress-fields --> the fields of a state's progress.json, from the `Progress` docstring
     <!-- generated: metrics-fields --> the fields of a metrics.jsonl record: `EpochRecord`'s fields, their types,
@@ -17,15 +18,22 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import math
 import os
 import re
 import types
 import typing
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fmnist_dist.settings.declaration import Setting
 
 MARKER = re.compile(r"<!-- generated: ([a-z-]+) -->")
-TYPE_NAMES = {int: "integer", float: "number", Path: "path", str: "text"}
+# The values of a flag, by the name of its argparse `type`.
+TYPE_NAMES = {"int": "integer", "float": "number", "Path": "path", "nonempty_path": "non-empty path", "str": "text"}
+# The limits of the machine a command runs on (a `Bounds.high` that is a function), by the function's name.
+MACHINE_LIMITS = {"_cpu_count": "the machine's CPU count"}
 JSON_TYPE_NAMES = {int: "integer", str: "string"}
 
 
@@ -51,9 +59,10 @@ def cli_reference() -> str:
     from fmnist_dist.cli import build_parser
 
     parser = build_parser()
-    sections = [_usage(parser), _options_table(parser)]
+    sections = [_usage(parser), _options_table(parser, {})]
     for name, subparser in _subcommands(parser):
-        sections += [f"## `{parser.prog} {name}`", _help_of(parser, name), _usage(subparser), _options_table(subparser)]
+        sections += [f"## `{parser.prog} {name}`", _help_of(parser, name), _usage(subparser)]
+        sections += [_options_table(subparser, _declarations(name, subparser))]
         sections += _exclusive_groups(subparser)
     return "\n\n".join(section for section in sections if section)
 
@@ -176,8 +185,23 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _options_table(parser: argparse.ArgumentParser) -> str:
-    rows = [_row(action) for action in parser._actions if _documented(action)]
+def _declarations(command: str, parser: argparse.ArgumentParser) -> dict[str, tuple[Setting, object]]:
+    """`{dest: (Setting, default)}` for each flag of a subcommand that is declared in `fmnist_dist.settings`.
+
+    train's flags are TrainConfig's fields (argparse holds no default for them: a flag not given stays out of the
+    namespace); the other subcommands keep theirs in the parser's `declared` default, which the CLI checks.
+    """
+    from fmnist_dist.settings.train_config import DEFAULTS, SETTINGS
+
+    if command == "train":
+        return {name: (declared, DEFAULTS[name]) for name, declared in SETTINGS.items()}
+    defaults = {action.dest: action.default for action in parser._actions}
+    declared_flags = parser.get_default("declared") or {}
+    return {dest: (declared, defaults[dest]) for dest, (_, declared) in declared_flags.items()}
+
+
+def _options_table(parser: argparse.ArgumentParser, declarations: dict[str, tuple[Setting, object]]) -> str:
+    rows = [_row(action, declarations.get(action.dest)) for action in parser._actions if _documented(action)]
     if not rows:
         return ""
     header = "| option | what | default | values |\n| --- | --- | --- | --- |"
@@ -190,24 +214,30 @@ def _documented(action: argparse.Action) -> bool:
     return action.help is not argparse.SUPPRESS and not isinstance(action, hidden)
 
 
-def _row(action: argparse.Action) -> str:
+def _row(action: argparse.Action, declaration: tuple[Setting, object] | None) -> str:
+    """One flag's row; a declared flag's help, default and range come from its declaration."""
     names = ", ".join(f"`{name}`" for name in action.option_strings) or f"`{action.metavar or action.dest}`"
-    cells = [names, _help_text(action), _default(action), _values(action)]
+    if declaration is None:
+        cells = [names, _help_text(action.help), _default(action, action.default), _values(action)]
+    else:
+        declared, default = declaration
+        values = ", ".join([_values(action), *([_range(declared)] if declared.bounds else [])])
+        cells = [names, _help_text(declared.help), _default(action, default), values]
     return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
 
 
-def _help_text(action: argparse.Action) -> str:
-    text = (action.help or "").replace("%(prog)s", "fmnist-dist")
+def _help_text(help: str | None) -> str:
+    text = (help or "").replace("%(prog)s", "fmnist-dist")
     return text.replace("%%", "%")
 
 
-def _default(action: argparse.Action) -> str:
+def _default(action: argparse.Action, default: object) -> str:
     if action.required:
         return "required"
-    # A switch has no value; None and [] mean "not given", and the help says what then happens.
-    if action.nargs == 0 or action.default is None or action.default == []:
+    # A switch has no value; None and an empty list mean "not given", and the help says what then happens.
+    if action.nargs == 0 or default is None or default in ([], ()):
         return ""
-    return f"`{action.default}`"
+    return f"`{default}`"
 
 
 def _values(action: argparse.Action) -> str:
@@ -216,10 +246,13 @@ def _values(action: argparse.Action) -> str:
     parts = []
     if action.choices:
         parts.append(" | ".join(f"`{choice}`" for choice in action.choices))  # the row escapes the bars
-    elif action.type is not None:
-        parts.append(TYPE_NAMES.get(action.type, getattr(action.type, "__name__", str(action.type))))
-    elif action.metavar:  # "auto|STATE_DIR": the bar stays outside the code spans, where the row escapes it
+    elif action.metavar and "|" in action.metavar:
+        # "auto|STATE_DIR" lists the values, which says more than their type; the bar stays outside the code
+        # spans, where the row escapes it.
         parts.append(" | ".join(f"`{value}`" for value in action.metavar.split("|")))
+    elif action.type is not None:
+        name = getattr(action.type, "__name__", str(action.type))
+        parts.append(TYPE_NAMES.get(name, name))
     else:
         parts.append("text")
     if action.nargs in ("+", "*"):
@@ -227,6 +260,44 @@ def _values(action: argparse.Action) -> str:
     elif action.nargs == "?":
         parts.append("may also be given without a value")
     return ", ".join(parts)
+
+
+def _range(declared: Setting) -> str:
+    """A declared number's range in words ("1 to 2^31-1", "at least 0, below 1"), from its `Bounds`."""
+    from fmnist_dist.settings.declaration import WHOLE
+
+    bounds = declared.bounds
+    assert bounds is not None
+    low, low_open, high, high_open = bounds.low, bounds.low_open, bounds.high, bounds.high_open
+    if declared.kind is WHOLE:  # the open end of a range of whole numbers is the next whole number inside
+        if low_open:
+            low, low_open = low + 1, False
+        if high_open and not callable(high):
+            high, high_open = high - 1, False
+    if not callable(high) and high == math.inf:
+        return f"more than {_number(low)}" if low_open else f"{_number(low)} or more"
+    if not (low_open or high_open):
+        return f"{_number(low)} to {_limit(high)}"
+    above = f"{'more than' if low_open else 'at least'} {_number(low)}"
+    return f"{above}, {'below' if high_open else 'at most'} {_limit(high)}"
+
+
+def _limit(high: float | Callable[[], float]) -> str:
+    """An upper end: a number, or the machine limit a function stands for (its value here is not the reader's)."""
+    if not callable(high):
+        return _number(high)
+    name = getattr(high, "__name__", repr(high))
+    if name not in MACHINE_LIMITS:
+        raise ValueError(f"no words for the machine limit {name} of a setting's Bounds; add it to MACHINE_LIMITS")
+    return MACHINE_LIMITS[name]
+
+
+def _number(value: float) -> str:
+    # 2^31-1 reads better than 2147483647; a float (float32's largest) in four digits.
+    if isinstance(value, int):
+        below_a_power_of_two = value + 1 > 2**16 and (value + 1) & value == 0
+        return f"2^{value.bit_length()}-1" if below_a_power_of_two else str(value)
+    return f"{value:.4g}"
 
 
 def _exclusive_groups(parser: argparse.ArgumentParser) -> list[str]:
