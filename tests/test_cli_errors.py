@@ -10,6 +10,7 @@ import torch
 from conftest import run_cli, train_args
 
 from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.storage.run_dir import LOCK_FILE, LOCK_GATE_FILE
 
 pytestmark = pytest.mark.integration  # real processes: see tests/conftest.py
 
@@ -28,7 +29,12 @@ def previous_results(tmp_path: Path) -> Path:
 
 
 def file_contents(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file's bytes, but the lock's two files: any job that opens the directory leaves them in place."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name not in (LOCK_FILE, LOCK_GATE_FILE)
+    }
 
 
 def assert_refused(args: list, cwd: Path, culprit: str, output_dir: Path) -> None:
