@@ -110,8 +110,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
     reference_metrics = MetricsLog.read(reference / "metrics.jsonl")
     resumed_metrics = MetricsLog.read(out / "metrics.jsonl")
-    assert [(r["train_loss"], r["test_accuracy"]) for r in resumed_metrics] == [
-        (r["train_loss"], r["test_accuracy"]) for r in reference_metrics
+    assert [(r.train_loss, r.test_accuracy) for r in resumed_metrics] == [
+        (r.train_loss, r.test_accuracy) for r in reference_metrics
     ]
 
 
