@@ -30,7 +30,9 @@ from fmnist_dist.inputs.idx import (
 )
 from fmnist_dist.inputs.synthetic import is_synthetic
 
-OFFLINE_HINT = "with no network, `fmnist-dist synthetic-data --out DIR` writes a synthetic stand-in to pass as --data-dir DIR"
+OFFLINE_HINT = (
+    "with no network, `fmnist-dist synthetic-data --out DIR` writes a synthetic stand-in to pass as --data-dir DIR"
+)
 # The label dtypes cross_entropy takes as class indices (others fail mid-training: "expected target dtype").
 LABEL_DTYPES = (torch.int64, torch.uint8)
 
