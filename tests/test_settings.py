@@ -10,6 +10,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
+from conftest import epoch_record
 
 from fmnist_dist.cli import build_parser, main
 from fmnist_dist.errors import UsageError
@@ -102,6 +103,7 @@ def saved_state(out: Path, position: TrainingPosition, **config: object) -> Path
         per_process_batch=64,
         global_batch_size=64,
         config=saved,
+        metrics=[epoch_record(epoch=epoch) for epoch in range(1, position.epoch + 1)],  # one per epoch trained
         save_index=1,
     )
     (state / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))

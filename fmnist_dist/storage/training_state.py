@@ -216,10 +216,12 @@ def _progress_problem(progress: Progress) -> str | None:
             return f"{name} is {value!r}, not a whole number from {least} to {MAX_COUNT}"
     if position.samples_done > progress.dataset_size:
         return f"position.samples_done {position.samples_done} is past the {progress.dataset_size} training images"
-    for name in ("epoch_loss_sum", "epoch_samples"):
-        value = getattr(progress, name)
-        if not (is_number(value) and 0 <= value < math.inf):
-            return f"{name} is {value!r}, not a finite number of at least 0"
+    if not (is_number(progress.epoch_loss_sum) and 0 <= progress.epoch_loss_sum < math.inf):
+        return f"epoch_loss_sum is {progress.epoch_loss_sum!r}, not a finite number of at least 0"
+    samples = progress.epoch_samples
+    # A whole count; states saved before it was kept as an int hold it as a float (480.0).
+    if not (is_number(samples) and 0 <= samples <= MAX_COUNT and float(samples).is_integer()):
+        return f"epoch_samples is {samples!r}, not a whole number from 0 to {MAX_COUNT}"
     if not (isinstance(progress.config, dict) and isinstance(progress.metrics, list)):
         return "its config is not an object or its metrics not a list"
     if not (progress.tracker_run_id is None or isinstance(progress.tracker_run_id, str)):
@@ -230,6 +232,12 @@ def _progress_problem(progress: Progress) -> str | None:
     for number, record in enumerate(progress.metrics, 1):
         if problem := metrics_record_problem(record):
             return f"its record of epoch {number}: {problem}"
+    # One record per finished epoch, in order: the job reports and plots the last one as the run's result.
+    if len(progress.metrics) != position.epoch:
+        return f"it holds {len(progress.metrics)} epoch record(s) for the {position.epoch} epoch(s) it has trained"
+    for number, record in enumerate(progress.metrics, 1):
+        if record["epoch"] != number:
+            return f"its record of epoch {number} says epoch {record['epoch']}"
     return None
 
 
