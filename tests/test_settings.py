@@ -158,6 +158,13 @@ def test_a_bad_saved_value_replaced_by_a_flag_is_not_refused(tmp_path: Path) -> 
     assert start.cfg.lr == 0.05
 
 
+@pytest.mark.parametrize("saved", [{"overwrite": "yes"}, {"download": 3}, {"progress": None}, {"resume": 5}])
+def test_saved_per_invocation_settings_are_never_used_so_never_refused(saved: dict, tmp_path: Path) -> None:
+    saved_state(tmp_path / "out", AT_EPOCH_END, **saved)
+    start = plan_start(TrainConfig(output_dir=tmp_path / "out", resume="auto"), frozenset({"output_dir", "resume"}))
+    assert start.changed == {}
+
+
 def test_limits_of_this_machine_do_not_refuse_what_another_machine_saved(tmp_path: Path) -> None:
     saved_state(tmp_path / "out", AT_EPOCH_END, num_workers=10**6)  # never carried over
     start = plan_start(TrainConfig(output_dir=tmp_path / "out", resume="auto"), frozenset({"output_dir", "resume"}))
