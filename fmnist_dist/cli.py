@@ -15,7 +15,6 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
 import fmnist_dist
@@ -194,7 +193,7 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     _add_declared(parser, {**_checkpoint_flag(), **_data_flags()})
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--index", type=int, nargs="+", help="test-set indices")
-    what.add_argument("--image", type=Path, nargs="+", help="image files (PNG, JPEG; any size)")
+    what.add_argument("--image", type=nonempty_path, nargs="+", help="image files (PNG, JPEG; any size)")
     parser.add_argument(
         "--background",
         choices=BACKGROUNDS,

@@ -78,6 +78,8 @@ def one_error_line(capsys: pytest.CaptureFixture, argv: list[str], *named: str) 
         ["evaluate", "--data-dir", ""],
         ["synthetic-data", "--out", ""],
         ["plot", ""],
+        ["predict", "--image", ""],
+        ["predict", "--image", "shirt.png", ""],
     ],
     ids=lambda argv: "-".join(a.strip("-") for a in argv if a)[:40],
 )
