@@ -409,6 +409,14 @@ def set_momentum(index: int, value: Callable[[torch.Tensor], torch.Tensor]) -> C
             lambda s: rewrite_optimizer(s, lambda o: o["param_groups"][0].update(params=[0, 1])),
             "is for 2 parameters, the model has 4",
         ),
+        (
+            lambda s: rewrite_optimizer(s, lambda o: o["param_groups"][0].update(maximize=True)),
+            "its optimizer's maximize is True, not False",
+        ),
+        (
+            lambda s: rewrite_optimizer(s, lambda o: o["param_groups"][0].update(nesterov=True)),
+            "its optimizer's nesterov is True, not False",
+        ),
     ],
     ids=[
         "weight-dtype",
@@ -419,6 +427,8 @@ def set_momentum(index: int, value: Callable[[torch.Tensor], torch.Tensor]) -> C
         "momentum-shape",
         "momentum-inf",
         "params",
+        "maximize",
+        "nesterov",
     ],
 )
 def test_a_restored_tensor_that_does_not_fit_is_refused_in_one_line_naming_the_state(

@@ -42,6 +42,9 @@ from fmnist_dist.storage.run_dir import (
     trash_state,
 )
 
+# The options of an optimizer's parameter group that a resumed run sets itself after the restore: the rate (the
+# schedule), momentum and weight decay (the settings), the schedule's base rate; and the parameters.
+RESET_AFTER_RESTORE = frozenset({"lr", "initial_lr", "momentum", "weight_decay", "params"})
 OLD_RUN_ID = "wandb_run_id"  # progress.json's name of `tracker_run_id` in states of earlier versions
 
 
@@ -329,6 +332,12 @@ def _check_optimizer_state(
     indices = [index for group in saved["param_groups"] for index in group["params"]]
     if len(indices) != len(params):
         raise _misfit(state_dir, f"its optimizer state is for {len(indices)} parameters, the model has {len(params)}")
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=False):
+        # torch takes every saved option of a group (nesterov, maximize, dampening, ...) over the optimizer's own;
+        # only those the run sets again after the restore may differ (a different option is another optimizer).
+        for key in group.keys() & saved_group.keys() - RESET_AFTER_RESTORE:
+            if saved_group[key] != group[key]:
+                raise _misfit(state_dir, f"its optimizer's {key} is {saved_group[key]!r}, not {group[key]!r}")
     for index, param in zip(indices, params, strict=True):
         for key, value in saved["state"].get(index, {}).items():
             like = param if isinstance(value, torch.Tensor) and value.dim() > 0 else value  # a step count: a scalar
