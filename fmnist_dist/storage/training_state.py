@@ -265,6 +265,10 @@ def find_state(output_dir: Path, resume: str) -> Path | None:
 
 
 def _named_state(path: Path, root: Path) -> Path:
+    if path.name.startswith(COMPLETE_PREFIX) and not path.exists() and (final_state(path) / PROGRESS_FILE).is_file():
+        # The interrupted save it names has taken its final name since: the resume's own claim of the output
+        # directory renamed it (`finish_interrupted_saves`).
+        return final_state(path)
     if path.name.startswith(TMP_PREFIX):
         problem = "is an unfinished state (its save was interrupted)"
     elif (path / PROGRESS_FILE).is_file():
