@@ -232,15 +232,15 @@ def _progress_problem(progress: Progress) -> str | None:
     data, data_keys = progress.training_data, ("data_dir", "fingerprint")
     if not (data is None or (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in data_keys))):
         return f"training_data is {data!r}, not an object of strings {', '.join(data_keys)}"
-    for number, record in enumerate(progress.metrics, 1):
+    records: list[Any] = progress.metrics  # as saved (JSON objects): typed once they pass
+    for number, record in enumerate(records, 1):
         if problem := metrics_record_problem(record):
             return f"its record of epoch {number}: {problem}"
-    # One record per finished epoch, in order: the job reports and plots the last one as the run's result.
-    if len(progress.metrics) != position.epoch:
-        return f"it holds {len(progress.metrics)} epoch record(s) for the {position.epoch} epoch(s) it has trained"
-    for number, record in enumerate(progress.metrics, 1):
         if record["epoch"] != number:
             return f"its record of epoch {number} says epoch {record['epoch']}"
+    # One record per finished epoch: the job reports and plots the last one as the run's result.
+    if len(records) != position.epoch:
+        return f"it holds {len(records)} epoch record(s) for the {position.epoch} epoch(s) it has trained"
     return None
 
 
