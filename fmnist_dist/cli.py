@@ -15,7 +15,6 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
 import fmnist_dist
@@ -194,7 +193,7 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     _add_declared(parser, {**_checkpoint_flag(), **_data_flags()})
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--index", type=int, nargs="+", help="test-set indices")
-    what.add_argument("--image", type=Path, nargs="+", help="image files (PNG, JPEG; any size)")
+    what.add_argument("--image", type=nonempty_path, nargs="+", help="image files (PNG, JPEG; any size)")
     parser.add_argument(
         "--background",
         choices=BACKGROUNDS,
@@ -261,11 +260,11 @@ def _evaluate(args: argparse.Namespace) -> int:
                 }
             )
         )
-        return 0
+        return _results_printed()
     print(f"test accuracy {100 * result.accuracy:.2f}%, loss {result.loss:.4f} ({result.samples} images)")
     for name, accuracy in per_class.items():
         print(f"  {name:<12} " + ("no test images" if accuracy is None else f"{100 * accuracy:6.2f}%"))
-    return 0
+    return _results_printed()
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -280,6 +279,25 @@ def _predict(args: argparse.Namespace) -> int:
     for p in predictions:
         actual = f', actual: "{p.actual}"' if p.actual else ""
         print(f'{p.source}: predicted: "{p.predicted}" ({100 * p.probability:.1f}%){actual}')
+    return _results_printed()
+
+
+def _results_printed() -> int:
+    """0 once the results of `evaluate` or `predict` are on stdout, their only output.
+
+    A stdout that failed (a redirect to a full disk, a closed descriptor, a reader that left) drops what is
+    written to it rather than raise (`keep_output_from_failing`, for training's sake); here the results are lost,
+    and a script must not read the empty file as an answer.
+
+    Raises:
+        UsageError: stdout failed, so the results were not written.
+    """
+    sys.stdout.flush()
+    if getattr(sys.stdout, "lost", False):
+        raise UsageError(
+            "standard output failed (closed, a full disk, or its reader left), so the results were not written; "
+            "run again with standard output going to a terminal, a pipe or a file that can take them"
+        )
     return 0
 
 

@@ -96,4 +96,7 @@ PROGRESS_DAMAGES: dict[str, Callable[[Path], None]] = {
     "world-size-0": edit_progress(world_size=0),
     "metrics-null": edit_progress(metrics=None),
     "metrics-record-foreign": edit_progress(metrics=[{"epoch": "x"}]),
+    "metrics-fewer-than-epochs": edit_progress(metrics=[]),
+    "metrics-more-than-epochs": edit_progress({"epoch": 0}),
+    "samples-fraction": edit_progress(epoch_samples=480.5),
 }

@@ -14,6 +14,7 @@ from conftest import epoch_record
 
 from fmnist_dist.cli import main
 from fmnist_dist.errors import UsageError
+from fmnist_dist.recipe.position import TrainingPosition
 from fmnist_dist.storage import strict_json
 from fmnist_dist.storage.metrics_log import EpochRecord, MetricsLog, metrics_record_problem, records_for_plot
 from fmnist_dist.storage.plots import plot_run
@@ -55,7 +56,8 @@ def json_lines(path: Path) -> list[dict]:
 
 def saved_progress(metrics: list) -> dict:
     """A state's progress.json content (before JSON), as `save_training_state` makes it, holding `metrics`."""
-    return asdict(Progress(dataset_size=480, per_process_batch=16, global_batch_size=32, metrics=metrics))
+    position = TrainingPosition(epoch=len(metrics), global_step=15 * len(metrics))  # one record per epoch trained
+    return asdict(Progress(position, dataset_size=480, per_process_batch=16, global_batch_size=32, metrics=metrics))
 
 
 def test_a_record_is_written_with_todays_keys_in_todays_order(tmp_path: Path) -> None:

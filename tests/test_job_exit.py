@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import train_args
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from fmnist_dist import cli
 from fmnist_dist.errors import UsageError
+from fmnist_dist.recipe.model import NeuralNetwork
 from fmnist_dist.runtime import stop_signals
 from fmnist_dist.runtime.job_exit import ERROR_FILE_VARIABLE, record_for_launcher, released_after
 from fmnist_dist.runtime.output_streams import NeverFailingStream
@@ -42,6 +44,27 @@ def test_a_closed_stream_drops_its_output_instead_of_raising() -> None:
     stream = NeverFailingStream(None, "stdout")  # what Python gives for a descriptor closed at start
     assert stream.write("lost\n") == len("lost\n")
     stream.flush()
+
+
+@pytest.mark.parametrize("closed_at_start", [False, True], ids=["full-disk", "closed"])
+@pytest.mark.parametrize("command", [["evaluate", "--json"], ["predict", "--index", "0"]])
+def test_results_that_never_reached_stdout_are_an_error_not_success(
+    command: list[str],
+    closed_at_start: bool,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`fmnist-dist evaluate --json > result.json` on a full disk, or with stdout closed: exit 2, not 0 beside an
+    empty file that a script would take for the answer."""
+    torch.save(NeuralNetwork().state_dict(), tmp_path / "model.pth")
+    stdout = None if closed_at_start else open("/dev/full", "w")  # noqa: SIM115 (the stream owns it)
+    monkeypatch.setattr(sys, "stdout", NeverFailingStream(stdout, "stdout"))
+    argv = [*command, "--checkpoint", str(tmp_path / "model.pth"), "--data-dir", str(data_dir)]
+
+    assert cli.main(argv) == cli.USAGE_ERROR
+    assert f"{ERROR}standard output failed" in capsys.readouterr().err
 
 
 @pytest.mark.integration

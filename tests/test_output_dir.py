@@ -22,7 +22,7 @@ from conftest import cli_env, run_cli, synthetic_data, train_args
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.storage import output_dir as output_dir_module
-from fmnist_dist.storage.output_dir import OutputDirLock, read_holder
+from fmnist_dist.storage.output_dir import OutputDirLock, read_holder, refuse_earlier_run
 from fmnist_dist.storage.run_dir import LOCK_FILE, LOCK_GATE_FILE, PROGRESS_FILE, STATES_DIR
 
 PREFIX = "fmnist-dist: error: "
@@ -315,3 +315,15 @@ def test_the_lock_file_gets_the_mode_the_umask_gives(tmp_path: Path) -> None:
         LOCK_FILE: oct(0o664),
         LOCK_GATE_FILE: oct(0o664),
     }
+
+
+def test_results_without_a_state_are_not_offered_to_resume(tmp_path: Path) -> None:
+    """A finished run whose state/ was deleted, or an --overwrite killed before its first save: --resume finds
+    nothing, and --resume auto would start afresh over these results, so neither is advised."""
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "model.pth").write_bytes(b"weights")
+    with pytest.raises(UsageError) as refused:
+        refuse_earlier_run(tmp_path)
+    message = str(refused.value)
+    assert "no saved state to continue" in message and "--overwrite" in message, message
+    assert "--resume" not in message, message

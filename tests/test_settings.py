@@ -10,6 +10,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
+from conftest import epoch_record
 
 from fmnist_dist.cli import build_parser, main
 from fmnist_dist.errors import UsageError
@@ -77,6 +78,8 @@ def one_error_line(capsys: pytest.CaptureFixture, argv: list[str], *named: str) 
         ["evaluate", "--data-dir", ""],
         ["synthetic-data", "--out", ""],
         ["plot", ""],
+        ["predict", "--image", ""],
+        ["predict", "--image", "shirt.png", ""],
     ],
     ids=lambda argv: "-".join(a.strip("-") for a in argv if a)[:40],
 )
@@ -102,6 +105,7 @@ def saved_state(out: Path, position: TrainingPosition, **config: object) -> Path
         per_process_batch=64,
         global_batch_size=64,
         config=saved,
+        metrics=[epoch_record(epoch=epoch) for epoch in range(1, position.epoch + 1)],  # one per epoch trained
         save_index=1,
     )
     (state / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
@@ -154,6 +158,13 @@ def test_a_bad_saved_value_replaced_by_a_flag_is_not_refused(tmp_path: Path) -> 
         TrainConfig(output_dir=tmp_path / "out", resume="auto", lr=0.05), frozenset({"output_dir", "resume", "lr"})
     )
     assert start.cfg.lr == 0.05
+
+
+@pytest.mark.parametrize("saved", [{"overwrite": "yes"}, {"download": 3}, {"progress": None}, {"resume": 5}])
+def test_saved_per_invocation_settings_are_never_used_so_never_refused(saved: dict, tmp_path: Path) -> None:
+    saved_state(tmp_path / "out", AT_EPOCH_END, **saved)
+    start = plan_start(TrainConfig(output_dir=tmp_path / "out", resume="auto"), frozenset({"output_dir", "resume"}))
+    assert start.changed == {}
 
 
 def test_limits_of_this_machine_do_not_refuse_what_another_machine_saved(tmp_path: Path) -> None:

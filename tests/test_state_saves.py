@@ -409,6 +409,14 @@ def set_momentum(index: int, value: Callable[[torch.Tensor], torch.Tensor]) -> C
             lambda s: rewrite_optimizer(s, lambda o: o["param_groups"][0].update(params=[0, 1])),
             "is for 2 parameters, the model has 4",
         ),
+        (
+            lambda s: rewrite_optimizer(s, lambda o: o["param_groups"][0].update(maximize=True)),
+            "its optimizer's maximize is True, not False",
+        ),
+        (
+            lambda s: rewrite_optimizer(s, lambda o: o["param_groups"][0].update(nesterov=True)),
+            "its optimizer's nesterov is True, not False",
+        ),
     ],
     ids=[
         "weight-dtype",
@@ -419,6 +427,8 @@ def set_momentum(index: int, value: Callable[[torch.Tensor], torch.Tensor]) -> C
         "momentum-shape",
         "momentum-inf",
         "params",
+        "maximize",
+        "nesterov",
     ],
 )
 def test_a_restored_tensor_that_does_not_fit_is_refused_in_one_line_naming_the_state(
@@ -469,3 +479,14 @@ def test_complete_states_lists_a_complete_state_under_its_temporary_name_instead
     assert complete_states(root) == [newer]
     finish_interrupted_saves(root)
     assert complete_states(root) == [saved_state] and identity(saved_state) == (2, 5)
+
+
+def test_resume_naming_a_complete_state_under_its_temporary_name_takes_it_once_it_has_its_final_name(
+    saved_state: Path,
+) -> None:
+    """`--resume state/.complete-step-N`: the resume's claim of the output directory renames it to step-N first."""
+    root = saved_state.parent
+    named = root / f"{COMPLETE_PREFIX}{saved_state.name}"
+    saved_state.rename(named)
+    finish_interrupted_saves(root)  # what claim_output_dir does before the state is looked up
+    assert find_state(root.parent, str(named)) == saved_state

@@ -42,7 +42,7 @@ class NeverFailingStream:
     def __init__(self, stream: TextIO | None, name: str) -> None:
         self._stream: TextIO = stream if stream is not None else open(os.devnull, "w")  # noqa: SIM115 (kept open)
         self._name = name
-        self.lost = False  # whether its output has been going to /dev/null
+        self.lost = stream is None  # whether its output has been going to /dev/null (closed at start: always)
 
     def write(self, text: str) -> int:
         try:

@@ -279,8 +279,9 @@ class TrainConfig:
     def resumed_from(self, saved: dict[str, Any], given: frozenset[str], state: Path) -> TrainConfig:
         """This invocation's settings for a resumed run: the state's run settings, except the flags given now.
 
-        Every saved value not replaced by a flag passes the flags' checks first (on the machine that saved it,
-        for the settings of that machine). Names that are not settings (another version's) are ignored.
+        Every saved value of the run or of the machine not replaced by a flag passes the flags' checks first (on
+        the machine that saved it, for the settings of that machine); the per-invocation ones are not used. Names
+        that are not settings (another version's) are ignored.
 
         Args:
             saved: `to_log()` of the run being resumed, as its state holds it.
@@ -293,7 +294,9 @@ class TrainConfig:
         """
         values = {name: SETTINGS[name].kind.from_plain(value) for name, value in saved.items() if name in SETTINGS}
         for name, value in values.items():
-            if name in given:
+            # Per-invocation settings are neither carried over nor compared: what the state says of them is unused
+            # (and --overwrite, say, could not be passed with --resume to replace it).
+            if name in given or SETTINGS[name].scope is Scope.INVOCATION:
                 continue
             if refusal := SETTINGS[name].refusal(value, this_machine=SETTINGS[name].scope is Scope.RUN):
                 raise UsageError(

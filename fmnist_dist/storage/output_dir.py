@@ -193,14 +193,22 @@ def refuse_earlier_run(output_dir: Path) -> None:
     """Refuse a new run into a directory that holds an earlier run's results.
 
     Raises:
-        UsageError: naming what is there and the three ways on.
+        UsageError: naming what is there and the ways on (continuing it only where it has a state to continue).
     """
     found = earlier_run(output_dir)
-    if found:
+    if not found:
+        return
+    if not complete_states(RunDirectory(output_dir).states):
+        # Nothing to continue: --resume would find no state, and --resume auto would start afresh and replace
+        # these results without being told to.
         raise UsageError(
-            f"--output-dir {output_dir} holds an earlier run ({', '.join(found)}); continue it with --resume "
-            "(or --resume auto), replace it with --overwrite, or choose another --output-dir"
+            f"--output-dir {output_dir} holds an earlier run ({', '.join(found)}) with no saved state to continue; "
+            "replace it with --overwrite, or choose another --output-dir"
         )
+    raise UsageError(
+        f"--output-dir {output_dir} holds an earlier run ({', '.join(found)}); continue it with --resume "
+        "(or --resume auto), replace it with --overwrite, or choose another --output-dir"
+    )
 
 
 def earlier_run(output_dir: Path) -> list[str]:

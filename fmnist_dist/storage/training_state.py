@@ -42,6 +42,9 @@ from fmnist_dist.storage.run_dir import (
     trash_state,
 )
 
+# The options of an optimizer's parameter group that a resumed run sets itself after the restore: the rate (the
+# schedule), momentum and weight decay (the settings), the schedule's base rate; and the parameters.
+RESET_AFTER_RESTORE = frozenset({"lr", "initial_lr", "momentum", "weight_decay", "params"})
 OLD_RUN_ID = "wandb_run_id"  # progress.json's name of `tracker_run_id` in states of earlier versions
 
 
@@ -217,10 +220,12 @@ def _progress_problem(progress: Progress) -> str | None:
             return f"{name} is {value!r}, not a whole number from {least} to {MAX_COUNT}"
     if position.samples_done > progress.dataset_size:
         return f"position.samples_done {position.samples_done} is past the {progress.dataset_size} training images"
-    for name in ("epoch_loss_sum", "epoch_samples"):
-        value = getattr(progress, name)
-        if not (is_number(value) and 0 <= value < math.inf):
-            return f"{name} is {value!r}, not a finite number of at least 0"
+    if not (is_number(progress.epoch_loss_sum) and 0 <= progress.epoch_loss_sum < math.inf):
+        return f"epoch_loss_sum is {progress.epoch_loss_sum!r}, not a finite number of at least 0"
+    samples = progress.epoch_samples
+    # A whole count; states saved before it was kept as an int hold it as a float (480.0).
+    if not (is_number(samples) and 0 <= samples <= MAX_COUNT and float(samples).is_integer()):
+        return f"epoch_samples is {samples!r}, not a whole number from 0 to {MAX_COUNT}"
     if not (isinstance(progress.config, dict) and isinstance(progress.metrics, list)):
         return "its config is not an object or its metrics not a list"
     if not (progress.tracker_run_id is None or isinstance(progress.tracker_run_id, str)):
@@ -228,9 +233,15 @@ def _progress_problem(progress: Progress) -> str | None:
     data, data_keys = progress.training_data, ("data_dir", "fingerprint")
     if not (data is None or (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in data_keys))):
         return f"training_data is {data!r}, not an object of strings {', '.join(data_keys)}"
-    for number, record in enumerate(progress.metrics, 1):
+    records: list[Any] = progress.metrics  # as saved (JSON objects): typed once they pass
+    for number, record in enumerate(records, 1):
         if problem := metrics_record_problem(record):
             return f"its record of epoch {number}: {problem}"
+        if record["epoch"] != number:
+            return f"its record of epoch {number} says epoch {record['epoch']}"
+    # One record per finished epoch: the job reports and plots the last one as the run's result.
+    if len(records) != position.epoch:
+        return f"it holds {len(records)} epoch record(s) for the {position.epoch} epoch(s) it has trained"
     return None
 
 
@@ -255,6 +266,10 @@ def find_state(output_dir: Path, resume: str) -> Path | None:
 
 
 def _named_state(path: Path, root: Path) -> Path:
+    if path.name.startswith(COMPLETE_PREFIX) and not path.exists() and (final_state(path) / PROGRESS_FILE).is_file():
+        # The interrupted save it names has taken its final name since: the resume's own claim of the output
+        # directory renamed it (`finish_interrupted_saves`).
+        return final_state(path)
     if path.name.startswith(TMP_PREFIX):
         problem = "is an unfinished state (its save was interrupted)"
     elif (path / PROGRESS_FILE).is_file():
@@ -322,6 +337,12 @@ def _check_optimizer_state(
     indices = [index for group in saved["param_groups"] for index in group["params"]]
     if len(indices) != len(params):
         raise _misfit(state_dir, f"its optimizer state is for {len(indices)} parameters, the model has {len(params)}")
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=False):
+        # torch takes every saved option of a group (nesterov, maximize, dampening, ...) over the optimizer's own;
+        # only those the run sets again after the restore may differ (a different option is another optimizer).
+        for key in group.keys() & saved_group.keys() - RESET_AFTER_RESTORE:
+            if saved_group[key] != group[key]:
+                raise _misfit(state_dir, f"its optimizer's {key} is {saved_group[key]!r}, not {group[key]!r}")
     for index, param in zip(indices, params, strict=True):
         for key, value in saved["state"].get(index, {}).items():
             like = param if isinstance(value, torch.Tensor) and value.dim() > 0 else value  # a step count: a scalar
