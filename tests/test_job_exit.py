@@ -154,8 +154,8 @@ def test_a_stuck_process_names_the_collective_it_waits_in() -> None:
     line = collective["barrier"](lambda: stop_signals.stuck_message(signal.SIGTERM, sys._getframe()))
 
     assert line.startswith(
-        "another process of this job failed, so this one stopped (SIGTERM arrived while it waited 15 s for it in "
-        "torch.distributed's barrier)"
+        "stopped by SIGTERM after waiting 15 s for the job's other processes in torch.distributed's barrier: "
+        "another process of this job failed or is still busy"
     ), line
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from types import FrameType
 
-from fmnist_dist.runtime.job_exit import another_process_failed, record_for_launcher
+from fmnist_dist.runtime.job_exit import record_for_launcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry". A requeued or restarted job
@@ -116,8 +116,14 @@ def stuck_message(signum: signal.Signals, frame: FrameType) -> str:
     waited = f"{signum.name} arrived while it waited {STUCK_AFTER_S:.0f} s"
     collective = _distributed_call(frame)
     if collective:
-        how = f"{waited} for it in torch.distributed's {collective}"
-        return f"{another_process_failed(how)}; nothing since the newest saved state is kept"
+        # The wait alone cannot tell a lost peer from a busy one (a slow download or W&B start on the main
+        # process): the line says both, and the other processes' output tells which.
+        return (
+            f"stopped by {signum.name} after waiting {STUCK_AFTER_S:.0f} s for the job's other processes in "
+            f"torch.distributed's {collective}: another process of this job failed or is still busy (the first "
+            "error in the job's output, on the node where it happened, says which, if any); nothing since the "
+            "newest saved state is kept"
+        )
     code = frame.f_code
     return (
         f"stopped by {signum.name} without saving ({waited} in {code.co_name}, {code.co_filename}:{frame.f_lineno}"
