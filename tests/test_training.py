@@ -155,8 +155,9 @@ def test_gradient_accumulation_steps_like_a_batch_that_many_times_larger(even_da
     large_batch = train_weights(even_data_dir, tmp_path / "large", "--batch-size", "32")
     small_batch = train_weights(even_data_dir, tmp_path / "small", "--batch-size", "16")
 
-    # 8 optimizer steps on 32 images each, whether the 32 come in one batch or in two accumulated ones...
-    assert all_close(accumulated, large_batch, atol=1e-6)
+    # 8 optimizer steps on 32 images each, whether the 32 come in one batch or in two accumulated ones, equal up
+    # to the rounding of summing in another order (1.06e-6 here on 2026-12-02, 1e-5 as across processes)...
+    assert all_close(accumulated, large_batch, atol=1e-5)
     # ...and not 16 steps on 16 images each, nor the untrained weights.
     assert not all_close(accumulated, small_batch, atol=1e-3)
     assert not all_close(accumulated, initial_weights(seed=0), atol=1e-3)

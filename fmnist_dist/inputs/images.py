@@ -61,7 +61,7 @@ def _open_image_file(path: Path) -> BinaryIO:
     if problem == "does not exist" and path.is_symlink():
         problem = f"is a symbolic link to {os.readlink(path)}, which does not exist"
     if problem is not None:
-        raise UsageError(f"image {path} {problem}; pass a PNG or JPEG file")
+        raise UsageError(f"cannot read image {path} (it {problem}); pass a PNG or JPEG file")
     try:
         return path.open("rb")
     except OSError as error:
