@@ -141,6 +141,22 @@ def train_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def training_until_killed(data_dir: Path, output_dir: Path) -> list:
+    """Far more steps than a test waits for, with a state every 50."""
+    return train_args(
+        data_dir,
+        output_dir,
+        "--cpu",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "50",
+        "--no-progress",
+    )
+
+
 def accelerate_launch(processes: int) -> list[str]:
     """`accelerate launch` of `processes` gloo processes (launch/cpu.yaml) on a free port; what it runs follows."""
     return [

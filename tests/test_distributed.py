@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, TEST_SIZE, TRAIN_SIZE, cli_env, free_port, launch_cli, run_cli, train_args
+from conftest import (
+    TEST_SIZE,
+    TRAIN_SIZE,
+    accelerate_launch,
+    cli_env,
+    launch_cli,
+    run_cli,
+    train_args,
+)
 
 from fmnist_dist.storage.metrics_log import MetricsLog
 
@@ -138,13 +145,7 @@ def launch_recorder(data_dir: Path, work: Path, seed: int) -> list[list[list[int
     records.mkdir(parents=True)
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(CPU_LAUNCH_CONFIG),
-            "--main_process_port",
-            str(free_port()),
+            *accelerate_launch(2),
             str(RECORDER),
             str(records),
             *train_args(

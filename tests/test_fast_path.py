@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_LAUNCH_CONFIG, TRAIN_SIZE, cli_env, free_port
+from conftest import TRAIN_SIZE, accelerate_launch, cli_env
 from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import Compose, Normalize, ToTensor
@@ -116,13 +115,7 @@ def ranks(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict
     out_dir = tmp_path_factory.mktemp("fast-path-ranks")
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(CPU_LAUNCH_CONFIG),
-            "--main_process_port",
-            str(free_port()),
+            *accelerate_launch(2),
             str(FAST_PATH_HELPER),
             str(data_dir),
             str(out_dir),

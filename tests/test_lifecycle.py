@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, launch_command, synthetic_data, train_args
+from conftest import cli_env, launch_command, synthetic_data, train_args, training_until_killed
 from processes import alive, children
 
 from fmnist_dist.runtime.launcher_death import LAUNCHER_MARK, stop_with_launcher
@@ -41,20 +41,7 @@ def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_killing_the_launcher_stops_every_rank(long_data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    command = launch_command(
-        train_args(
-            long_data_dir,
-            output_dir,
-            "--cpu",
-            "--epochs",
-            "20",
-            "--batch-size",
-            "8",
-            "--checkpoint-every",
-            "50",
-            "--no-progress",
-        )
-    )
+    command = launch_command(training_until_killed(long_data_dir, output_dir))
     with (tmp_path / "launch.log").open("wb") as log:
         launcher = subprocess.Popen(
             command, cwd=tmp_path, env=cli_env(**QUIET), stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -218,21 +218,16 @@ def test_predict_bad_image_file_is_a_one_line_usage_error(
     assert captured.err.startswith(f"fmnist-dist: error: cannot read image {path}")
 
 
+def evaluate_saved_model(job: Job, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`fmnist-dist evaluate` of the job's model.pth on the CPU, as one process."""
+    checkpoint = job.output_dir / "model.pth"
+    args = ["evaluate", "--checkpoint", checkpoint, "--data-dir", data_dir, "--no-download", "--cpu", *extra]
+    return run_cli(args, job.output_dir)
+
+
 @pytest.mark.integration
 def test_evaluate_json_has_per_class_accuracy_consistent_with_the_total(piped_job: Job, data_dir: Path) -> None:
-    result = run_cli(
-        [
-            "evaluate",
-            "--checkpoint",
-            piped_job.output_dir / "model.pth",
-            "--data-dir",
-            data_dir,
-            "--no-download",
-            "--cpu",
-            "--json",
-        ],
-        piped_job.output_dir,
-    )
+    result = evaluate_saved_model(piped_job, data_dir, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     final_epoch = MetricsLog.read(piped_job.output_dir / "metrics.jsonl")[-1]
@@ -246,18 +241,7 @@ def test_evaluate_json_has_per_class_accuracy_consistent_with_the_total(piped_jo
 
 @pytest.mark.integration
 def test_evaluate_prints_one_line_per_class(piped_job: Job, data_dir: Path) -> None:
-    result = run_cli(
-        [
-            "evaluate",
-            "--checkpoint",
-            piped_job.output_dir / "model.pth",
-            "--data-dir",
-            data_dir,
-            "--no-download",
-            "--cpu",
-        ],
-        piped_job.output_dir,
-    )
+    result = evaluate_saved_model(piped_job, data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     total, *per_class = result.stdout.splitlines()
     assert total.startswith("test accuracy ")

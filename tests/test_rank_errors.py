@@ -13,7 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import CPU_LAUNCH_CONFIG, cli_env, free_port, launch_command, run_cli, synthetic_data, train_args
+from conftest import (
+    CPU_LAUNCH_CONFIG,
+    cli_env,
+    free_port,
+    launch_command,
+    run_cli,
+    synthetic_data,
+    train_args,
+    training_until_killed,
+)
 from processes import children
 
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATES_DIR
@@ -128,22 +137,6 @@ def test_an_output_dir_not_shared_by_the_nodes_is_refused_before_training(data_d
 @pytest.fixture(scope="module")
 def long_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic_data(tmp_path_factory, "long", 20000, 100, seed=5)
-
-
-def training_until_killed(data_dir: Path, output_dir: Path) -> list:
-    """Far more steps than a test waits for, with a state every 50."""
-    return train_args(
-        data_dir,
-        output_dir,
-        "--cpu",
-        "--epochs",
-        "20",
-        "--batch-size",
-        "8",
-        "--checkpoint-every",
-        "50",
-        "--no-progress",
-    )
 
 
 def wait_for_a_state(output_dir: Path, launches: list[subprocess.Popen]) -> None:
