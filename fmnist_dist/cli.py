@@ -317,8 +317,10 @@ def _plot(args: argparse.Namespace) -> int:
 
     given = args.output_dir
     run_dir = RunDirectory(given.parent if given.is_file() else given)  # a run directory, or the metrics file in one
-    plot_run(records_for_plot(given if given.is_file() else run_dir.metrics), run_dir.curves, run_dir.confusion)
-    print(f"wrote {run_dir.curves} and {run_dir.confusion}")
+    written = plot_run(
+        records_for_plot(given if given.is_file() else run_dir.metrics), run_dir.curves, run_dir.confusion
+    )
+    print(f"wrote {' and '.join(map(str, written))}")
     return 0
 
 

@@ -9,6 +9,7 @@ torchvision's per-sample dataset.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -53,6 +54,20 @@ class InMemoryFashionMNIST(Dataset):
 
 # A FashionMNIST split: the fast in-memory one, or torchvision's applying the user's own transforms.
 Split: TypeAlias = InMemoryFashionMNIST | datasets.FashionMNIST
+
+
+def subset(split: Split, indices: torch.Tensor) -> Split:
+    """The images of `split` at `indices` (int64, in that order) as a split of its own kind, on its device.
+
+    A copy, not a view (`torch.utils.data.Subset`): the fast path keeps building whole batches from its tensors,
+    and torchvision's dataset keeps its transforms.
+    """
+    if isinstance(split, InMemoryFashionMNIST):
+        index = indices.to(split.images.device)
+        return InMemoryFashionMNIST(split.images.index_select(0, index), split.targets.index_select(0, index))
+    part = copy.copy(split)
+    part.data, part.targets = split.data[indices], split.targets[indices]
+    return part
 
 
 def keep_batch(batch: Batch) -> Batch:

@@ -41,6 +41,11 @@ DEFAULT_WARMUP_EPOCHS = 0.5  # when neither --warmup-steps nor --warmup-epochs i
 REFERENCE_BATCH_SIZE = 64
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")  # fp8 only from `accelerate config`/`accelerate launch`
+# The validation metrics that --monitor may choose the best epoch by (EpochRecord's fields of the same names).
+MONITORS = ("val_accuracy", "val_loss")
+DEFAULT_MONITOR = "val_accuracy"
+# The settings that choose by the validation split, and so need one (--val-size).
+SELECTING = ("monitor", "early_stopping_patience")
 RESUME_AUTO = "auto"  # continue from the newest state if there is one, else start fresh
 RESUME_LATEST = "latest"  # continue from the newest state; refuse if there is none
 # torch.Generator seeds are 64-bit; the shuffle seed is derived from (seed, epoch), so a seed fits in 32 bits.
@@ -105,6 +110,34 @@ class TrainConfig:
         optional=True,
     )
     eval_batch_size: int = setting(1000, "per process, for evaluation", kind=WHOLE, bounds=COUNT)
+    val_size: int = setting(
+        0,
+        "training images held out as the validation split (chosen by --seed, never trained on): scored after every "
+        "epoch, it chooses model-best.pth, and the test set is scored at the end of the run only; 0: no split, the "
+        "test set after every epoch",
+        kind=WHOLE,
+        bounds=COUNT_OR_ZERO,
+    )
+    test_every_epoch: bool = setting(
+        False,
+        "with --val-size: score the test set after every epoch too, not only at the end of the run",
+        kind=SWITCH,
+    )
+    monitor: str | None = setting(
+        None,
+        f"with --val-size: the validation metric that chooses the best epoch, kept as model-best.pth, and that "
+        f"early stopping watches (default: {DEFAULT_MONITOR}); higher accuracy, lower loss is better",
+        kind=TEXT,
+        choices=MONITORS,
+        optional=True,
+    )
+    early_stopping_patience: int | None = setting(
+        None,
+        "with --val-size: end the run after this many epochs in a row without a better --monitor (default: never)",
+        kind=WHOLE,
+        bounds=COUNT,
+        optional=True,
+    )
     lr: float = setting(
         DEFAULT_LR,
         "SGD learning rate (the tutorial's is 1e-3)",
@@ -239,7 +272,8 @@ class TrainConfig:
     log_model: bool = setting(False, "store the final model.pth as a W&B artifact", kind=SWITCH)
 
     def __post_init__(self) -> None:
-        """Refuse any value its setting does not allow, then any two settings that exclude each other.
+        """Refuse any value its setting does not allow, then any two settings that exclude each other, then a
+        choice by a validation split that is not there.
 
         Raises:
             UsageError: naming the flag, the value and what to pass instead.
@@ -250,6 +284,12 @@ class TrainConfig:
             # Both set (a zero warm-up beside the other warm-up flag says nothing and is allowed).
             if getattr(self, one) and getattr(self, other):
                 raise UsageError(f"{flag_of(one)} and {flag_of(other)} exclude each other; pass only one of them")
+        for name in SELECTING:
+            if getattr(self, name) is not None and not self.val_size:
+                raise UsageError(
+                    f"{flag_of(name)} chooses by the validation split, and there is none; pass --val-size N as well "
+                    "(N training images held out: the test set never chooses an epoch)"
+                )
 
     @classmethod
     def from_plain(cls, values: dict[str, Any]) -> TrainConfig:
@@ -266,6 +306,11 @@ class TrainConfig:
         if self.warmup_epochs is not None:
             return self.warmup_epochs
         return 0.0 if self.warmup_steps is not None else DEFAULT_WARMUP_EPOCHS
+
+    @property
+    def monitor_or_default(self) -> str:
+        """`--monitor`, or DEFAULT_MONITOR when it is not given."""
+        return self.monitor or DEFAULT_MONITOR
 
     @property
     def accumulation_steps(self) -> int:

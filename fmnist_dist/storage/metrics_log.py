@@ -35,18 +35,24 @@ class EpochRecord:
     The fields are the JSON object's keys, in its order. Those without a default are in every record that any
     version wrote (what `plot` draws); the others are None in the records of older versions, which did not write
     them, and then stay out of the JSON. A number that is not finite (a diverged loss) is null in the JSON (strict
-    JSON) and None when read back. A new metric is one field: None by default (older records lack it), with
-    `_tracked(key)` as its metadata if trackers show it, and a line under Attributes (the docs' field table is
-    generated from them).
+    JSON) and None when read back; so are the test set's values in an epoch that did not score it (`--val-size`
+    without `--test-every-epoch`), whose record then lacks `test_samples`. A new metric is one field: None by
+    default (older records lack it), with `_tracked(key)` as its metadata if trackers show it, and a line under
+    Attributes (the docs' field table is generated from them).
 
     Attributes:
         epoch: the epoch, from 1.
         global_step: optimizer steps trained by the end of the epoch, over the whole run.
         lr: the learning rate after the epoch's last optimizer step.
         train_loss: the epoch's mean training loss, over every image of it and all processes.
-        test_loss: the mean loss on the test set.
-        test_accuracy: the fraction of test images classified right, 0 to 1.
-        test_samples: test images evaluated (each exactly once, whatever the number of processes).
+        test_loss: the mean loss on the test set; null in an epoch that did not score it (with `--val-size`, every
+            epoch but the run's last, unless `--test-every-epoch`).
+        test_accuracy: the fraction of test images classified right, 0 to 1; null where `test_loss` is.
+        val_loss: the mean loss on the validation split (`--val-size`); not in the records of runs without one.
+        val_accuracy: the fraction of validation images classified right, 0 to 1.
+        val_samples: validation images evaluated (each exactly once, whatever the number of processes).
+        test_samples: test images evaluated (each exactly once, whatever the number of processes); not in an epoch
+            that did not score the test set.
         train_samples: training images of the epoch.
         train_seconds: wall time of the epoch's training (for a resumed epoch, of the part trained since the resume).
         eval_seconds: wall time of the evaluation.
@@ -56,7 +62,7 @@ class EpochRecord:
         mixed_precision: the precision in effect: "no", "fp16", "bf16" or "fp8".
         cpu_threads: torch CPU threads per process.
         confusion_matrix: test images counted by true class (row) and predicted class (column), both in the order
-            of `recipe.model.CLASSES`.
+            of `recipe.model.CLASSES`; null in an epoch that did not score the test set.
     """
 
     epoch: int = field(metadata=_tracked("epoch"))
@@ -65,6 +71,9 @@ class EpochRecord:
     train_loss: float | None = field(metadata=_tracked("train/epoch_loss"))
     test_loss: float | None = field(metadata=_tracked("test/loss"))
     test_accuracy: float | None = field(metadata=_tracked("test/accuracy"))
+    val_loss: float | None = field(default=None, metadata=_tracked("val/loss"))
+    val_accuracy: float | None = field(default=None, metadata=_tracked("val/accuracy"))
+    val_samples: int | None = None
     test_samples: int | None = None
     train_samples: int | None = None
     train_seconds: float | None = field(default=None, metadata=_tracked("perf/train_seconds"))
@@ -74,7 +83,7 @@ class EpochRecord:
     global_batch_size: int | None = None
     mixed_precision: str | None = None
     cpu_threads: int | None = None
-    confusion_matrix: ConfusionMatrix
+    confusion_matrix: ConfusionMatrix | None
 
     @classmethod
     def from_json(cls, record: Any) -> EpochRecord:

@@ -212,7 +212,7 @@ def refuse_earlier_run(output_dir: Path) -> None:
 
 
 def earlier_run(output_dir: Path) -> list[str]:
-    """What of an earlier run `output_dir` holds: its complete states, metrics.jsonl, model.pth."""
+    """What of an earlier run `output_dir` holds: its complete states, metrics.jsonl, model.pth, model-best.pth."""
     found = []
     run_dir = RunDirectory(output_dir)
     if states := complete_states(run_dir.states):
@@ -239,23 +239,28 @@ def check_shared(lock: OutputDirLock, token: str | None, process_index: int) -> 
 
 
 def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
-    """`--overwrite`: delete the earlier run's states in `output_dir` (so nothing resumes them), and nothing else.
+    """`--overwrite`: delete the earlier run's states in `output_dir` (so nothing resumes them) and its best model,
+    and nothing else.
 
-    That is its complete states, and the unfinished `.tmp-step-*` and `.trash-step-*` ones, under `state/`. Its
-    metrics.jsonl, model.pth and plots stay until the new run replaces them (atomically), so a new run that
-    fails, or diverges, leaves the earlier results as they were. Every process calls this; the main process deletes.
+    That is its complete states, and the unfinished `.tmp-step-*` and `.trash-step-*` ones, under `state/`, and its
+    model-best.pth, which a new run replaces only once it has one (with `--val-size`, after its first epoch):
+    until then it would pass for the new run's. Its metrics.jsonl, model.pth and plots stay until the new run
+    replaces them (atomically), so a new run that fails, or diverges, leaves the earlier results as they were.
+    Every process calls this; the main process deletes.
 
     Raises:
         UsageError: on every process, when a file cannot be deleted.
     """
     with fail_together(processes), _refusing_unwritable(output_dir):
         if processes.is_main_process:
-            root = RunDirectory(output_dir).states
+            run_dir = RunDirectory(output_dir)
+            root = run_dir.states
             finish_interrupted_saves(root)  # a `.complete-step-N` and the older `step-N` become one state
             for state in complete_states(root):
                 discard_state(state)
             for unfinished in unfinished_states(root):
                 shutil.rmtree(unfinished)
+            run_dir.best_model.unlink(missing_ok=True)
 
 
 def _describe(holder: dict[str, Any] | None) -> str:

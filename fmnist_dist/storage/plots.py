@@ -18,30 +18,60 @@ from fmnist_dist.storage.metrics_log import ConfusionMatrix, EpochRecord
 DPI = 100
 CURVES_SIZE = (10, 4)  # inches; at DPI, 1000 x 400 pixels
 CONFUSION_SIZE = (8, 7)  # inches; at DPI, 800 x 700 pixels
+COLORS = {"train": "tab:blue", "validation": "tab:orange", "test": "tab:green"}  # the same in both panels
 
 
-def plot_run(records: Sequence[EpochRecord], curves_path: Path, confusion_path: Path) -> None:
-    """Draw `curves.png` (losses and accuracy per epoch) and `confusion.png` (the last epoch's matrix)."""
+def plot_run(records: Sequence[EpochRecord], curves_path: Path, confusion_path: Path) -> list[Path]:
+    """Draw `curves.png` (losses and accuracies per epoch) and `confusion.png` (the confusion matrix of the last
+    epoch that scored the test set; none is drawn before one has, as in a run with `--val-size` stopped early on).
+
+    Returns:
+        The files written.
+    """
     plot_curves(records, curves_path)
-    plot_confusion(records[-1].confusion_matrix, confusion_path)
+    matrices = [r.confusion_matrix for r in records if r.confusion_matrix is not None]
+    if not matrices:
+        return [curves_path]
+    plot_confusion(matrices[-1], confusion_path)
+    return [curves_path, confusion_path]
 
 
 def plot_curves(records: Sequence[EpochRecord], path: Path) -> None:
-    """Train and test loss (left) and test accuracy (right) against the epoch; a value that was not finite
-    (None) leaves a gap."""
+    """Train, validation and test loss (left) and validation and test accuracy (right) against the epoch.
+
+    A value that was not finite, or not scored (None), leaves a gap: with `--val-size` the test set is scored at the
+    end of the run, a single point. Without a validation split the plot shows train and test loss and the test
+    accuracy, as it always did.
+    """
     epochs = [r.epoch for r in records]
+    validated = any(r.val_loss is not None for r in records)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
-    loss_ax.plot(epochs, [r.train_loss for r in records], marker="o", label="train")
-    loss_ax.plot(epochs, [r.test_loss for r in records], marker="o", label="test")
+    loss_ax.plot(epochs, [r.train_loss for r in records], marker="o", color=COLORS["train"], label="train")
+    if validated:
+        loss_ax.plot(epochs, [r.val_loss for r in records], marker="o", color=COLORS["validation"], label="validation")
+    loss_ax.plot(epochs, [r.test_loss for r in records], marker="o", color=COLORS["test"], label="test")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     loss_ax.legend()
-    percent = [None if r.test_accuracy is None else 100 * r.test_accuracy for r in records]
-    acc_ax.plot(epochs, percent, marker="o", color="tab:green")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Test accuracy")
+    if validated:
+        acc_ax.plot(
+            epochs,
+            _percent([r.val_accuracy for r in records]),
+            marker="o",
+            color=COLORS["validation"],
+            label="validation",
+        )
+    acc_ax.plot(epochs, _percent([r.test_accuracy for r in records]), marker="o", color=COLORS["test"], label="test")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy" if validated else "Test accuracy")
+    if validated:
+        acc_ax.legend()
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, also for a one-epoch run
     _save(fig, path)
+
+
+def _percent(fractions: list[float | None]) -> list[float | None]:
+    return [None if fraction is None else 100 * fraction for fraction in fractions]
 
 
 def plot_confusion(matrix: ConfusionMatrix, path: Path) -> None:

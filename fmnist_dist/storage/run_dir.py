@@ -2,6 +2,7 @@
 
 <output-dir>/
     model.pth                   final weights (plain state_dict)
+    model-best.pth              with --val-size: the weights of the best epoch by --monitor (plain state_dict)
     metrics.jsonl               one epoch record per line
     curves.png, confusion.png   plots drawn from metrics.jsonl
     .fmnist-dist.lock           flock-ed by the job that owns the directory, which it names while it holds it
@@ -22,6 +23,7 @@ from pathlib import Path
 
 DEFAULT_OUTPUT_DIR = Path("checkpoints")
 MODEL_FILE = "model.pth"
+BEST_MODEL_FILE = "model-best.pth"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion.png"
@@ -48,6 +50,10 @@ class RunDirectory:
     @property
     def model(self) -> Path:
         return self.root / MODEL_FILE
+
+    @property
+    def best_model(self) -> Path:
+        return self.root / BEST_MODEL_FILE
 
     @property
     def metrics(self) -> Path:
@@ -79,7 +85,7 @@ class RunDirectory:
 
     def results(self) -> tuple[Path, ...]:
         """The files that show a finished or running run is here (besides its states)."""
-        return (self.metrics, self.model)
+        return (self.metrics, self.model, self.best_model)
 
 
 def is_state_name(name: str) -> bool:

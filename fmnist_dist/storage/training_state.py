@@ -67,6 +67,11 @@ class Progress:
         save_index: this state's place in the order of the saves into its output directory (1 for the first).
             Newest means most recently saved: a run resumed from an older state saves lower step numbers than
             the states of the run it abandoned, and it is still the run that `--resume auto` must continue.
+        best_value, best_epoch: with `--val-size`, the best value of `--monitor` so far and the epoch (from 1) that
+            reached it, whose weights are model-best.pth; None before the first epoch, without a validation split,
+            and in states saved before they were kept.
+        epochs_without_improvement: finished epochs since `best_epoch` (what `--early-stopping-patience` counts);
+            0 in states saved before it was kept.
     """
 
     position: TrainingPosition = field(default_factory=TrainingPosition)
@@ -81,6 +86,9 @@ class Progress:
     metrics: list[EpochRecord] = field(default_factory=list)
     save_index: int = 0
     training_data: dict[str, str] | None = None
+    best_value: float | None = None
+    best_epoch: int | None = None
+    epochs_without_improvement: int = 0
 
     @property
     def global_step(self) -> int:
@@ -233,6 +241,8 @@ def _progress_problem(progress: Progress) -> str | None:
     data, data_keys = progress.training_data, ("data_dir", "fingerprint")
     if not (data is None or (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in data_keys))):
         return f"training_data is {data!r}, not an object of strings {', '.join(data_keys)}"
+    if problem := _selection_problem(progress):
+        return problem
     records: list[Any] = progress.metrics  # as saved (JSON objects): typed once they pass
     for number, record in enumerate(records, 1):
         if problem := metrics_record_problem(record):
@@ -242,6 +252,22 @@ def _progress_problem(progress: Progress) -> str | None:
     # One record per finished epoch: the job reports and plots the last one as the run's result.
     if len(records) != position.epoch:
         return f"it holds {len(records)} epoch record(s) for the {position.epoch} epoch(s) it has trained"
+    return None
+
+
+def _selection_problem(progress: Progress) -> str | None:
+    """What makes a loaded progress's best epoch and count of epochs since impossible, or None."""
+    epochs = progress.position.epoch
+    value, epoch, since = progress.best_value, progress.best_epoch, progress.epochs_without_improvement
+    if (value is None) != (epoch is None):
+        return f"best_value is {value!r} and best_epoch {epoch!r}: both or neither must be given"
+    if value is not None and not (is_number(value) and math.isfinite(value)):
+        return f"best_value is {value!r}, not a finite number"
+    if epoch is not None and not (type(epoch) is int and 1 <= epoch <= epochs):
+        return f"best_epoch is {epoch!r}, not a whole number from 1 to the {epochs} epoch(s) trained"
+    last_possible = epochs - epoch if epoch is not None else 0  # every epoch after the best one, at most
+    if not (type(since) is int and 0 <= since <= last_possible):
+        return f"epochs_without_improvement is {since!r}, not a whole number from 0 to {last_possible}"
     return None
 
 

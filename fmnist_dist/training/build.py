@@ -27,6 +27,7 @@ from fmnist_dist.recipe.model import NeuralNetwork
 from fmnist_dist.recipe.position import BatchPlan
 from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
 from fmnist_dist.recipe.train_step import build_optimizer
+from fmnist_dist.recipe.validation import hold_out
 from fmnist_dist.runtime.collective_errors import on_main_process_first
 from fmnist_dist.runtime.devices import (
     check_precision_runs,
@@ -74,14 +75,19 @@ def build_run(start: Start, stop: StopRequest | None = None) -> Run:
     set_seed(cfg.seed)  # the same initial weights on every process, and reproducible ones
     train_set, test_set = load_datasets(cfg, accelerator)
     plan = batch_plan(cfg, accelerator.num_processes)
-    training_set_fingerprint = fingerprint(train_set)
+    training_set_fingerprint = fingerprint(train_set)  # of the whole set: a state's split is fixed by its settings
+    train_set, val_set = hold_out(train_set, cfg.val_size, cfg.seed)
     check_resumable(start, len(train_set), training_set_fingerprint)
     accelerator.print(describe_setup(accelerator, plan, cfg.data_dir))
+    if val_set is not None:
+        accelerator.print(describe_validation(cfg, len(train_set) + len(val_set)))
     if start.state_dir is not None:
         accelerator.print(describe_resume(start, plan))
     record_setup(progress, plan, len(train_set))
     progress.training_data = {"data_dir": str(cfg.data_dir), "fingerprint": training_set_fingerprint}
-    model, optimizer, train, test_loader = prepare_training(accelerator, cfg, plan, train_set, test_set)
+    model, optimizer, train, test_loader, val_loader = prepare_training(
+        accelerator, cfg, plan, train_set, test_set, val_set
+    )
     if start.state_dir is not None:
         restore_state(accelerator, start.state_dir, model, optimizer)
         set_hyperparameters(optimizer, cfg)  # flags given now override the restored optimizer's
@@ -101,30 +107,34 @@ def build_run(start: Start, stop: StopRequest | None = None) -> Run:
         first_images(test_set, SAMPLE_IMAGES),
         stop or StopRequest(),
         make_tracker(cfg.tracker, accelerator),  # started by the job, once the run is built
+        val_loader,
     )
     return Run(accelerator, plan, model, trainer)
 
 
 def prepare_training(
-    accelerator: Accelerator, cfg: TrainConfig, plan: BatchPlan, train_set: Split, test_set: Split
-) -> tuple[nn.Module, AcceleratedOptimizer, TrainingData, DataLoader]:
-    """The quickstart's model and optimizer and the two loaders, prepared by Accelerate."""
+    accelerator: Accelerator,
+    cfg: TrainConfig,
+    plan: BatchPlan,
+    train_set: Split,
+    test_set: Split,
+    val_set: Split | None,
+) -> tuple[nn.Module, AcceleratedOptimizer, TrainingData, DataLoader, DataLoader | None]:
+    """The quickstart's model and optimizer, the training and test loaders and the validation split's (None
+    without one), prepared by Accelerate."""
     model = NeuralNetwork()
     optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     sampler = GlobalOrderBatchSampler(len(train_set), plan.micro_batch, cfg.seed)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(
+    evaluated = [test_set] if val_set is None else [test_set, val_set]
+    model, optimizer, train_loader, test_loader, *val_loader = accelerator.prepare(
         model,
         optimizer,
         train_loader_for(train_set, cfg, sampler),
-        test_loader_for(test_set, cfg, plan.processes),
-        device_placement=[
-            None,
-            None,
-            loader_placement(train_set, accelerator),
-            loader_placement(test_set, accelerator),
-        ],
+        *(test_loader_for(split, cfg, plan.processes) for split in evaluated),
+        device_placement=[None, None, *(loader_placement(split, accelerator) for split in (train_set, *evaluated))],
     )
-    return model, optimizer, TrainingData(train_loader, sampler, plan, len(train_set)), test_loader
+    train = TrainingData(train_loader, sampler, plan, len(train_set))
+    return model, optimizer, train, test_loader, val_loader[0] if val_loader else None
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -164,6 +174,21 @@ def describe_setup(accelerator: Accelerator, plan: BatchPlan, data_dir: Path) ->
     )
 
 
+def describe_validation(cfg: TrainConfig, training_images: int) -> str:
+    """The line that says what the validation split holds out, and what it chooses."""
+    stopping = (
+        f", early stopping after {cfg.early_stopping_patience} epoch(s) without improvement"
+        if cfg.early_stopping_patience
+        else ""
+    )
+    return (
+        f"fmnist-dist: validation split: {cfg.val_size} of the {training_images} training images, held out by "
+        f"--seed {cfg.seed} and never trained on; best epoch by {cfg.monitor_or_default} kept as "
+        f"{RunDirectory(cfg.output_dir).best_model}{stopping}; the test set is scored "
+        + ("after every epoch" if cfg.test_every_epoch else "at the end of the run")
+    )
+
+
 def load_datasets(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Split, Split]:
     """Both splits; the main process downloads first so that processes never race on the files.
 
@@ -189,7 +214,7 @@ def train_loader_for(train_set: Dataset, cfg: TrainConfig, sampler: GlobalOrderB
 
 
 def test_loader_for(test_set: Dataset, cfg: TrainConfig, processes: int) -> DataLoader:
-    """The test set in order, `--eval-batch-size` images per process per batch."""
+    """The test set (or the validation split) in order, `--eval-batch-size` images per process per batch."""
     return make_loader(test_set, cfg.eval_batch_size * processes, False, **_loading_options(test_set, cfg))
 
 

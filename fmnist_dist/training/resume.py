@@ -10,8 +10,9 @@ from accelerate.utils import parse_choice_from_env
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import BatchPlan
-from fmnist_dist.settings.train_config import MIXED_PRECISIONS, TrainConfig, changed_settings
+from fmnist_dist.settings.train_config import DEFAULT_MONITOR, MIXED_PRECISIONS, TrainConfig, changed_settings
 from fmnist_dist.storage.training_state import Progress, find_state, read_progress
+from fmnist_dist.training.model_selection import early_stop_reason, stopped_early
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,14 @@ def plan_start(cfg: TrainConfig, given: frozenset[str]) -> Start:
 
     Raises:
         UsageError: `--resume` names no readable state; its saved settings are not ones the flags would take; a
-            new --seed for a state saved mid-epoch; or --epochs ends before the epoch the state is in.
+            new --seed for a state saved mid-epoch; a new validation split or --monitor; or --epochs ends before
+            the epoch the state is in.
     """
     state_dir = find_state(cfg.output_dir, cfg.resume) if cfg.resume else None
     if state_dir is None:
         return Start(cfg, Progress(config=settings_record(cfg)))
     progress = read_progress(state_dir)
+    check_same_validation_split(state_dir, progress.config, cfg, given)  # before the saved settings are checked
     resumed_cfg = cfg.resumed_from(progress.config, given, state_dir)
     record = settings_record(resumed_cfg)
     changed = changed_settings(progress.config, record)
@@ -76,6 +79,49 @@ def check_same_epoch_order(state_dir: Path, progress: Progress, changed: dict[st
             f"{new} (saved: {old}) would train some of its images twice and others never; resume without --seed, "
             "or from a state saved at an epoch end"
         )
+
+
+def check_same_validation_split(
+    state_dir: Path, saved: dict[str, Any], cfg: TrainConfig, given: frozenset[str]
+) -> None:
+    """Refuse a flag that would change a run's validation split or what chooses its best epoch: a new --val-size
+    (images it trained on would be validated on, or images it validated on trained on), with a split a new --seed
+    (which chooses another split), or a new --monitor (model-best.pth is the best by the saved one).
+
+    Args:
+        saved: the state's settings (`Progress.config`); states saved before --val-size held out nothing.
+        cfg, given: the settings of this command line, and those written on it.
+    """
+    val_size, monitor = saved.get("val_size", 0), saved.get("monitor") or DEFAULT_MONITOR
+    if "val_size" in given and cfg.val_size != val_size:
+        flag, refusal = (
+            "--val-size",
+            (
+                f"holds out {val_size} training images as its validation split (--val-size {val_size}): --val-size "
+                f"{cfg.val_size} would validate on images it trained on, or train on images it validated on"
+            ),
+        )
+    elif val_size and "seed" in given and cfg.seed != saved.get("seed"):
+        flag, refusal = (
+            "--seed",
+            (
+                f"chose its validation split by --seed {saved.get('seed')}: --seed {cfg.seed} would choose another, "
+                "holding out images it trained on"
+            ),
+        )
+    elif val_size and "monitor" in given and cfg.monitor_or_default != monitor:
+        flag, refusal = (
+            "--monitor",
+            (
+                f"keeps its best epoch (model-best.pth) by --monitor {monitor}: --monitor {cfg.monitor_or_default} "
+                "would compare its epochs with a best of another metric"
+            ),
+        )
+    else:
+        return
+    raise UsageError(
+        f"--resume: the state {state_dir} {refusal}; resume without {flag}, or start afresh with --overwrite"
+    )
 
 
 def check_epochs_reach_the_state(state_dir: Path, progress: Progress, epochs: int) -> None:
@@ -137,6 +183,12 @@ def describe_resume(start: Start, plan: BatchPlan) -> str:
     ):
         if old != new:
             changes.append(f"{name} {old} -> {new}")
+    if stopped_early(saved, start.cfg.early_stopping_patience):
+        return (
+            f"fmnist-dist: {start.state_dir} has stopped early after epoch {position.epoch}: "
+            f"{early_stop_reason(saved, start.cfg.monitor_or_default)}; nothing to train (pass a larger "
+            "--early-stopping-patience to train on)"
+        )
     if position.epoch >= start.cfg.epochs:
         return (
             f"fmnist-dist: {start.state_dir} has trained {position.epoch} epoch(s), --epochs is "

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fmnist_dist.errors import UsageError
-from fmnist_dist.recipe.evaluation import EvalResult, evaluate
+from fmnist_dist.recipe.evaluation import EvalResult
 from fmnist_dist.recipe.position import BatchPlan
 from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
 from fmnist_dist.recipe.train_step import TrainStep
@@ -30,6 +30,7 @@ from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import EpochRecord, MetricsLog
 from fmnist_dist.storage.training_state import Progress, save_training_state
 from fmnist_dist.tracking.base import Tracker
+from fmnist_dist.training.model_selection import EpochEvaluation, EpochScores
 
 # Optimizer steps between the processes' check-ins (one tiny gather): a signal is acted on, and a divergence
 # caught, within this many steps, and a fast run pays for one collective per this many steps, not per step.
@@ -90,8 +91,8 @@ class FitResult:
 
     Attributes:
         metrics: the record of every epoch of the run, those of the runs it resumed included, in order.
-        last_eval: the evaluation after the last epoch trained now; None when a resumed run had nothing
-            left to train.
+        last_eval: the test set's evaluation after the last epoch trained now; None when a resumed run had
+            nothing left to train.
     """
 
     metrics: list[EpochRecord]
@@ -104,7 +105,8 @@ class FitResult:
 
 
 class Trainer:
-    """Trains the prepared model for `cfg.epochs` epochs from `progress`, evaluating after each epoch.
+    """Trains the prepared model for `cfg.epochs` epochs from `progress`, evaluating after each epoch (early
+    stopping may end it sooner).
 
     Args:
         cfg: the job's settings.
@@ -116,6 +118,7 @@ class Trainer:
         sample_images: a few test images (the first ones) to show with their predictions on the tracker.
         stop: the stop signals' record.
         tracker: where the run's values and predictions are recorded (started by the job).
+        val_loader: the prepared validation split (`--val-size`); None without one.
     """
 
     def __init__(
@@ -132,13 +135,14 @@ class Trainer:
         sample_images: torch.Tensor,
         stop: StopRequest,
         tracker: Tracker,
+        val_loader: DataLoader | None = None,
     ) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
         self.model = model
         self.train_step = TrainStep(accelerator, model, optimizer, scheduler, train.plan)
         self.train = train
-        self.test_loader = test_loader
+        self.evaluation = EpochEvaluation(cfg, accelerator, test_loader, val_loader, progress)
         self.progress = progress
         self.position = progress.position
         self.metrics_log = metrics_log
@@ -159,23 +163,31 @@ class Trainer:
             self._save_state()
             raise self._stop_error()
         last_eval = None
-        while self.position.epoch < self.cfg.epochs:
+        while self.position.epoch < self.cfg.epochs and not self.evaluation.stopped_early:
             last_eval = self._run_epoch()
         return FitResult(self.progress.metrics, last_eval)
 
-    def _run_epoch(self) -> EvalResult:
-        """Train the rest of the epoch under way, evaluate, record the epoch, and stop there if asked to."""
+    def _run_epoch(self) -> EvalResult | None:
+        """Train the rest of the epoch under way, score it, record the epoch, and stop there if asked to.
+
+        Returns:
+            The test set's evaluation, if the epoch scored it.
+        """
         stats = self.train_epoch()
         eval_start = time.perf_counter()
-        result = evaluate(self.model, self.test_loader, self.accelerator)
-        stop = self._check_in(torch.tensor(stats.loss + result.loss))
-        self._finish_epoch(stats, result, time.perf_counter() - eval_start)
+        scores = self.evaluation.score(self.model, last_epoch=self.position.epoch + 1 == self.cfg.epochs)
+        stop = self._check_in(torch.tensor(stats.loss + scores.loss))
+        eval_seconds = time.perf_counter() - eval_start
+        self.evaluation.keep_best(self.model, scores)  # before the record and the state that name the best epoch
+        self._finish_epoch(stats, scores, eval_seconds)
+        if self.evaluation.stopped_early:
+            self.accelerator.print(self.evaluation.early_stop_line())
         if stop:
             self._stop_unless_finished()
             self.accelerator.print(
                 f"fmnist-dist: {self._stop_signal} arrived after the last optimizer step; finishing the run"
             )
-        return result
+        return scores.test
 
     def train_epoch(self) -> EpochStats:
         """Train the epoch under way from the position on, to its end (`fit` calls this for every epoch).
@@ -246,9 +258,9 @@ class Trainer:
         )
 
     def _stop_unless_finished(self) -> None:
-        """Stop here, unless no optimizer step is left: then the run finishes (its last evaluation, the model and
-        the plots take a second or so)."""
-        if not self.position.run_finished(self.cfg.epochs, self.train.size):
+        """Stop here, unless no optimizer step is left (or early stopping has ended the run): then the run
+        finishes (its last evaluation, the model and the plots take a second or so)."""
+        if not (self.position.run_finished(self.cfg.epochs, self.train.size) or self.evaluation.stopped_early):
             raise self._stop_error()
 
     def _check_in(self, loss: torch.Tensor) -> bool:
@@ -299,16 +311,14 @@ class Trainer:
     def _save_state(self) -> Path:
         return save_training_state(self.accelerator, self.cfg.output_dir, self.progress, self.cfg.keep_states)
 
-    def _finish_epoch(self, stats: EpochStats, result: EvalResult, eval_seconds: float) -> None:
+    def _finish_epoch(self, stats: EpochStats, scores: EpochScores, eval_seconds: float) -> None:
         position = self.position
         record = EpochRecord(
             epoch=position.epoch + 1,
             global_step=position.global_step,
             lr=self.current_lr(),
             train_loss=stats.loss,
-            test_loss=result.loss,
-            test_accuracy=result.accuracy,
-            test_samples=result.samples,
+            **scores.record_fields(),
             train_samples=stats.samples,
             train_seconds=stats.seconds,
             eval_seconds=eval_seconds,
@@ -317,19 +327,17 @@ class Trainer:
             global_batch_size=self.train.plan.global_batch,
             mixed_precision=precision_in_effect(self.accelerator),
             cpu_threads=torch.get_num_threads(),
-            confusion_matrix=result.confusion_matrix().tolist(),
         )
         self.progress.finish_epoch(record)
         if self.accelerator.is_main_process:
             self.metrics_log.append(record)
         self.accelerator.print(
-            f"epoch {record.epoch}/{self.cfg.epochs}: train loss {stats.loss:.4f}, test loss {result.loss:.4f}, "
-            f"test accuracy {100 * result.accuracy:.2f}% ({result.samples} images), "
+            f"epoch {record.epoch}/{self.cfg.epochs}: train loss {stats.loss:.4f}, {scores.summary()}, "
             f"{record.train_samples_per_second:.0f} train images/s"
         )
         self.tracker.log_values(record.tracker_values(), position.global_step)
-        if self.cfg.log_samples_every_epoch:
-            self.log_predictions(result)
+        if self.cfg.log_samples_every_epoch and scores.test is not None:
+            self.log_predictions(scores.test)
         self._save_state()
 
     def log_predictions(self, result: EvalResult) -> None:
