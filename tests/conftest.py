@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,7 +46,8 @@ def synthetic_data(
 
 
 def epoch_record(**changes: Any) -> EpochRecord:
-    """An epoch's record as the Trainer makes one (2 processes, 480 images, 100 test images), with `changes`."""
+    """An epoch's record as the Trainer makes one (2 processes, 480 images, 20 validation and 100 test images),
+    with `changes`."""
     values: dict[str, Any] = {
         "epoch": 1,
         "global_step": 15,
@@ -53,6 +55,9 @@ def epoch_record(**changes: Any) -> EpochRecord:
         "train_loss": 1.5,
         "test_loss": 1.25,
         "test_accuracy": 0.5,
+        "val_loss": 1.0,
+        "val_accuracy": 0.6,
+        "val_samples": 20,
         "test_samples": 100,
         "train_samples": 480,
         "train_seconds": 2.0,
@@ -177,6 +182,40 @@ def cli_command(processes: int) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "fmnist_dist"]
     return [*accelerate_launch(processes), "-m", "fmnist_dist"]
+
+
+# Runs `fmnist-dist` with a model that records the training images each process trains on (by index).
+RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
+
+
+def train(
+    data_dir: Path, output_dir: Path, processes: int, *extra: str, record: bool = False
+) -> subprocess.CompletedProcess:
+    """`train` on `processes` gloo processes (or one plain process); with `record`, through the index recorder."""
+    args = [str(a) for a in train_args(data_dir, output_dir, "--no-progress")]
+    if "--global-batch-size" in extra or "--resume" in extra:  # exclusive flags; a resume keeps the saved batch
+        del args[args.index("--batch-size") : args.index("--batch-size") + 2]
+    args += map(str, extra)
+    if processes > 1:
+        args.append("--cpu")
+    command = [sys.executable, "-m", "fmnist_dist"]
+    if record:
+        (output_dir.parent / f"{output_dir.name}-records").mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, str(RECORDER), str(output_dir.parent / f"{output_dir.name}-records")]
+    if processes > 1:
+        command = [*accelerate_launch(processes), *(command[1:] if record else ["-m", "fmnist_dist"])]
+    result = subprocess.run(
+        [*command, *args], cwd=output_dir.parent, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def trained_indices(output_dir: Path) -> list[list[int]]:
+    """Per recorded epoch, the indices every process trained (concatenated over processes)."""
+    records = output_dir.parent / f"{output_dir.name}-records"
+    per_rank = [json.loads(path.read_text()) for path in sorted(records.glob("rank-*.json"))]
+    return [[index for rank in epoch for index in rank] for epoch in zip(*per_rank, strict=True)]
 
 
 # The long run: 375 optimizer steps of 32 images per epoch, so a signal or a kill lands mid-epoch.

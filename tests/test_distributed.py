@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    RECORDER,
     TEST_SIZE,
     TRAIN_SIZE,
     accelerate_launch,
@@ -25,7 +26,6 @@ pytestmark = pytest.mark.integration  # real processes: see tests/conftest.py
 
 EPOCHS = 2
 DEVICE_LINE = "process(es) on"
-RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
 # 1003 images in batches of 8 on 2 processes: the last round has 11 real images, so Accelerate pads it.
 SHARD_BATCH = 8
 SHARD_EPOCHS = 3

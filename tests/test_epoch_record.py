@@ -20,7 +20,7 @@ from fmnist_dist.storage.metrics_log import EpochRecord, MetricsLog, metrics_rec
 from fmnist_dist.storage.plots import plot_run
 from fmnist_dist.storage.training_state import Progress
 
-# A metrics.jsonl line's keys, in the order the Trainer has written them since mixed_precision and cpu_threads came.
+# A metrics.jsonl line's keys, in the order the Trainer has written them since the validation split came.
 KEYS = [
     "epoch",
     "global_step",
@@ -28,6 +28,9 @@ KEYS = [
     "train_loss",
     "test_loss",
     "test_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_samples",
     "test_samples",
     "train_samples",
     "train_seconds",
@@ -39,8 +42,13 @@ KEYS = [
     "cpu_threads",
     "confusion_matrix",
 ]
-# What the first versions wrote (before lr, global_batch_size, mixed_precision and cpu_threads).
-FIRST_KEYS = [key for key in KEYS if key not in ("lr", "global_batch_size", "mixed_precision", "cpu_threads")]
+# What the first versions wrote (before lr, global_batch_size, mixed_precision, cpu_threads and the validation split).
+FIRST_KEYS = [
+    key
+    for key in KEYS
+    if key
+    not in ("lr", "global_batch_size", "mixed_precision", "cpu_threads", "val_loss", "val_accuracy", "val_samples")
+]
 # What `plot` has always required.
 REQUIRED = ["epoch", "train_loss", "test_loss", "test_accuracy", "confusion_matrix"]
 
@@ -100,7 +108,7 @@ def test_a_record_needs_only_what_plot_draws() -> None:
 
 
 def test_keys_of_newer_versions_are_ignored() -> None:
-    assert EpochRecord.from_json({**asdict(epoch_record()), "val_loss": 0.25}) == epoch_record()
+    assert EpochRecord.from_json({**asdict(epoch_record()), "a_later_metric": 0.25}) == epoch_record()
 
 
 @pytest.mark.parametrize(
@@ -142,6 +150,8 @@ def test_trackers_see_an_epochs_values_under_todays_names() -> None:
         "train/lr": 0.1,
         "test/loss": 1.25,
         "test/accuracy": 0.5,
+        "val/loss": 1.0,
+        "val/accuracy": 0.6,
         "perf/train_seconds": 2.0,
         "perf/eval_seconds": 0.5,
         "perf/train_samples_per_second": 240.0,

@@ -3,15 +3,13 @@ exact resume on another world size, gradient accumulation over exactly a step's 
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN_SIZE, accelerate_launch, cli_env, train_args
+from conftest import TRAIN_SIZE, train, trained_indices
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import TrainingPosition
@@ -22,7 +20,6 @@ from fmnist_dist.storage.run_dir import STATES_DIR
 from fmnist_dist.storage.training_state import complete_states
 from fmnist_dist.training.recipe_settings import batch_plan
 
-RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
 GLOBAL_BATCH = 48  # divides by 1, 2 and 3 processes
 STATE_STEP = 10  # a mid-epoch state: 480 of the 1003 images of epoch 1 trained
 
@@ -37,36 +34,6 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 def metrics(output_dir: Path) -> list[dict]:
     return [record.as_json() for record in MetricsLog.read(output_dir / "metrics.jsonl")]
-
-
-def train(
-    data_dir: Path, output_dir: Path, processes: int, *extra: str, record: bool = False
-) -> subprocess.CompletedProcess:
-    """`train` on `processes` gloo processes (or one plain process); with `record`, through the index recorder."""
-    args = [str(a) for a in train_args(data_dir, output_dir, "--no-progress")]
-    if "--global-batch-size" in extra or "--resume" in extra:  # exclusive flags; a resume keeps the saved batch
-        del args[args.index("--batch-size") : args.index("--batch-size") + 2]
-    args += map(str, extra)
-    if processes > 1:
-        args.append("--cpu")
-    command = [sys.executable, "-m", "fmnist_dist"]
-    if record:
-        (output_dir.parent / f"{output_dir.name}-records").mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, str(RECORDER), str(output_dir.parent / f"{output_dir.name}-records")]
-    if processes > 1:
-        command = [*accelerate_launch(processes), *(command[1:] if record else ["-m", "fmnist_dist"])]
-    result = subprocess.run(
-        [*command, *args], cwd=output_dir.parent, env=cli_env(), capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def trained_indices(output_dir: Path) -> list[list[int]]:
-    """Per recorded epoch, the indices every process trained (concatenated over processes)."""
-    records = output_dir.parent / f"{output_dir.name}-records"
-    per_rank = [json.loads(path.read_text()) for path in sorted(records.glob("rank-*.json"))]
-    return [[index for rank in epoch for index in rank] for epoch in zip(*per_rank, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------- the position

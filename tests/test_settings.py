@@ -6,7 +6,7 @@ train nothing of a part-trained epoch refused. In-process: no training runs here
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -233,3 +233,58 @@ def test_a_resume_with_fewer_epochs_at_an_epoch_end_still_has_nothing_to_train(t
         TrainConfig(output_dir=tmp_path / "out", resume="auto", epochs=1), frozenset({"output_dir", "resume", "epochs"})
     )
     assert "nothing to train" in describe_resume(start, BatchPlan(per_process=64, processes=1, accumulation=1))
+
+
+# ------------------------------------------------------------------------------------- the validation split
+
+
+@pytest.mark.parametrize(
+    ("saved", "flags", "named"),
+    [
+        (
+            {"val_size": 100},
+            ["--val-size", "50"],
+            ("holds out 100 training images", "--val-size 50", "without --val-size"),
+        ),
+        (
+            {"val_size": 0},
+            ["--val-size", "100"],
+            ("holds out 0 training images", "--val-size 100", "without --val-size"),
+        ),
+        (
+            {"val_size": 100, "seed": 0},
+            ["--seed", "1"],
+            ("by --seed 0", "--seed 1 would choose another", "without --seed"),
+        ),
+        ({"val_size": 100}, ["--monitor", "val_loss"], ("by --monitor val_accuracy", "without --monitor")),
+    ],
+    ids=["smaller", "none-before", "new-seed", "new-monitor"],
+)
+def test_a_resume_that_would_change_the_validation_split_exits_2(
+    saved: dict, flags: list[str], named: tuple[str, ...], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    state = saved_state(tmp_path / "out", AT_EPOCH_END, **saved)
+    before = {path: path.read_bytes() for path in state.parent.rglob("*") if path.is_file()}
+    line = one_error_line(
+        capsys, ["train", "--output-dir", str(tmp_path / "out"), "--resume", *flags], f"the state {state}", *named
+    )
+    assert line.endswith("or start afresh with --overwrite")
+    assert {path: path.read_bytes() for path in state.parent.rglob("*") if path.is_file()} == before
+
+
+def test_a_state_saved_before_the_validation_split_held_out_nothing(tmp_path: Path) -> None:
+    state = saved_state(tmp_path / "out", AT_EPOCH_END)
+    progress = json.loads((state / PROGRESS_FILE).read_text())
+    del progress["config"]["val_size"]
+    (state / PROGRESS_FILE).write_text(json.dumps(progress))
+    cfg = TrainConfig(output_dir=tmp_path / "out", resume="auto")
+    with pytest.raises(UsageError, match="holds out 0 training images"):
+        plan_start(replace(cfg, val_size=10), frozenset({"output_dir", "resume", "val_size"}))
+    assert plan_start(cfg, frozenset({"output_dir", "resume"})).cfg.val_size == 0
+
+
+def test_a_resume_may_repeat_its_split_and_name_the_default_monitor(tmp_path: Path) -> None:
+    saved_state(tmp_path / "out", AT_EPOCH_END, val_size=100, monitor=None)
+    cfg = TrainConfig(output_dir=tmp_path / "out", resume="auto", val_size=100, seed=0, monitor="val_accuracy")
+    start = plan_start(cfg, frozenset({"output_dir", "resume", "val_size", "seed", "monitor"}))
+    assert (start.cfg.val_size, start.cfg.monitor_or_default) == (100, "val_accuracy")

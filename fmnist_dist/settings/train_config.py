@@ -272,8 +272,7 @@ class TrainConfig:
     log_model: bool = setting(False, "store the final model.pth as a W&B artifact", kind=SWITCH)
 
     def __post_init__(self) -> None:
-        """Refuse any value its setting does not allow, then any two settings that exclude each other, then a
-        choice by a validation split that is not there.
+        """Refuse any value its setting does not allow, then any two settings that exclude each other.
 
         Raises:
             UsageError: naming the flag, the value and what to pass instead.
@@ -284,12 +283,6 @@ class TrainConfig:
             # Both set (a zero warm-up beside the other warm-up flag says nothing and is allowed).
             if getattr(self, one) and getattr(self, other):
                 raise UsageError(f"{flag_of(one)} and {flag_of(other)} exclude each other; pass only one of them")
-        for name in SELECTING:
-            if getattr(self, name) is not None and not self.val_size:
-                raise UsageError(
-                    f"{flag_of(name)} chooses by the validation split, and there is none; pass --val-size N as well "
-                    "(N training images held out: the test set never chooses an epoch)"
-                )
 
     @classmethod
     def from_plain(cls, values: dict[str, Any]) -> TrainConfig:
@@ -306,6 +299,22 @@ class TrainConfig:
         if self.warmup_epochs is not None:
             return self.warmup_epochs
         return 0.0 if self.warmup_steps is not None else DEFAULT_WARMUP_EPOCHS
+
+    def check_choices_have_a_split(self) -> None:
+        """Refuse `--monitor` or `--early-stopping-patience` without a validation split to choose by.
+
+        Checked once a run's settings are complete (`training.resume.plan_start`): a resumed run takes its
+        `--val-size` from its state.
+
+        Raises:
+            UsageError: naming the flag, and `--val-size` to pass.
+        """
+        for name in SELECTING:
+            if getattr(self, name) is not None and not self.val_size:
+                raise UsageError(
+                    f"{flag_of(name)} chooses by the validation split, and there is none; pass --val-size N as well "
+                    "(N training images held out: the test set never chooses an epoch)"
+                )
 
     @property
     def monitor_or_default(self) -> str:

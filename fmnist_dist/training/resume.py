@@ -37,15 +37,17 @@ def plan_start(cfg: TrainConfig, given: frozenset[str]) -> Start:
 
     Raises:
         UsageError: `--resume` names no readable state; its saved settings are not ones the flags would take; a
-            new --seed for a state saved mid-epoch; a new validation split or --monitor; or --epochs ends before
-            the epoch the state is in.
+            new --seed for a state saved mid-epoch; a new validation split or --monitor; --monitor or
+            --early-stopping-patience without a validation split; or --epochs ends before the epoch the state is in.
     """
     state_dir = find_state(cfg.output_dir, cfg.resume) if cfg.resume else None
     if state_dir is None:
+        cfg.check_choices_have_a_split()
         return Start(cfg, Progress(config=settings_record(cfg)))
     progress = read_progress(state_dir)
     check_same_validation_split(state_dir, progress.config, cfg, given)  # before the saved settings are checked
     resumed_cfg = cfg.resumed_from(progress.config, given, state_dir)
+    resumed_cfg.check_choices_have_a_split()
     record = settings_record(resumed_cfg)
     changed = changed_settings(progress.config, record)
     check_same_epoch_order(state_dir, progress, changed)
