@@ -132,7 +132,7 @@ def _json_type(hint: object) -> str:
     if typing.get_origin(kind) is list:  # the confusion matrix, one row and one column per class
         from fmnist_dist.recipe.model import CLASSES
 
-        return f"{len(CLASSES)} x {len(CLASSES)} integers"
+        return f"{len(CLASSES)} x {len(CLASSES)} integers" + (", or null" if _is_optional(hint) else "")
     if kind not in JSON_TYPE_NAMES:
         raise ValueError(f"no JSON name for the type {kind!r} of an EpochRecord field; add it to JSON_TYPE_NAMES")
     return JSON_TYPE_NAMES[kind]

@@ -272,7 +272,8 @@ class TrainConfig:
     log_model: bool = setting(False, "store the final model.pth as a W&B artifact", kind=SWITCH)
 
     def __post_init__(self) -> None:
-        """Refuse any value its setting does not allow, then any two settings that exclude each other.
+        """Refuse any value its setting does not allow, then any two settings that exclude each other, then (for a
+        new run) a choice by a validation split that is not there.
 
         Raises:
             UsageError: naming the flag, the value and what to pass instead.
@@ -283,6 +284,8 @@ class TrainConfig:
             # Both set (a zero warm-up beside the other warm-up flag says nothing and is allowed).
             if getattr(self, one) and getattr(self, other):
                 raise UsageError(f"{flag_of(one)} and {flag_of(other)} exclude each other; pass only one of them")
+        if self.resume is None:  # a resumed run may take its --val-size from its state: checked once it has
+            self.check_choices_have_a_split()
 
     @classmethod
     def from_plain(cls, values: dict[str, Any]) -> TrainConfig:
@@ -303,8 +306,8 @@ class TrainConfig:
     def check_choices_have_a_split(self) -> None:
         """Refuse `--monitor` or `--early-stopping-patience` without a validation split to choose by.
 
-        Checked once a run's settings are complete (`training.resume.plan_start`): a resumed run takes its
-        `--val-size` from its state.
+        A new run is checked as it is built; a resumed one once its settings are complete
+        (`training.resume.plan_start`), since it takes its `--val-size` from its state.
 
         Raises:
             UsageError: naming the flag, and `--val-size` to pass.
