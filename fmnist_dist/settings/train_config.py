@@ -266,7 +266,8 @@ class TrainConfig:
     tags: tuple[str, ...] = setting((), "W&B run tags", kind=WORDS, nargs="+")
     log_samples_every_epoch: bool = setting(
         False,
-        "log sample predictions and the confusion matrix after every epoch, not only at the end",
+        "log sample predictions and the confusion matrix after every epoch that scores the test set (with "
+        "--val-size: the last, or every one with --test-every-epoch), not only at the end",
         kind=SWITCH,
     )
     log_model: bool = setting(False, "store the final model.pth as a W&B artifact", kind=SWITCH)

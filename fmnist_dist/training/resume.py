@@ -94,36 +94,32 @@ def check_same_validation_split(
         saved: the state's settings (`Progress.config`); states saved before --val-size held out nothing.
         cfg, given: the settings of this command line, and those written on it.
     """
+    if change := _split_change(saved, cfg, given):
+        flag, problem = change
+        raise UsageError(
+            f"--resume: the state {state_dir} {problem}; resume without {flag}, or start afresh with --overwrite"
+        )
+
+
+def _split_change(saved: dict[str, Any], cfg: TrainConfig, given: frozenset[str]) -> tuple[str, str] | None:
+    """The flag given that changes the saved split or monitor, and what it would do; None if none does."""
     val_size, monitor = saved.get("val_size", 0), saved.get("monitor") or DEFAULT_MONITOR
     if "val_size" in given and cfg.val_size != val_size:
-        flag, refusal = (
-            "--val-size",
-            (
-                f"holds out {val_size} training images as its validation split (--val-size {val_size}): --val-size "
-                f"{cfg.val_size} would validate on images it trained on, or train on images it validated on"
-            ),
+        return "--val-size", (
+            f"holds out {val_size} training images as its validation split (--val-size {val_size}): --val-size "
+            f"{cfg.val_size} would validate on images it trained on, or train on images it validated on"
         )
-    elif val_size and "seed" in given and cfg.seed != saved.get("seed"):
-        flag, refusal = (
-            "--seed",
-            (
-                f"chose its validation split by --seed {saved.get('seed')}: --seed {cfg.seed} would choose another, "
-                "holding out images it trained on"
-            ),
+    if val_size and "seed" in given and cfg.seed != saved.get("seed"):
+        return "--seed", (
+            f"chose its validation split by --seed {saved.get('seed')}: --seed {cfg.seed} would choose another, "
+            "holding out images it trained on"
         )
-    elif val_size and "monitor" in given and cfg.monitor_or_default != monitor:
-        flag, refusal = (
-            "--monitor",
-            (
-                f"keeps its best epoch (model-best.pth) by --monitor {monitor}: --monitor {cfg.monitor_or_default} "
-                "would compare its epochs with a best of another metric"
-            ),
+    if val_size and "monitor" in given and cfg.monitor_or_default != monitor:
+        return "--monitor", (
+            f"keeps its best epoch (model-best.pth) by --monitor {monitor}: --monitor {cfg.monitor_or_default} "
+            "would compare its epochs with a best of another metric"
         )
-    else:
-        return
-    raise UsageError(
-        f"--resume: the state {state_dir} {refusal}; resume without {flag}, or start afresh with --overwrite"
-    )
+    return None
 
 
 def check_epochs_reach_the_state(state_dir: Path, progress: Progress, epochs: int) -> None:
