@@ -56,10 +56,11 @@ class Progress:
         position: where training stands (epoch, images of its global order trained, optimizer steps).
         epoch_loss_sum, epoch_samples: summed training loss and image count of the epoch so far, over all
             processes (so a resumed run reports the same epoch loss as an uninterrupted one).
-        dataset_size: training images; a state resumes only on the same training set.
+        dataset_size: training images trained on (the training set less its validation split, `--val-size`); a
+            state resumes only on the same training set.
         training_data: what it was trained on, {"data_dir": ..., "fingerprint": ...}
-            (`inputs.fashion_mnist.fingerprint` of the images and labels); None in states saved before it was
-            recorded.
+            (`inputs.fashion_mnist.fingerprint` of the whole training set's images and labels, its validation
+            split included); None in states saved before it was recorded.
         world_size, per_process_batch, global_batch_size: how the run that saved it was split.
         config: the run's settings (`TrainConfig.to_log()`), the defaults of a resumed run.
         tracker_run_id: the tracker's run to continue (the W&B run id); saved as `wandb_run_id` before.
