@@ -44,7 +44,8 @@ from fmnist_dist.training.trainer import FitResult
 VAL_SIZE = 101  # odd: 2 processes evaluate it in uneven shards, which Accelerate pads
 TRAINED = TRAIN_SIZE - VAL_SIZE  # 902 images: 29 steps of 32 per epoch, the last one short
 BATCH = 32
-STATE_EVERY = 10  # optimizer steps: the state of step 70 is mid-epoch 3 (steps 59-87)
+STATE_EVERY = 10  # optimizer steps between the states of the 2-process test: step 10 is mid-epoch 1
+MID_EPOCH_3 = 70  # an optimizer step of epoch 3 (steps 59-87 at batch 32), where the plateau saves a state
 SELECTION_FIELDS = ("best_value", "best_epoch", "epochs_without_improvement")  # Progress's, since --val-size
 
 
@@ -199,7 +200,7 @@ def test_a_best_model_marks_an_earlier_run_and_overwrite_removes_it(tmp_path: Pa
 
 
 def config(data_dir: Path, output_dir: Path, **changes: object) -> TrainConfig:
-    """A quick in-process run holding out VAL_SIZE images, a state every STATE_EVERY steps, every state kept."""
+    """A quick in-process run holding out VAL_SIZE images, every state kept."""
     values: dict = {
         "data_dir": data_dir,
         "download": False,
@@ -207,7 +208,6 @@ def config(data_dir: Path, output_dir: Path, **changes: object) -> TrainConfig:
         "batch_size": BATCH,
         "eval_batch_size": 64,
         "val_size": VAL_SIZE,
-        "checkpoint_every": STATE_EVERY,
         "keep_states": 100,
         "cpu": True,
         "tracker": "none",
@@ -232,7 +232,7 @@ def resume(data_dir: Path, output_dir: Path, **flags: object) -> tuple[FitResult
 def worsened(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FitResult, Progress, Path]:
     """2 epochs by --monitor val_loss, then resumed for a third with a weight decay that undoes the training: the
     best epoch is not the last, and only the best value carried by the state keeps the third from replacing it."""
-    output_dir = tmp_path_factory.mktemp("worsened") / "out"
+    output_dir = tmp_path_factory.mktemp("worsened")  # made, as the job's claim of --output-dir makes it
     fit(config(data_dir, output_dir, epochs=2, monitor="val_loss"))
     result, progress = resume(data_dir, output_dir, epochs=3, weight_decay=1.0)
     return result, progress, output_dir
@@ -282,8 +282,9 @@ PATIENCE = 2
 @pytest.fixture(scope="module")
 def plateau(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FitResult, Progress, Path]:
     """10 epochs on a plateau with --early-stopping-patience 2: epoch 1 is the best, epochs 2 and 3 do not improve."""
-    output_dir = tmp_path_factory.mktemp("plateau") / "out"
-    result, progress = fit(config(data_dir, output_dir, early_stopping_patience=PATIENCE, **PLATEAU))
+    output_dir = tmp_path_factory.mktemp("plateau")
+    cfg = config(data_dir, output_dir, early_stopping_patience=PATIENCE, checkpoint_every=MID_EPOCH_3, **PLATEAU)
+    result, progress = fit(cfg)
     return result, progress, output_dir
 
 
@@ -302,9 +303,9 @@ def test_a_resume_keeps_the_count_of_epochs_without_improvement(
     plateau: tuple[FitResult, Progress, Path], data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     _, finished_progress, source = plateau
-    mid_epoch_3 = RunDirectory(source).state(70)
+    mid_epoch_3 = RunDirectory(source).state(MID_EPOCH_3)
     assert read_progress(mid_epoch_3).epochs_without_improvement == 1  # epoch 2 did not improve
-    shutil.copytree(mid_epoch_3, RunDirectory(tmp_path).state(70))
+    shutil.copytree(mid_epoch_3, RunDirectory(tmp_path).state(MID_EPOCH_3))
 
     result, progress = resume(data_dir, tmp_path)
 
