@@ -211,7 +211,15 @@ class WandbTracker(Tracker):
 
     def _init(self, run: RunSpec, kwargs: dict[str, Any]) -> None:
         self._close()  # a failed start leaves its tracker in the list
-        self.accelerator.init_trackers(run.project, config=run.config, init_kwargs={WANDB: kwargs})
+        if run.sweep_id is None:
+            self.accelerator.init_trackers(run.project, config=run.config, init_kwargs={WANDB: kwargs})
+            return
+        # A sweep's trial. Its agent's environment names the run and the sweep's project (wandb.init ignores others,
+        # with a warning: hence no project, where Accelerate passes it on as wandb.init's), and wandb.init puts the
+        # sweep's parameters in the run's config, locked: a later update of one is ignored, with a warning. So the
+        # settings go to wandb.init, as the defaults the parameters override (W&B's way for sweeps); they agree
+        # anyway, the parameters being the trial's flags.
+        self.accelerator.init_trackers(None, init_kwargs={WANDB: {**kwargs, "config": run.config}})
 
     def _run_id(self) -> str | None:
         run = self._run()
@@ -295,8 +303,8 @@ class WandbTracker(Tracker):
 
 def init_kwargs(run: RunSpec) -> dict[str, Any]:
     """wandb.init arguments: the run's name, group and tags, and the saved run id so a resumed job continues the
-    same run."""
+    same run (a sweep's trial continues the run its agent names, which is the one its state saved)."""
     kwargs: dict[str, Any] = {"name": run.name, "group": run.group, "tags": list(run.tags) or None}
     if run.resume_id:
-        kwargs.update(id=run.resume_id, resume="allow")
+        kwargs.update(id=run.resume_id if run.sweep_id is None else None, resume="allow")
     return {key: value for key, value in kwargs.items() if value is not None}
