@@ -30,7 +30,7 @@ import wandb
 import yaml
 from conftest import CPU_LAUNCH_CONFIG, REPO, cli_env
 from helpers.sweep_agent import start_trial
-from test_slurm import cancel, job_name, slurm_cluster
+from test_slurm import ENDED, cancel, job_fields, job_name, slurm_cluster, wait_until
 from test_tracking import read_wandb_log
 from wandb import wandb_agent
 from wandb.proto import wandb_internal_pb2
@@ -38,6 +38,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args, load_sweep_
 
 from fmnist_dist.cli import build_parser
 from fmnist_dist.errors import UsageError
+from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE
 from fmnist_dist.settings.declaration import NUMBER, PATH, SWITCH, TEXT, WHOLE, WORDS
 from fmnist_dist.settings.train_config import DEFAULTS, SETTINGS, TrainConfig, flag_of
 from fmnist_dist.storage.metrics_log import TRACKER_KEY, EpochRecord, MetricsLog
@@ -424,19 +425,7 @@ def test_the_runs_config_holds_the_sweeps_parameters_and_settings_that_agree_wit
 def test_a_preempted_trial_is_marked_so_and_run_again_continues_from_its_own_state(
     long_run_data_dir: Path, uninterrupted_long_runs: dict[int, Path], tmp_path: Path
 ) -> None:
-    # The settings of the uninterrupted long run (tests/conftest.py's long_run_args), as sweep parameters.
-    parameters = write_parameters(
-        tmp_path / "parameters.json",
-        {
-            "data-dir": str(long_run_data_dir),
-            "no-download": True,
-            "output-dir": str(tmp_path / "out"),
-            "epochs": 2,
-            "batch-size": 32,
-            "eval-batch-size": 64,
-            "cpu": True,
-        },
-    )
+    parameters = long_run_parameters(long_run_data_dir, tmp_path)
     command = [*agent_command(parameters, "preempt1", 1), SWEEP_PATH]
     env = agent_env(tmp_path, WANDB_SILENT="true")
     run_dir = tmp_path / "out" / f"sweep-{SWEEP_ID}" / "preempt1"
@@ -449,14 +438,35 @@ def test_a_preempted_trial_is_marked_so_and_run_again_continues_from_its_own_sta
 
     # SIGTERM to the agent, as launch/sweep.sbatch sends it at a time limit: passed on to the trial, which stops.
     assert "fmnist-dist: stopped by SIGTERM" in output, output[-3000:]
+    # Marked preempting, and ended with a non-zero exit code: what makes W&B requeue a sweep's trial.
     first, _again = sorted((tmp_path / "wandb").glob("offline-run-*-preempt1"))  # named by start time, then id
     (log,) = first.glob("run-*.wandb")
-    assert [r for r in read_wandb_log(log) if r.WhichOneof("record_type") == "preempting"], "not marked preempted"
+    records = {record.WhichOneof("record_type"): record for record in read_wandb_log(log)}
+    assert "preempting" in records and records["exit"].exit.exit_code == PREEMPTED_EXIT_CODE
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {run_dir / 'state'}/step-" in again.stdout and "epoch 1/2:" not in again.stdout
-    assert [record.epoch for record in MetricsLog.read(run_dir / "metrics.jsonl")] == [1, 2]
-    uninterrupted = weights(uninterrupted_long_runs[1])
-    assert all(torch.equal(tensor, uninterrupted[key]) for key, tensor in weights(run_dir).items())
+    assert_continued_to_the_uninterrupted_weights(run_dir, uninterrupted_long_runs[1])
+
+
+def long_run_parameters(data_dir: Path, work: Path) -> Path:
+    """The settings of the uninterrupted long run (tests/conftest.py's long_run_args) as the parameters of a trial
+    into work/out, written to a file for the stand-in agent."""
+    parameters = {
+        "data-dir": str(data_dir),
+        "no-download": True,
+        "output-dir": str(work / "out"),
+        "epochs": 2,
+        "batch-size": 32,
+        "eval-batch-size": 64,
+        "cpu": True,
+    }
+    return write_parameters(work / "parameters.json", parameters)
+
+
+def assert_continued_to_the_uninterrupted_weights(run_dir: Path, uninterrupted: Path) -> None:
+    assert [record.epoch for record in MetricsLog.read(RunDirectory(run_dir).metrics)] == [1, 2]
+    expected = weights(uninterrupted)
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in weights(run_dir).items())
 
 
 def stop_after_first_epoch(agent: subprocess.Popen) -> str:
@@ -529,3 +539,53 @@ def test_a_slurm_job_array_runs_one_trial_per_task_each_in_its_own_directory(
         assert RunDirectory(run_dir).model.is_file(), logs
         runs = [run for run in (tmp_path / "wandb").glob("offline-run-*") if run.name.endswith(run_dir.name)]
         assert len(runs) == 1, logs
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_a_preempted_array_task_requeues_itself_and_its_trial_continues_from_its_state(
+    slurm_env: dict[str, str], long_run_data_dir: Path, uninterrupted_long_runs: dict[int, Path], tmp_path: Path
+) -> None:
+    # One task; W&B would give the preempted run to the next agent that asks: here the restarted task's, whose
+    # stand-in runs the trial under the same run id again.
+    stand_in = " ".join(agent_command(long_run_parameters(long_run_data_dir, tmp_path), "preempt2", 1))
+    env = {**slurm_env, "WANDB_DIR": str(tmp_path), "FMNIST_DIST_SWEEP_AGENT": stand_in}
+    name = job_name("sweep-preempt")
+    # Not `sbatch --wait`: it returns as soon as the job is requeued (SLURM reports it as ended for a moment).
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--array=0",
+            f"--job-name={name}",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/slurm-%A_%a.out",
+            str(SWEEP_SBATCH),
+            SWEEP_PATH,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    task = f"{submitted.stdout.strip().split(';')[0]}_0"
+    log = tmp_path / f"slurm-{task}.out"
+    try:
+        wait_until(lambda: log.exists() and "epoch 1/2:" in log.read_text(), 180, "no first epoch in time")
+        # What `#SBATCH --signal=B:USR1@120` does ahead of the time limit: USR1 to the batch shell only.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", task], env=env, check=True)
+        wait_until(lambda: job_fields(task, env).get("Restarts") == "1", 90, f"not requeued:\n{log.read_text()}")
+        wait_until(lambda: job_fields(task, env).get("JobState") in ENDED, 240, f"did not end:\n{log.read_text()}")
+        ended = job_fields(task, env)
+    finally:
+        cancel(name, slurm_env)
+
+    first, _, second = log.read_text().partition("restart 1)")
+    run_dir = tmp_path / "out" / f"sweep-{SWEEP_ID}" / "preempt2"
+    assert (ended["JobState"], ended["ExitCode"]) == ("COMPLETED", "0:0"), second[-3000:]
+    assert "fmnist-dist: stopped by SIGTERM" in first and "requeueing job" in first, first[-3000:]
+    assert f"resuming from {run_dir / 'state'}/step-" in second and "epoch 1/2:" not in second, second[-3000:]
+    assert_continued_to_the_uninterrupted_weights(run_dir, uninterrupted_long_runs[1])
