@@ -220,11 +220,11 @@ class WandbTracker(Tracker):
         if run.sweep_id is None:
             self.accelerator.init_trackers(run.project, config=run.config, init_kwargs={WANDB: kwargs})
             return
-        # A sweep's trial. Its agent's environment names the run and the sweep's project (wandb.init ignores others,
-        # with a warning: hence no project, where Accelerate passes it on as wandb.init's), and wandb.init puts the
-        # sweep's parameters in the run's config, locked: a later update of one is ignored, with a warning. So the
-        # settings go to wandb.init, as the defaults the parameters override (W&B's way for sweeps); they agree
-        # anyway, the parameters being the trial's flags.
+        # A sweep's trial. Its agent's environment names the run and the sweep's project, and wandb.init ignores
+        # others with a warning: hence None for the project, which Accelerate passes on as wandb.init's. wandb.init
+        # also puts the sweep's parameters in the run's config, locked: a later update of one is ignored, with a
+        # warning. So the settings go to wandb.init, as the defaults the parameters override (W&B's way for
+        # sweeps); they agree anyway, the parameters being the trial's flags.
         self.accelerator.init_trackers(None, init_kwargs={WANDB: {**kwargs, "config": run.config}})
 
     def _run_id(self) -> str | None:
