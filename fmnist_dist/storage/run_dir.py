@@ -13,6 +13,8 @@
         .complete-step-000000140/  a complete state about to take its step-... name (replacing an older state of
                                 the same step): resumable, and newer than that older state
         .trash-step-000000100/  a state being deleted (renamed first, so no part of it keeps a state's name)
+    sweep-<sweep id>/
+        <run id>/               a W&B sweep trial's own run directory (all of the above), named by its W&B run id
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ TMP_PREFIX = ".tmp-"  # a state being written
 COMPLETE_PREFIX = ".complete-"  # a complete state not yet under its final name
 TRASH_PREFIX = ".trash-"  # a state being deleted
 STATE_NAME = re.compile(rf"{STATE_PREFIX}\d{{9,}}")  # the step, zero-padded to 9 digits
+SWEEP_PREFIX = "sweep-"  # the trials of one W&B sweep, each in its own run directory
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class RunDirectory:
     def results(self) -> tuple[Path, ...]:
         """The files that show a finished or running run is here (besides its states)."""
         return (self.metrics, self.model, self.best_model)
+
+
+def sweep_trial_dir(output_dir: Path, sweep_id: str, run_id: str) -> Path:
+    """The run directory of a W&B sweep's trial: `<output_dir>/sweep-<sweep_id>/<run_id>`."""
+    return output_dir / f"{SWEEP_PREFIX}{sweep_id}" / run_id
 
 
 def is_state_name(name: str) -> bool:

@@ -29,6 +29,8 @@ class RunSpec:
         name, group, tags: how the run is named and grouped (None or empty: the tracker's own choice).
         resume_id: the id `Tracker.start` returned for the job this one resumes (saved in its state), so that both
             are one run; None for a fresh job.
+        sweep_id: the W&B sweep this job is a trial of (`tracking.sweep`), whose agent has named the run; None
+            outside a sweep.
     """
 
     project: str
@@ -37,6 +39,7 @@ class RunSpec:
     group: str | None = None
     tags: tuple[str, ...] = ()
     resume_id: str | None = None
+    sweep_id: str | None = None
 
 
 class Tracker(ABC):

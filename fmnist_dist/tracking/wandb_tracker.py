@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from fmnist_dist.errors import first_line
 from fmnist_dist.recipe.model import CLASSES
+from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE
 from fmnist_dist.tracking.base import RunSpec, Tracker, warn
 
 WANDB = "wandb"
@@ -172,6 +174,10 @@ class WandbTracker(Tracker):
 
     log_with = WANDB
 
+    def __init__(self, accelerator: Accelerator) -> None:
+        super().__init__(accelerator)
+        self._exit_code: int | None = None  # the run's exit code: wandb's own (0) unless it was preempted
+
     def start(self, run: RunSpec) -> str | None:
         """Start the job's one W&B run; return its id (None where no run started, and off the main process).
 
@@ -211,7 +217,15 @@ class WandbTracker(Tracker):
 
     def _init(self, run: RunSpec, kwargs: dict[str, Any]) -> None:
         self._close()  # a failed start leaves its tracker in the list
-        self.accelerator.init_trackers(run.project, config=run.config, init_kwargs={WANDB: kwargs})
+        if run.sweep_id is None:
+            self.accelerator.init_trackers(run.project, config=run.config, init_kwargs={WANDB: kwargs})
+            return
+        # A sweep's trial. Its agent's environment names the run and the sweep's project, and wandb.init ignores
+        # others with a warning: hence None for the project, which Accelerate passes on as wandb.init's. wandb.init
+        # also puts the sweep's parameters in the run's config, locked: a later update of one is ignored, with a
+        # warning. So the settings go to wandb.init, as the defaults the parameters override (W&B's way for
+        # sweeps); they agree anyway, the parameters being the trial's flags.
+        self.accelerator.init_trackers(None, init_kwargs={WANDB: {**kwargs, "config": run.config}})
 
     def _run_id(self) -> str | None:
         run = self._run()
@@ -266,16 +280,23 @@ class WandbTracker(Tracker):
             warn(f"W&B could not store {path} as an artifact ({first_line(error)})")
 
     def mark_preempted(self) -> None:
-        """The run shows as preempted on W&B, not as failed or finished."""
+        """The run shows as preempted on W&B, not as failed or finished: marked preempting now, and ended by
+        `finish` with the job's exit code, 75. W&B takes a run that ends with 0 for a finished one, and requeues a
+        preempted sweep trial only after a non-zero code ("Signal handling and sweep runs", W&B's docs)."""
         run = self._run()
         if run is not None:
             with contextlib.suppress(Exception):  # tracking never fails training; the run is closed next anyway
                 run.mark_preempting()
+            self._exit_code = PREEMPTED_EXIT_CODE
 
     def finish(self) -> None:
-        """Close the run, as `Accelerator.end_training` would (a no-op where no tracker runs); the process group
-        is closed as the process leaves the job (`runtime.job_exit.leave_job`)."""
+        """Close the run, as `Accelerator.end_training` would (a no-op where no tracker runs), with exit code 75
+        after `mark_preempted`; the process group is closed as the process leaves the job
+        (`runtime.job_exit.leave_job`)."""
         try:
+            run = self._run()
+            if run is not None:  # Accelerate's own finish passes no exit code; a finished run ignores it
+                run.finish(exit_code=self._exit_code)
             for tracker in self.accelerator.trackers:
                 tracker.finish()
         except Exception as error:
@@ -295,8 +316,8 @@ class WandbTracker(Tracker):
 
 def init_kwargs(run: RunSpec) -> dict[str, Any]:
     """wandb.init arguments: the run's name, group and tags, and the saved run id so a resumed job continues the
-    same run."""
+    same run (a sweep's trial continues the run its agent names, which is the one its state saved)."""
     kwargs: dict[str, Any] = {"name": run.name, "group": run.group, "tags": list(run.tags) or None}
     if run.resume_id:
-        kwargs.update(id=run.resume_id, resume="allow")
+        kwargs.update(id=run.resume_id if run.sweep_id is None else None, resume="allow")
     return {key: value for key, value in kwargs.items() if value is not None}

@@ -33,6 +33,7 @@ from fmnist_dist.storage.plots import plot_run
 from fmnist_dist.storage.run_dir import RunDirectory
 from fmnist_dist.storage.weights import save_state_dict
 from fmnist_dist.tracking.base import RunSpec, Tracker
+from fmnist_dist.tracking.sweep import SweepTrial, as_sweep_trial, describe_trial
 from fmnist_dist.training.build import build_run
 from fmnist_dist.training.recipe_settings import peak_lr
 from fmnist_dist.training.resume import plan_start
@@ -53,16 +54,22 @@ def run_training(cfg: TrainConfig, given: frozenset[str] = frozenset(), stop: St
         UsageError: bad settings, data or state; or training diverged.
         TrainingStopped: a stop signal arrived; a state was saved where every process stopped.
     """
+    # Under a W&B sweep agent, every process finds the trial's own directory in the environment it inherited.
+    cfg, trial = as_sweep_trial(cfg, os.environ)
     # Its release is a clean-up step: should it fail, the job still ends as it would have, with one warning more.
     lock = OutputDirLock(cfg.output_dir)
     with released_after(lock, f"releasing the lock of --output-dir {cfg.output_dir}") as output_lock:
-        return _train(cfg, given, stop or StopRequest(), output_lock)
+        return _train(cfg, given, stop or StopRequest(), output_lock, trial)
 
 
-def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lock: OutputDirLock) -> EpochRecord:
+def _train(
+    cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lock: OutputDirLock, trial: SweepTrial | None
+) -> EpochRecord:
     apply_threads(cfg.threads)  # before any parallel work; a per-invocation setting, so a resume does not change it
     processes = join_processes(cfg)
     check_all_processes_joined(processes)
+    if trial is not None:
+        processes.print(describe_trial(trial, cfg.output_dir))
     claim_output_dir(processes, output_lock, cfg.resume, cfg.overwrite)  # before anything there is read
     with fail_together(processes):
         start = plan_start(cfg, given)  # a resumed run's settings decide everything below, the Accelerator included
@@ -74,7 +81,7 @@ def _train(cfg: TrainConfig, given: frozenset[str], stop: StopRequest, output_lo
     run_dir = RunDirectory(cfg.output_dir)
     tracker = run.trainer.tracker
     progress.tracker_run_id = (
-        tracker.start(run_spec(cfg, accelerator, run.plan, progress.tracker_run_id)) or progress.tracker_run_id
+        tracker.start(run_spec(cfg, accelerator, run.plan, progress.tracker_run_id, trial)) or progress.tracker_run_id
     )
     try:
         result = run.trainer.fit()
@@ -126,8 +133,11 @@ def run_config(cfg: TrainConfig, accelerator: Accelerator, plan: BatchPlan) -> d
     }
 
 
-def run_spec(cfg: TrainConfig, accelerator: Accelerator, plan: BatchPlan, resume_id: str | None) -> RunSpec:
-    """The tracked run as the flags name it, continuing `resume_id` (the run id a resumed state saved)."""
+def run_spec(
+    cfg: TrainConfig, accelerator: Accelerator, plan: BatchPlan, resume_id: str | None, trial: SweepTrial | None
+) -> RunSpec:
+    """The tracked run as the flags name it, continuing `resume_id` (the run id a resumed state saved); a sweep's
+    trial is the run its agent named."""
     return RunSpec(
         project=cfg.wandb_project,
         config=run_config(cfg, accelerator, plan),
@@ -135,6 +145,7 @@ def run_spec(cfg: TrainConfig, accelerator: Accelerator, plan: BatchPlan, resume
         group=cfg.run_group,
         tags=cfg.tags,
         resume_id=resume_id,
+        sweep_id=trial.sweep_id if trial is not None else None,
     )
 
 
