@@ -223,11 +223,21 @@ def _add_plot(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_plot, command_parser=parser)
 
 
-def _train(args: argparse.Namespace) -> int:
-    # The namespace holds only the flags given (see `_add_train`): they are what a resumed run takes over the
-    # saved settings, and TrainConfig fills in the rest.
+def train_settings(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str]]:
+    """The settings of a parsed `train` command line, and the names of those written on it.
+
+    The namespace holds only the flags given (see `_add_train`): they are what a resumed run takes over the
+    saved settings, and TrainConfig fills in the rest.
+
+    Raises:
+        UsageError: a value its setting does not allow.
+    """
     given = {name: value for name, value in vars(args).items() if name in SETTINGS}
-    cfg = TrainConfig.from_plain(given)  # a bad value fails here, before the slow imports
+    return TrainConfig.from_plain(given), frozenset(given)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg, given = train_settings(args)  # a bad value fails here, before the slow imports
     # Before the slow imports, so that a preemption during start-up is not lost either; kept until the process
     # exits, so that a signal after training has finished does not turn a finished run into a killed one.
     stop = StopRequest().install()
@@ -235,7 +245,7 @@ def _train(args: argparse.Namespace) -> int:
     from fmnist_dist.training.job import run_training  # heavy imports only for the commands that need them
 
     with lost_peers_reported():
-        run_training(cfg, frozenset(given), stop)
+        run_training(cfg, given, stop)
     return 0
 
 

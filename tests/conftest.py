@@ -192,12 +192,7 @@ def train(
     data_dir: Path, output_dir: Path, processes: int, *extra: str, record: bool = False
 ) -> subprocess.CompletedProcess:
     """`train` on `processes` gloo processes (or one plain process); with `record`, through the index recorder."""
-    args = [str(a) for a in train_args(data_dir, output_dir, "--no-progress")]
-    if "--global-batch-size" in extra or "--resume" in extra:  # exclusive flags; a resume keeps the saved batch
-        del args[args.index("--batch-size") : args.index("--batch-size") + 2]
-    args += map(str, extra)
-    if processes > 1:
-        args.append("--cpu")
+    args = quiet_train_args(data_dir, output_dir, *extra, *(["--cpu"] if processes > 1 else []))
     command = [sys.executable, "-m", "fmnist_dist"]
     if record:
         (output_dir.parent / f"{output_dir.name}-records").mkdir(parents=True, exist_ok=True)
@@ -209,6 +204,30 @@ def train(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def quiet_train_args(data_dir: Path, output_dir: Path, *extra: object) -> list[str]:
+    """`train_args` without a progress bar, and without `--batch-size` where `extra` has a flag it excludes
+    (`--global-batch-size`) or continues a state (which keeps its saved batch)."""
+    args = [str(a) for a in train_args(data_dir, output_dir, "--no-progress")]
+    if "--global-batch-size" in extra or "--resume" in extra:
+        del args[args.index("--batch-size") : args.index("--batch-size") + 2]
+    return args + [str(a) for a in extra]
+
+
+def train_in_process(args: Sequence[object]) -> EpochRecord:
+    """`fmnist-dist train ...` (`args` after `fmnist-dist`) run as one process inside this one: the CLI's parser
+    and settings, then the job itself (`run_training`: lock, resume, build, fit, save), without the CLI's signal
+    handling. Its lines go to this process's stdout (`capsys`); a UsageError is raised, not an exit code.
+
+    For tests of what a single-process run computes (bit-identical resumes, equal weights) that need no real
+    process: each costs a fraction of a second where a new process costs several.
+    """
+    from fmnist_dist.cli import build_parser, train_settings
+    from fmnist_dist.training.job import run_training
+
+    cfg, given = train_settings(build_parser().parse_args([str(a) for a in args]))
+    return run_training(cfg, given)
 
 
 def trained_indices(output_dir: Path) -> list[list[int]]:

@@ -4,12 +4,12 @@ exact resume on another world size, gradient accumulation over exactly a step's 
 from __future__ import annotations
 
 import shutil
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN_SIZE, train, trained_indices
+from conftest import TRAIN_SIZE, quiet_train_args, train, train_in_process, trained_indices
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import TrainingPosition
@@ -139,50 +139,71 @@ def test_a_mid_epoch_state_resumes_exactly_on_another_world_size(
 # ------------------------------------------------------------------------------------- gradient accumulation
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_accumulating_3_batches_of_64_equals_a_batch_of_192(data_dir: Path, tmp_path: Path) -> None:
     # 1003 images: neither 64 nor 192 divides them, so the last step has 43 images in one short micro-batch.
     accumulated = tmp_path / "accumulated"
-    train(data_dir, accumulated, 1, "--epochs", "1", "--batch-size", "64", "--gradient-accumulation-steps", "3")
+    train_in_process(
+        quiet_train_args(data_dir, accumulated, "--epochs", 1, "--batch-size", 64, "--gradient-accumulation-steps", 3)
+    )
     large = tmp_path / "large"
-    train(data_dir, large, 1, "--epochs", "1", "--batch-size", "192")
+    train_in_process(quiet_train_args(data_dir, large, "--epochs", 1, "--batch-size", 192))
 
     assert max_difference(weights(accumulated), weights(large)) < 1e-6
     assert metrics(accumulated)[0]["global_step"] == metrics(large)[0]["global_step"] == 6
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
-def test_resume_from_every_state_with_accumulation_is_bit_identical(
-    processes: int, data_dir: Path, tmp_path: Path
+# Micro-batches of 8, 3 per optimizer step, a state every 5 steps: states fall mid-step-plan and mid-epoch.
+ACCUMULATION_FLAGS = (
+    "--batch-size",
+    8,
+    "--gradient-accumulation-steps",
+    3,
+    "--checkpoint-every",
+    5,
+    "--keep-states",
+    100,
+)
+
+
+def assert_every_resume_bit_identical(
+    straight: Path, states: list[Path], work: Path, resume: Callable[[Path], object]
 ) -> None:
-    flags = (
-        "--batch-size",
-        "8",
-        "--gradient-accumulation-steps",
-        "3",
-        "--checkpoint-every",
-        "5",
-        "--keep-states",
-        "100",
-    )
-    straight = tmp_path / "straight"
-    train(data_dir, straight, processes, *flags)
-    states = complete_states(straight / STATES_DIR)[:-1]  # all but the final one
-    # With 2 processes, a mid-epoch state of each epoch keeps the test short.
-    chosen = states if processes == 1 else [states[0], states[-2]]
-    for state in chosen:
-        out = tmp_path / f"from-{state.name}"
+    """Resume a copy of each of `states` (with `resume(output_dir)`) and compare it with the straight run."""
+    for state in states:
+        out = work / f"from-{state.name}"
         shutil.copytree(state, out / STATES_DIR / state.name)
-        train(data_dir, out, processes, "--resume")
+        resume(out)
         assert all(torch.equal(a, b) for a, b in zip(weights(straight).values(), weights(out).values(), strict=True)), (
             state.name
         )
         assert metrics(out) == metrics(straight) or [r["train_loss"] for r in metrics(out)] == [
             r["train_loss"] for r in metrics(straight)
         ]
+
+
+def test_resume_from_every_state_with_accumulation_is_bit_identical(data_dir: Path, tmp_path: Path) -> None:
+    """One process, in this one: the straight run, then a resume from every state it saved but the last."""
+    straight = tmp_path / "straight"
+    train_in_process(quiet_train_args(data_dir, straight, *ACCUMULATION_FLAGS))
+    states = complete_states(straight / STATES_DIR)[:-1]
+    assert len(states) > 10
+
+    assert_every_resume_bit_identical(
+        straight, states, tmp_path, lambda out: train_in_process(quiet_train_args(data_dir, out, "--resume"))
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_resume_with_accumulation_on_two_processes_is_bit_identical(data_dir: Path, tmp_path: Path) -> None:
+    """Two real processes: a mid-epoch state of each epoch."""
+    straight = tmp_path / "straight"
+    train(data_dir, straight, 2, *ACCUMULATION_FLAGS)
+    states = complete_states(straight / STATES_DIR)[:-1]
+
+    assert_every_resume_bit_identical(
+        straight, [states[0], states[-2]], tmp_path, lambda out: train(data_dir, out, 2, "--resume")
+    )
 
 
 # ---------------------------------------------------------------------------------------- resumed settings
@@ -192,47 +213,53 @@ def test_resume_from_every_state_with_accumulation_is_bit_identical(
 def warmup_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Cosine schedule with a 30-step warm-up, lr 0.05: the state of step 10 is mid-warm-up."""
     out = tmp_path_factory.mktemp("warmup") / "out"
-    train(
-        data_dir,
-        out,
-        1,
-        "--lr",
-        "0.05",
-        "--lr-schedule",
-        "cosine",
-        "--warmup-steps",
-        "30",
-        "--checkpoint-every",
-        STATE_STEP,
-        "--keep-states",
-        100,
+    train_in_process(
+        quiet_train_args(
+            data_dir,
+            out,
+            "--lr",
+            "0.05",
+            "--lr-schedule",
+            "cosine",
+            "--warmup-steps",
+            "30",
+            "--checkpoint-every",
+            STATE_STEP,
+            "--keep-states",
+            100,
+        )
     )
     return out
 
 
-def resume_copy(run: Path, work: Path, data_dir: Path, *flags: str) -> tuple[Path, subprocess.CompletedProcess]:
+def resume_copy(
+    run: Path, work: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], *flags: str
+) -> tuple[Path, str]:
+    """Resume a copy of `run`'s first state in `work` (in this process); return `work` and what the run printed."""
     state = complete_states(run / STATES_DIR)[0]
     shutil.copytree(state, work / STATES_DIR / state.name)
-    return work, train(data_dir, work, 1, "--resume", *flags)
+    capsys.readouterr()
+    train_in_process(quiet_train_args(data_dir, work, "--resume", *flags))
+    return work, capsys.readouterr().out
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_resume_without_flags_continues_with_the_saved_settings(
-    warmup_run: Path, data_dir: Path, tmp_path: Path
+    warmup_run: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out, result = resume_copy(warmup_run, tmp_path / "resumed", data_dir)
+    out, printed = resume_copy(warmup_run, tmp_path / "resumed", data_dir, capsys)
 
-    assert "same settings" in result.stdout
+    assert "same settings" in printed
     assert all(torch.equal(a, b) for a, b in zip(weights(warmup_run).values(), weights(out).values(), strict=True))
     assert [r["lr"] for r in metrics(out)] == [r["lr"] for r in metrics(warmup_run)]
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_resume_with_a_new_lr_applies_it_and_says_so(warmup_run: Path, data_dir: Path, tmp_path: Path) -> None:
-    out, result = resume_copy(warmup_run, tmp_path / "resumed", data_dir, "--lr", "1e-9", "--lr-schedule", "constant")
+def test_resume_with_a_new_lr_applies_it_and_says_so(
+    warmup_run: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, printed = resume_copy(
+        warmup_run, tmp_path / "resumed", data_dir, capsys, "--lr", "1e-9", "--lr-schedule", "constant"
+    )
 
-    assert "lr 0.05 -> 1e-09" in result.stdout and "lr_schedule cosine -> constant" in result.stdout
+    assert "lr 0.05 -> 1e-09" in printed and "lr_schedule cosine -> constant" in printed
     assert [r["lr"] for r in metrics(out)] == [pytest.approx(1e-9)] * 2
     assert max_difference(weights(warmup_run), weights(out)) > 1e-3

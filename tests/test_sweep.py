@@ -36,7 +36,7 @@ from wandb import wandb_agent
 from wandb.proto import wandb_internal_pb2
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args, load_sweep_config
 
-from fmnist_dist.cli import build_parser
+from fmnist_dist.cli import build_parser, train_settings
 from fmnist_dist.errors import UsageError
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE
 from fmnist_dist.settings.declaration import NUMBER, PATH, SWITCH, TEXT, WHOLE, WORDS
@@ -75,10 +75,9 @@ def parameter_of(name: str) -> str:
 SETTING_OF_PARAMETER = {parameter_of(name): name for name in SETTINGS}
 
 
-def train_settings(command: list[str]) -> TrainConfig:
-    """The settings `fmnist-dist train` makes of the arguments after `-m fmnist_dist` (as `cli._train` does)."""
-    args = build_parser().parse_args(command[command.index("fmnist_dist") + 1 :])
-    return TrainConfig.from_plain({name: value for name, value in vars(args).items() if name in SETTINGS})
+def command_settings(command: list[str]) -> TrainConfig:
+    """The settings `fmnist-dist train` makes of the arguments after `-m fmnist_dist`."""
+    return train_settings(build_parser().parse_args(command[command.index("fmnist_dist") + 1 :]))[0]
 
 
 # ----------------------------------------------------------------------------------------------- in process
@@ -152,7 +151,7 @@ def test_the_agent_runs_the_sweep_command_with_the_parameters_as_flags(agent_tri
 
 
 def test_the_trials_flags_are_its_settings(agent_trial) -> None:
-    cfg = train_settings(agent_trial(PARAMETERS).command)
+    cfg = command_settings(agent_trial(PARAMETERS).command)
 
     assert (cfg.lr, cfg.momentum, cfg.lr_schedule, cfg.warmup_epochs, cfg.global_batch_size) == (
         0.05,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from conftest import TRAIN_SIZE, run_cli, synthetic_data, train_args
+from conftest import TRAIN_SIZE, run_cli, synthetic_data, train_args, train_in_process
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
@@ -130,9 +130,8 @@ def even_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_weights(data_dir: Path, output_dir: Path, *flags: str) -> dict[str, torch.Tensor]:
-    """Train one epoch with `flags`; return the saved weights."""
-    result = run_cli(train_args(data_dir, output_dir, "--epochs", "1", "--no-progress", *flags), cwd=output_dir.parent)
-    assert result.returncode == 0, result.stderr
+    """Train one epoch with `flags` in this process; return the saved weights."""
+    train_in_process(train_args(data_dir, output_dir, "--epochs", "1", "--no-progress", *flags))
     return torch.load(output_dir / "model.pth", weights_only=True, map_location="cpu")
 
 
@@ -146,8 +145,6 @@ def all_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: floa
     return all(torch.allclose(a[key], b[key], rtol=0, atol=atol) for key in a)
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_gradient_accumulation_steps_like_a_batch_that_many_times_larger(even_data_dir: Path, tmp_path: Path) -> None:
     accumulated = train_weights(
         even_data_dir, tmp_path / "accumulated", "--batch-size", "16", "--gradient-accumulation-steps", "2"
