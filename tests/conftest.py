@@ -230,6 +230,13 @@ def train_in_process(args: Sequence[object]) -> EpochRecord:
     return run_training(cfg, given)
 
 
+def printed_by_training(args: Sequence[object], capsys: pytest.CaptureFixture[str]) -> str:
+    """What `train_in_process(args)` prints on stdout (the set-up, resume and epoch lines)."""
+    capsys.readouterr()
+    train_in_process(args)
+    return capsys.readouterr().out
+
+
 def trained_indices(output_dir: Path) -> list[list[int]]:
     """Per recorded epoch, the indices every process trained (concatenated over processes)."""
     records = output_dir.parent / f"{output_dir.name}-records"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN_SIZE, quiet_train_args, train, train_in_process, trained_indices
+from conftest import TRAIN_SIZE, printed_by_training, quiet_train_args, train, train_in_process, trained_indices
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import TrainingPosition
@@ -238,9 +238,7 @@ def resume_copy(
     """Resume a copy of `run`'s first state in `work` (in this process); return `work` and what the run printed."""
     state = complete_states(run / STATES_DIR)[0]
     shutil.copytree(state, work / STATES_DIR / state.name)
-    capsys.readouterr()
-    train_in_process(quiet_train_args(data_dir, work, "--resume", *flags))
-    return work, capsys.readouterr().out
+    return work, printed_by_training(quiet_train_args(data_dir, work, "--resume", *flags), capsys)
 
 
 def test_resume_without_flags_continues_with_the_saved_settings(

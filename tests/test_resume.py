@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_SIZE, TRAIN_SIZE, launch_cli, run_cli, train_args
+from conftest import TEST_SIZE, TRAIN_SIZE, launch_cli, printed_by_training, run_cli, train_args, train_in_process
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.storage.metrics_log import MetricsLog
@@ -247,14 +247,8 @@ def test_two_process_resumed_metrics_match_the_straight_run(two_process_runs: di
 def checkpointed_epoch(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One epoch with a state every 5 optimizer steps (the first ones mid-epoch), all kept."""
     out = tmp_path_factory.mktemp("checkpointed") / "out"
-    check(
-        run_cli(
-            train_args(
-                data_dir, out, "--epochs", "1", "--checkpoint-every", "5", "--keep-states", "100", "--no-progress"
-            ),
-            out.parent,
-            **QUIET,
-        )
+    train_in_process(
+        train_args(data_dir, out, "--epochs", "1", "--checkpoint-every", "5", "--keep-states", "100", "--no-progress")
     )
     return out
 
@@ -263,16 +257,15 @@ def progress_of(state: Path) -> dict:
     return json.loads((state / PROGRESS_FILE).read_text())
 
 
-@pytest.mark.integration
 def test_a_run_resumed_from_an_older_state_is_the_run_that_resume_auto_continues(
-    data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
+    data_dir: Path, checkpointed_epoch: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = Path(shutil.copytree(checkpointed_epoch, tmp_path / "out"))
     abandoned = complete_states(out / STATES_DIR)
     older = abandoned[0]  # step 5; the abandoned run went on to save higher steps
     abandoned_step = progress_of(abandoned[-1])["position"]["global_step"]
 
-    branch = run_cli(
+    train_in_process(
         train_args(
             data_dir,
             out,
@@ -285,25 +278,21 @@ def test_a_run_resumed_from_an_older_state_is_the_run_that_resume_auto_continues
             "--keep-states",
             "2",
             "--no-progress",
-        ),
-        tmp_path,
-        **QUIET,
+        )
     )
-    check(branch)
     branch_step = read_metrics(out)[-1]["global_step"]
     assert branch_step < abandoned_step
     kept = complete_states(out / STATES_DIR)
     assert len(kept) == 2 and progress_of(kept[-1])["position"]["global_step"] == branch_step, kept
 
-    again = run_cli(train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--no-progress"), tmp_path, **QUIET)
-    check(again)
-    assert f"resuming from {kept[-1]} at epoch 2" in again.stdout, again.stdout
-    assert "changed: epochs 1 -> 2" in again.stdout  # the branch's batch of 64 is the saved one
+    again = printed_by_training(train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--no-progress"), capsys)
+    assert f"resuming from {kept[-1]} at epoch 2" in again, again
+    assert "changed: epochs 1 -> 2" in again  # the branch's batch of 64 is the saved one
 
 
 @pytest.mark.integration
 def test_a_new_seed_is_refused_mid_epoch_and_taken_at_an_epoch_end(
-    data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
+    data_dir: Path, checkpointed_epoch: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = Path(shutil.copytree(checkpointed_epoch, tmp_path / "out"))
     states = complete_states(out / STATES_DIR)
@@ -319,49 +308,40 @@ def test_a_new_seed_is_refused_mid_epoch_and_taken_at_an_epoch_end(
         assert word in line, (word, line)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
-    taken = run_cli(
-        train_args(data_dir, out, "--epochs", "2", "--resume", epoch_end, "--seed", "7", "--no-progress"),
-        tmp_path,
-        **QUIET,
+    taken = printed_by_training(
+        train_args(data_dir, out, "--epochs", "2", "--resume", epoch_end, "--seed", "7", "--no-progress"), capsys
     )
-    check(taken)
-    assert "seed 0 -> 7" in taken.stdout
+    assert "seed 0 -> 7" in taken
 
 
-@pytest.mark.integration
 def test_a_finished_run_missing_its_model_and_plots_gets_them_from_a_resume_with_nothing_to_train(
-    data_dir: Path, tmp_path: Path
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # onecycle, whose schedule ends at its last step, and fewer --epochs on resume than the state has trained
     out = tmp_path / "out"
-    check(run_cli(train_args(data_dir, out, "--lr-schedule", "onecycle", "--no-progress"), tmp_path, **QUIET))
+    train_in_process(train_args(data_dir, out, "--lr-schedule", "onecycle", "--no-progress"))
     finished = {name: (out / name).read_bytes() for name in ("model.pth", "curves.png", "confusion.png")}
     for name in finished:  # as if the job had been killed right after its last state
         (out / name).unlink()
 
-    resumed = run_cli(train_args(data_dir, out, "--resume", "--epochs", "1", "--no-progress"), tmp_path, **QUIET)
+    resumed = printed_by_training(train_args(data_dir, out, "--resume", "--epochs", "1", "--no-progress"), capsys)
 
-    check(resumed)
-    assert "nothing to train" in resumed.stdout
+    assert "nothing to train" in resumed
     assert (out / "model.pth").read_bytes() == finished["model.pth"]
     assert all((out / name).stat().st_size > 0 for name in ("curves.png", "confusion.png"))
 
 
-@pytest.mark.integration
 def test_copies_the_user_made_beside_the_states_are_never_resumed_or_pruned(
-    data_dir: Path, checkpointed_epoch: Path, tmp_path: Path
+    data_dir: Path, checkpointed_epoch: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = Path(shutil.copytree(checkpointed_epoch, tmp_path / "out"))
     newest = complete_states(out / STATES_DIR)[-1]
     copies = [Path(shutil.copytree(newest, newest.with_name(newest.name + suffix))) for suffix in ("-mine", ".keep")]
 
-    resumed = run_cli(
-        train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--keep-states", "1", "--no-progress"),
-        tmp_path,
-        **QUIET,
+    resumed = printed_by_training(
+        train_args(data_dir, out, "--epochs", "2", "--resume", "auto", "--keep-states", "1", "--no-progress"), capsys
     )
 
-    check(resumed)
-    assert f"resuming from {newest} at epoch 2" in resumed.stdout, resumed.stdout
+    assert f"resuming from {newest} at epoch 2" in resumed, resumed
     assert len(complete_states(out / STATES_DIR)) == 1
     assert all((copy / PROGRESS_FILE).is_file() for copy in copies)
