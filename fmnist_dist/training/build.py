@@ -102,6 +102,7 @@ def build_run(start: Start, stop: StopRequest | None = None) -> Run:
         stop or StopRequest(),
         make_tracker(cfg.tracker, accelerator),  # started by the job, once the run is built
     )
+    accelerator.print(trainer.meter.compute.describe())
     return Run(accelerator, plan, model, trainer)
 
 
