@@ -81,6 +81,7 @@ def _tera(**peaks: float) -> dict[str, float]:
 
 _H100_SHEET = "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet"
 _H200_SHEET = "https://www.nvidia.com/en-us/data-center/h200/"
+_V100_SHEET = "https://images.nvidia.com/content/technologies/volta/pdf/volta-v100-datasheet-update-us-1165301-r5.pdf"
 # Dense peaks, first match wins (so the specific names come before the general ones). Tensor-core figures are
 # half the datasheets' "with sparsity" ones, as in Composer's GPU_AVAILABLE_FLOPS
 # (composer/callbacks/speed_monitor.py) and torchtitan's get_peak_flops (torchtitan/tools/utils.py), whose
@@ -123,14 +124,9 @@ PEAK_FLOPS: tuple[DevicePeak, ...] = (
         _tera(fp32=8.1, fp16=65),
         "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/tesla-t4/t4-tensor-core-datasheet-951643.pdf",
     ),
-    DevicePeak("V100S PCIe", r"V100S", _tera(fp32=16.4, fp16=130), "the V100 datasheet, below"),
-    DevicePeak("V100 PCIe", r"V100-PCIE", _tera(fp32=14, fp16=112), "the V100 datasheet, below"),
-    DevicePeak(
-        "V100 SXM2",
-        r"V100",
-        _tera(fp32=15.7, fp16=125),
-        "https://images.nvidia.com/content/technologies/volta/pdf/volta-v100-datasheet-update-us-1165301-r5.pdf",
-    ),
+    DevicePeak("V100S PCIe", r"V100S", _tera(fp32=16.4, fp16=130), _V100_SHEET),
+    DevicePeak("V100 PCIe", r"V100-PCIE", _tera(fp32=14, fp16=112), _V100_SHEET),
+    DevicePeak("V100 SXM2", r"V100", _tera(fp32=15.7, fp16=125), _V100_SHEET),
 )
 
 
