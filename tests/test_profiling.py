@@ -55,6 +55,7 @@ def test_the_steps_left_count_the_rest_of_the_epoch_and_the_epochs_after_it() ->
     mid_epoch = TrainingPosition(epoch=0, samples_done=992, global_step=31)  # 11 images left: one short step
     assert steps_left(mid_epoch, epochs=2, global_batch=BATCH, dataset_size=TRAIN_SIZE) == 1 + STEPS
     assert steps_left(TrainingPosition(epoch=1, samples_done=TRAIN_SIZE), 2, BATCH, TRAIN_SIZE) == 0
+    assert steps_left(TrainingPosition(epoch=3), 2, BATCH, TRAIN_SIZE) == 0  # resumed with fewer --epochs
 
 
 def train_in_process(data_dir: Path, output_dir: Path, profile_steps: int) -> tuple[dict[str, torch.Tensor], str]:

@@ -39,7 +39,9 @@ DEVICE_ACTIVITIES = {"cuda": ProfilerActivity.CUDA, "xpu": ProfilerActivity.XPU}
 
 
 def steps_left(position: TrainingPosition, epochs: int, global_batch: int, dataset_size: int) -> int:
-    """Optimizer steps from `position` to the end of a run of `epochs` epochs."""
+    """Optimizer steps from `position` to the end of a run of `epochs` epochs (0 past its end)."""
+    if position.epoch >= epochs:
+        return 0
     this_epoch = steps_per_epoch(global_batch, dataset_size - position.samples_done)
     return this_epoch + (epochs - position.epoch - 1) * steps_per_epoch(global_batch, dataset_size)
 
