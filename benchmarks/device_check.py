@@ -9,6 +9,9 @@ checkout first on PYTHONPATH) on a synthetic dataset written by `fmnist-dist syn
 - training in fp32 (the defaults), bf16 and fp16 (fp16 with Accelerate's gradient scaler, whose state a saved
   state then holds; on the CPU the package refuses fp16, as its README says), and with the dataset in device
   memory (`--data-on-device on`) and not (`off`);
+- the throughput metrics of the run with the defaults (FLOPs per image by the hand count, peak memory, and MFU
+  exactly where the device's peak is known), and `--profile-steps` (one readable trace, with the device's
+  kernels on a GPU);
 - `evaluate` and `predict` of the trained model, and which device they used;
 - a state saved on the device resumed on the device (bit-identical to the uninterrupted run, as the README
   says for the same world size and batch), on the CPU, and a CPU state resumed on the device (no such promise:
@@ -54,6 +57,8 @@ DEVICES = ("cpu", "cuda", "mps", "xpu")
 USAGE_ERROR = 2
 DEFAULT_BATCH = 64  # `train`'s default batch (per process), which every row here uses
 NEVER_LOGS = 10**9  # a --log-every beyond any run here: no step logs
+MLP_FLOPS_PER_IMAGE = 3_209_216  # the quickstart's MLP, by hand: tests/test_throughput.py
+PROFILE_STEPS = 5
 CHILD_MARK = "device-check-child: "  # the line by which a child reports to this script
 
 
@@ -495,6 +500,9 @@ def check_all(checker: Checker) -> None:
     if not make_data(checker):
         return
     defaults = check_training(checker)
+    if defaults.process.ok:
+        checker.add(throughput_row(checker.device, defaults))
+    check_profiler(checker)
     check_data_placement(checker)
     if defaults.process.ok:
         check_inference(checker, defaults)
@@ -589,6 +597,60 @@ def precision_row(device: str, precision: str, run: TrainRun) -> Row:
     if precision == "fp16" and run.process.ok and not row.failed and not _has_scaler(run):
         row.result, row.failed = f"fail: no gradient scaler in the saved state ({run.summary()})", True
     return row
+
+
+def throughput_row(device: str, run: TrainRun) -> Row:
+    """The last epoch's throughput metrics: FLOPs per image as counted by hand, a peak memory, and an MFU exactly
+    where the device's fp32 peak is known (the defaults train in fp32, without TF32)."""
+    from fmnist_dist.runtime.throughput import device_peak
+
+    last = run.metrics()[-1]
+    peak = device_peak(torch.cuda.get_device_name(0)) if device == "cuda" else None
+    known = peak is not None and "fp32" in peak.flops
+    problems = []
+    if last.get("flops_per_image") != MLP_FLOPS_PER_IMAGE:
+        problems.append(f"{last.get('flops_per_image')} FLOPs per image, not {MLP_FLOPS_PER_IMAGE:,}")
+    if device != "mps" and not last.get("peak_memory_mib", 0) > 0:
+        problems.append("no peak memory")
+    if ("mfu" in last) != known:
+        problems.append("an MFU without a known peak" if "mfu" in last else "no MFU although the peak is known")
+    mfu = f"MFU {100 * last['mfu']:.3f}% of the {peak.name}'s" if "mfu" in last and peak else "no MFU"
+    summary = (
+        f"{last.get('flops_per_image', 0):,} FLOPs/image, {last.get('tflops_per_second', 0):.3f} TFLOP/s, {mfu}, "
+        f"data wait {100 * last.get('data_wait_fraction', 0):.1f}%, {1000 * (last.get('seconds_per_step') or 0):.2f} "
+        f"ms/step, peak memory {last.get('peak_memory_mib', 0):,.0f} MiB"
+    )
+    verdict = "fail: " + ", ".join(problems) if problems else "pass"
+    return Row(
+        f"throughput metrics on {device} (the defaults' last epoch)", f"{verdict} ({summary})", None, bool(problems)
+    )
+
+
+def check_profiler(checker: Checker) -> None:
+    run = checker.train("profile", True, "--epochs", "1", "--profile-steps", str(PROFILE_STEPS))
+    checker.add(profile_row(checker.device, run))
+
+
+def profile_row(device: str, run: TrainRun) -> Row:
+    """One readable trace of PROFILE_STEPS optimizer steps, with the device's kernels on a GPU, and the table."""
+    what = f"profile {PROFILE_STEPS} steps on {device} (--profile-steps)"
+    if not run.process.ok:
+        return Row(what, run.process.failure(), run.process.seconds, True)
+    traces = sorted((run.output / "profile").glob("*/*.pt.trace.json"))
+    events = json.loads(traces[0].read_text())["traceEvents"] if len(traces) == 1 else []
+    steps = {e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")}
+    kernels = sum(1 for e in events if e.get("cat") == "kernel")
+    problems = []
+    if len(traces) != 1 or len(steps) != PROFILE_STEPS:
+        problems.append(f"{len(traces)} trace(s), {len(steps)} profiled step(s)")
+    if device == "cuda" and not kernels:
+        problems.append("no GPU kernel in the trace")
+    if "profiled optimizer steps" not in run.process.stdout:
+        problems.append("no table of the top operations")
+    verdict = "fail: " + ", ".join(problems) if problems else "pass"
+    size = sum(trace.stat().st_size for trace in traces) / 2**20
+    result = f"{verdict} ({len(steps)} steps, {len(events):,} events, {kernels:,} device kernels, {size:.1f} MiB)"
+    return Row(what, result, run.process.seconds, bool(problems))
 
 
 def _has_scaler(run: TrainRun) -> bool:

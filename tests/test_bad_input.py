@@ -139,6 +139,7 @@ def test_resume_of_a_state_whose_saved_settings_no_flag_would_take_is_refused(da
         ("--checkpoint-every", "-1"),
         ("--gradient-accumulation-steps", "0"),
         ("--log-every", "0"),
+        ("--profile-steps", "-1"),
         ("--resume", ""),
     ],
 )

@@ -19,6 +19,8 @@ EXPECTED_ROWS = (
     "synthetic data (6,400 train / 1,000 test images)",
     "train fp32 on cpu (the defaults, 2 epochs)",
     "time for 2 epochs with the defaults (6,400 synthetic images)",
+    "throughput metrics on cpu (the defaults' last epoch)",
+    "profile 5 steps on cpu (--profile-steps)",
     "train bf16 on cpu (1 epoch)",
     "train fp16 on cpu (1 epoch), with its gradient scaler",
     "train with --data-on-device on (1 epoch)",

@@ -20,7 +20,17 @@ from fmnist_dist.storage.metrics_log import EpochRecord, MetricsLog, metrics_rec
 from fmnist_dist.storage.plots import plot_run
 from fmnist_dist.storage.training_state import Progress
 
-# A metrics.jsonl line's keys, in the order the Trainer has written them since the validation split came.
+# The throughput, utilisation and memory of an epoch, written since --profile-steps came.
+THROUGHPUT_KEYS = [
+    "seconds_per_step",
+    "data_wait_fraction",
+    "flops_per_image",
+    "tflops_per_second",
+    "mfu",
+    "peak_memory_mib",
+]
+# A metrics.jsonl line's keys, in the order the Trainer has written them since the validation split and the throughput
+# metrics came.
 KEYS = [
     "epoch",
     "global_step",
@@ -36,19 +46,26 @@ KEYS = [
     "train_seconds",
     "eval_seconds",
     "train_samples_per_second",
+    *THROUGHPUT_KEYS,
     "world_size",
     "global_batch_size",
     "mixed_precision",
     "cpu_threads",
     "confusion_matrix",
 ]
-# What the first versions wrote (before lr, global_batch_size, mixed_precision, cpu_threads and the validation split).
-FIRST_KEYS = [
-    key
-    for key in KEYS
-    if key
-    not in ("lr", "global_batch_size", "mixed_precision", "cpu_threads", "val_loss", "val_accuracy", "val_samples")
+# What the first versions wrote (before lr, global_batch_size, mixed_precision, cpu_threads, the throughput and
+# the validation split).
+LATER_KEYS = [
+    "lr",
+    "global_batch_size",
+    "mixed_precision",
+    "cpu_threads",
+    *THROUGHPUT_KEYS,
+    "val_loss",
+    "val_accuracy",
+    "val_samples",
 ]
+FIRST_KEYS = [key for key in KEYS if key not in LATER_KEYS]
 # What `plot` has always required.
 REQUIRED = ["epoch", "train_loss", "test_loss", "test_accuracy", "confusion_matrix"]
 
@@ -155,6 +172,12 @@ def test_trackers_see_an_epochs_values_under_todays_names() -> None:
         "perf/train_seconds": 2.0,
         "perf/eval_seconds": 0.5,
         "perf/train_samples_per_second": 240.0,
+        "perf/epoch_seconds_per_step": 0.125,
+        "perf/epoch_data_wait_fraction": 0.25,
+        "perf/flops_per_image": 3_209_216,
+        "perf/epoch_tflops_per_second": 0.00077,
+        "perf/epoch_mfu": 0.5,
+        "perf/epoch_peak_memory_mib": 512.5,
     }
 
 

@@ -8,6 +8,8 @@ A page holds a marker comment where the generated text goes:
     <!-- generated: progress-fields --> the fields of a state's progress.json, from the `Progress` docstring
     <!-- generated: metrics-fields --> the fields of a metrics.jsonl record: `EpochRecord`'s fields, their types,
                                        tracker names and `Attributes:` docstring
+    <!-- generated: peak-flops -->     the dense peak FLOP/s of each GPU that MFU is reported for, by precision:
+                                       `fmnist_dist.runtime.throughput.PEAK_FLOPS`
 
 Nothing between or around the markers is generated; a marker the hook does not know fails the build.
 """
@@ -48,6 +50,7 @@ def _generator(name: str) -> Callable[[], str]:
         "run-directory": run_directory_tree,
         "progress-fields": progress_fields,
         "metrics-fields": metrics_fields,
+        "peak-flops": peak_flops_table,
     }
     if name not in generators:
         raise ValueError(f"unknown generated section {name!r}; known: {', '.join(generators)}")
@@ -106,6 +109,21 @@ def metrics_fields() -> str:
     ]
     header = "| field | type | in every record | name in the tracker | what |\n| --- | --- | --- | --- | --- |"
     return "\n".join([header, *rows])
+
+
+def peak_flops_table() -> str:
+    """A table of `PEAK_FLOPS`: one row per GPU, in the order they are matched, its peaks in TFLOP/s by precision."""
+    from fmnist_dist.runtime.throughput import PEAK_FLOPS
+
+    precisions = ("fp32", "tf32", "bf16", "fp16", "fp8")
+    header = "| GPU | found in the device name (regular expression) | " + " | ".join(precisions) + " | source |"
+    rows = [
+        f"| {peak.name} | `{peak.pattern}` | "
+        + " | ".join(f"{peak.flops[p] / 1e12:g}" if p in peak.flops else "" for p in precisions)
+        + f" | [datasheet]({peak.source}) |"
+        for peak in PEAK_FLOPS
+    ]
+    return "\n".join([header, "| --- " * (len(precisions) + 3) + "|", *rows])
 
 
 def _attributes(cls: type) -> list[tuple[list[str], str]]:

@@ -271,6 +271,14 @@ class TrainConfig:
         kind=SWITCH,
     )
     log_model: bool = setting(False, "store the final model.pth as a W&B artifact", kind=SWITCH)
+    profile_steps: int = setting(
+        0,
+        "profile N optimizer steps with torch.profiler, after a warm-up of 3: one trace per process under "
+        "--output-dir/profile/, a table of the top operations, a W&B artifact (0: off; asked again on a resume)",
+        kind=WHOLE,
+        bounds=COUNT_OR_ZERO,
+        scope=Scope.INVOCATION,
+    )
 
     def __post_init__(self) -> None:
         """Refuse any value its setting does not allow, then any two settings that exclude each other, then (for a

@@ -57,6 +57,23 @@ class EpochRecord:
         train_seconds: wall time of the epoch's training (for a resumed epoch, of the part trained since the resume).
         eval_seconds: wall time of the evaluation.
         train_samples_per_second: images trained per second by the whole job in this invocation.
+        seconds_per_step: wall seconds per optimizer step, over the epoch's steps trained in this invocation
+            (`train_seconds` / those steps).
+        data_wait_fraction: the part of `train_seconds` a process spent waiting for the training loader's next
+            batch (in its `next()`, timed on the host without waiting for the device), 0 to 1: the largest over the
+            processes. On an accelerator, fetching that overlaps the device's work counts too: an upper bound.
+        flops_per_image: model FLOPs of training one image (forward and backward), counted by
+            `torch.utils.flop_counter` at start-up: 2 per multiply-accumulate of the matrix products, nothing else
+            (3,209,216 for the quickstart's MLP; [Profiling](../how-to/profiling.md) has the convention).
+        tflops_per_second: the whole job's achieved model TFLOP/s: `flops_per_image` x `train_samples_per_second`
+            / 1e12.
+        mfu: model FLOPs utilisation, 0 to 1: the achieved FLOP/s over the dense peak of all processes' devices at
+            the precision in effect; absent where that peak is not known (the CPU, a GPU not in the table of
+            [Profiling](../how-to/profiling.md#peak-flops)).
+        peak_memory_mib: the most memory any process had used by the epoch's end since it started, in MiB
+            (1,048,576 bytes): the accelerator allocator's peak of memory allocated to tensors
+            (`torch.cuda.max_memory_allocated`), or on the CPU the process's peak resident set size; absent on MPS,
+            which keeps no peak.
         world_size: processes of the job.
         global_batch_size: images per optimizer step, over all processes and accumulation steps.
         mixed_precision: the precision in effect: "no", "fp16", "bf16" or "fp8".
@@ -79,6 +96,12 @@ class EpochRecord:
     train_seconds: float | None = field(default=None, metadata=_tracked("perf/train_seconds"))
     eval_seconds: float | None = field(default=None, metadata=_tracked("perf/eval_seconds"))
     train_samples_per_second: float | None = field(default=None, metadata=_tracked("perf/train_samples_per_second"))
+    seconds_per_step: float | None = field(default=None, metadata=_tracked("perf/epoch_seconds_per_step"))
+    data_wait_fraction: float | None = field(default=None, metadata=_tracked("perf/epoch_data_wait_fraction"))
+    flops_per_image: int | None = field(default=None, metadata=_tracked("perf/flops_per_image"))
+    tflops_per_second: float | None = field(default=None, metadata=_tracked("perf/epoch_tflops_per_second"))
+    mfu: float | None = field(default=None, metadata=_tracked("perf/epoch_mfu"))
+    peak_memory_mib: float | None = field(default=None, metadata=_tracked("perf/epoch_peak_memory_mib"))
     world_size: int | None = None
     global_batch_size: int | None = None
     mixed_precision: str | None = None

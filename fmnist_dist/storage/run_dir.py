@@ -13,6 +13,9 @@
         .complete-step-000000140/  a complete state about to take its step-... name (replacing an older state of
                                 the same step): resumable, and newer than that older state
         .trash-step-000000100/  a state being deleted (renamed first, so no part of it keeps a state's name)
+    profile/
+        step-000000004/         --profile-steps: the profile of the optimizer steps from this one on
+            rank0.pt.trace.json     one trace per process (Chrome trace JSON: Perfetto, chrome://tracing, TensorBoard)
     sweep-<sweep id>/
         <run id>/               a W&B sweep trial's own run directory (all of the above), named by its W&B run id
 """
@@ -40,6 +43,8 @@ STATE_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"  # a state being written
 COMPLETE_PREFIX = ".complete-"  # a complete state not yet under its final name
 TRASH_PREFIX = ".trash-"  # a state being deleted
+PROFILES_DIR = "profile"
+PROFILE_TRACE = "rank{rank}.pt.trace.json"  # TensorBoard's profiler plugin reads files ending in .pt.trace.json
 STATE_NAME = re.compile(rf"{STATE_PREFIX}\d{{9,}}")  # the step, zero-padded to 9 digits
 SWEEP_PREFIX = "sweep-"  # the trials of one W&B sweep, each in its own run directory
 
@@ -85,6 +90,14 @@ class RunDirectory:
     def state(self, global_step: int) -> Path:
         """The complete state saved at optimizer step `global_step`."""
         return self.states / f"{STATE_PREFIX}{global_step:09d}"
+
+    def profile(self, first_step: int) -> Path:
+        """The traces of a profile whose first profiled optimizer step is `first_step`."""
+        return self.root / PROFILES_DIR / f"{STATE_PREFIX}{first_step:09d}"
+
+    def profile_trace(self, first_step: int, process_index: int) -> Path:
+        """Process `process_index`'s trace of the profile from optimizer step `first_step`."""
+        return self.profile(first_step) / PROFILE_TRACE.format(rank=process_index)
 
     def results(self) -> tuple[Path, ...]:
         """The files that show a finished or running run is here (besides its states)."""

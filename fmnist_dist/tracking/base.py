@@ -79,7 +79,8 @@ class Tracker(ABC):
 
     @abstractmethod
     def log_artifact(self, path: Path, kind: str) -> None:
-        """Store the file at `path` with the run, as a `kind` ("model" for the saved weights)."""
+        """Store the file or directory at `path` with the run, as a `kind` ("model" for the saved weights,
+        "profile" for a directory of profiler traces)."""
 
     @abstractmethod
     def mark_preempted(self) -> None:

@@ -264,7 +264,8 @@ class WandbTracker(Tracker):
         self.log_values({"test/predictions": table, "test/confusion_matrix": confusion}, step)
 
     def log_artifact(self, path: Path, kind: str) -> None:
-        """Attach the file to the run as a W&B artifact of type `kind`, named after the run."""
+        """Attach the file, or the directory's files, to the run as one W&B artifact of type `kind`, named after
+        the run (W&B numbers the versions of a name: a second profile of the run is version v1)."""
         run = self._run()
         if run is None:
             return
@@ -274,7 +275,10 @@ class WandbTracker(Tracker):
             # Artifact names allow letters, digits, '-', '_' and '.'; run names (from --run-name) allow anything.
             name = re.sub(r"[^\w.-]", "-", f"{run.name or run.id}-{kind}")
             artifact = wandb.Artifact(name, type=kind)
-            artifact.add_file(str(path))
+            if path.is_dir():
+                artifact.add_dir(str(path))
+            else:
+                artifact.add_file(str(path))
             run.log_artifact(artifact)
         except Exception as error:
             warn(f"W&B could not store {path} as an artifact ({first_line(error)})")

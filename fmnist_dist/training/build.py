@@ -109,6 +109,7 @@ def build_run(start: Start, stop: StopRequest | None = None) -> Run:
         make_tracker(cfg.tracker, accelerator),  # started by the job, once the run is built
         val_loader,
     )
+    accelerator.print(trainer.meter.compute.describe())
     return Run(accelerator, plan, model, trainer)
 
 

@@ -7,6 +7,7 @@ stop (a signal), so a stop happens at the same step everywhere and nothing non-f
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from dataclasses import dataclass
@@ -26,11 +27,13 @@ from fmnist_dist.recipe.sampling import GlobalOrderBatchSampler
 from fmnist_dist.recipe.train_step import TrainStep
 from fmnist_dist.runtime.devices import precision_in_effect
 from fmnist_dist.runtime.stop_signals import StopRequest, TrainingStopped
+from fmnist_dist.runtime.throughput import ComputeSpec, Throughput, ThroughputMeter
 from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import EpochRecord, MetricsLog
 from fmnist_dist.storage.training_state import Progress, save_training_state
 from fmnist_dist.tracking.base import Tracker
 from fmnist_dist.training.model_selection import EpochEvaluation, EpochScores
+from fmnist_dist.training.profiling import step_profiler, steps_left
 
 # Optimizer steps between the processes' check-ins (one tiny gather): a signal is acted on, and a divergence
 # caught, within this many steps, and a fast run pays for one collective per this many steps, not per step.
@@ -45,6 +48,7 @@ class EpochStats:
     samples: int
     seconds: float
     trained_now: int  # images this process group trained in `seconds` (fewer than `samples` in a resumed epoch)
+    perf: Throughput  # the epoch's throughput, data wait, FLOPs and memory
 
 
 class EpochTotals:
@@ -151,6 +155,11 @@ class Trainer:
         self.tracker = tracker
         self._last_agreed_step = self.position.global_step
         self._stop_signal: str | None = None
+        self.meter = ThroughputMeter(ComputeSpec.of(accelerator, model), accelerator.device)
+        left = steps_left(self.position, cfg.epochs, train.plan.global_batch, train.size)
+        self.profiler = step_profiler(
+            accelerator, tracker, cfg.output_dir, cfg.profile_steps, self.position.global_step, left
+        )
 
     def fit(self) -> FitResult:
         """Run the remaining epochs.
@@ -163,8 +172,9 @@ class Trainer:
             self._save_state()
             raise self._stop_error()
         last_eval = None
-        while self.position.epoch < self.cfg.epochs and not self.evaluation.stopped_early:
-            last_eval = self._run_epoch()
+        with self.profiler or contextlib.nullcontext():
+            while self.position.epoch < self.cfg.epochs and not self.evaluation.stopped_early:
+                last_eval = self._run_epoch()
         return FitResult(self.progress.metrics, last_eval)
 
     def _run_epoch(self) -> EvalResult | None:
@@ -199,9 +209,9 @@ class Trainer:
         first_sample = position.samples_done
         self.model.train()
         self.train.sampler.set_position(position.epoch, first_sample)
-        batches = iter(self.train.loader)
+        batches = self.meter.timed(iter(self.train.loader))
         totals = EpochTotals(self.accelerator.device, self.progress.epoch_loss_sum, self.progress.epoch_samples)
-        start = time.perf_counter()
+        self.meter.start_epoch()
         with self._progress_bar(size - first_sample) as bar:
             while not position.epoch_finished(size):
                 step_samples = position.step_samples(self.train.plan.global_batch, size)
@@ -211,7 +221,8 @@ class Trainer:
                 bar.update(step_samples)
                 self._after_step(bar, step_loss, step_samples, totals)
         total_loss, total_samples = totals.fold(self.accelerator)
-        return EpochStats(total_loss / total_samples, total_samples, time.perf_counter() - start, size - first_sample)
+        perf = self.meter.epoch(self.accelerator)
+        return EpochStats(total_loss / total_samples, total_samples, perf.seconds, size - first_sample, perf)
 
     def _progress_bar(self, images: int) -> tqdm:
         """A bar counting the epoch's trained images (and images/s), shown only by the main process.
@@ -231,6 +242,9 @@ class Trainer:
         )
 
     def _after_step(self, bar: tqdm, step_loss: torch.Tensor, step_samples: int, totals: EpochTotals) -> None:
+        self.meter.count_step(step_samples)
+        if self.profiler is not None:
+            self.profiler.step()
         step = self.position.global_step
         if step % self.cfg.log_every == 0:
             self._log_step(bar, step_loss, step_samples)
@@ -253,6 +267,8 @@ class Trainer:
                 "train/loss": loss,
                 "train/lr": self.current_lr(),
                 "train/epoch": self.position.epoch_fraction(self.train.size),
+                # After the loss is read, so the window's time includes the device's work on its steps.
+                **self.meter.window().tracker_values(),
             },
             self.position.global_step,
         )
@@ -323,6 +339,12 @@ class Trainer:
             train_seconds=stats.seconds,
             eval_seconds=eval_seconds,
             train_samples_per_second=stats.trained_now / stats.seconds,
+            seconds_per_step=stats.perf.seconds_per_step,
+            data_wait_fraction=stats.perf.data_wait_fraction,
+            flops_per_image=self.meter.compute.flops_per_image,
+            tflops_per_second=stats.perf.tflops_per_second,
+            mfu=stats.perf.mfu,
+            peak_memory_mib=stats.perf.peak_memory_mib,
             world_size=self.accelerator.num_processes,
             global_batch_size=self.train.plan.global_batch,
             mixed_precision=precision_in_effect(self.accelerator),
