@@ -7,12 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 from fmnist_dist.inputs.synthetic import write_synthetic_dataset
 from fmnist_dist.storage.metrics_log import EpochRecord
@@ -24,10 +27,49 @@ TRAIN_SIZE = 1003
 TEST_SIZE = 301
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` (pyproject's addopts): no workers for the in-process tier alone (`-m "not integration"`), which
+    runs in this one process in less time than workers take to start; else pytest-xdist's own choice, one worker
+    per CPU core."""
+    return 0 if config.option.markexpr == "not integration" else None
+
+
+def session_directory(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """The directory `name`, filled by `make(directory)` once per test session and shared from then on.
+
+    Under pytest-xdist the first worker to ask makes it while the others wait, so that an expensive reference
+    (a training run, say) is made once for the whole session, not once per worker. A directory that `make` left
+    unfinished (it raised) is made again by the next one to ask.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's base is a folder of the session's own
+    directory = root / f"session-{name}"
+    with FileLock(f"{directory}.lock"):
+        made = directory.with_name(f"{directory.name}.made")
+        if not made.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            made.touch()
+    return directory
+
+
+@contextmanager
+def one_at_a_time(resource: str) -> Iterator[None]:
+    """Hold `resource` (a machine-wide one, such as the SLURM test cluster) against every other test process on
+    this machine, xdist workers and other pytest sessions included."""
+    with FileLock(Path(tempfile.gettempdir()) / f"fmnist-dist-tests-{resource}.lock"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A synthetic FashionMNIST root (TRAIN_SIZE / TEST_SIZE images), read by torchvision's real loader."""
-    return synthetic_data(tmp_path_factory, "fmnist", TRAIN_SIZE, TEST_SIZE, seed=0)
+    """A synthetic FashionMNIST root (TRAIN_SIZE / TEST_SIZE images), read by torchvision's real loader; the same
+    directory for every worker (the runs shared below record it)."""
+    return session_directory(
+        tmp_path_factory, "fmnist", lambda root: write_synthetic_dataset(root, TRAIN_SIZE, TEST_SIZE, seed=0)
+    )
 
 
 @pytest.fixture
@@ -257,7 +299,9 @@ LONG_TRAIN_SIZE = 12000
 @pytest.fixture(scope="session")
 def long_run_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic data of the long run (LONG_TRAIN_SIZE training images)."""
-    return synthetic_data(tmp_path_factory, "long-run", LONG_TRAIN_SIZE, 200, seed=5)
+    return session_directory(
+        tmp_path_factory, "long-run", lambda root: write_synthetic_dataset(root, LONG_TRAIN_SIZE, 200, seed=5)
+    )
 
 
 def long_run_args(data_dir: Path, output_dir: Path, processes: int, *extra: str) -> list[str]:
@@ -285,9 +329,12 @@ def run_long_to_end(data_dir: Path, output_dir: Path, processes: int, *extra: st
 def uninterrupted_long_runs(long_run_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """The long run without a stop on 1 and 2 processes, trained once for the session: what every preempted
     (tests/test_preemption.py) or killed (tests/test_faults.py) and continued run must equal bit for bit."""
-    work = tmp_path_factory.mktemp("uninterrupted")
-    for processes in (1, 2):
-        run_long_to_end(long_run_data_dir, work / f"p{processes}", processes)
+
+    def train_both(work: Path) -> None:
+        for processes in (1, 2):
+            run_long_to_end(long_run_data_dir, work / f"p{processes}", processes)
+
+    work = session_directory(tmp_path_factory, "uninterrupted", train_both)
     return {processes: work / f"p{processes}" for processes in (1, 2)}
 
 
@@ -413,7 +460,11 @@ def one_epoch_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> F
     """`train --epochs 1 --no-progress` on `data_dir`, trained once for the whole session: model.pth,
     metrics.jsonl, plots and a saved state. Shared by every module that needs a finished run, so a test must
     copy it (`shutil.copytree`) before running anything into it."""
-    work = tmp_path_factory.mktemp("one-epoch")
-    result = run_cli(train_args(data_dir, work / "out", "--epochs", "1", "--no-progress"), cwd=work)
-    assert result.returncode == 0, result.stderr
-    return FinishedRun(work / "out", result.stdout)
+
+    def train_one_epoch(work: Path) -> None:
+        result = run_cli(train_args(data_dir, work / "out", "--epochs", "1", "--no-progress"), cwd=work)
+        assert result.returncode == 0, result.stderr
+        (work / "stdout.txt").write_text(result.stdout)
+
+    work = session_directory(tmp_path_factory, "one-epoch", train_one_epoch)
+    return FinishedRun(work / "out", (work / "stdout.txt").read_text())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env, launch_cli, synthetic_data, train_args
+from conftest import REPO, cli_env, launch_cli, one_at_a_time, synthetic_data, train_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
 
@@ -107,6 +107,11 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
 
     A cluster is started (and stopped afterwards) only as `cluster_plan` says; else the tests skip or fail.
     """
+    with one_at_a_time("slurm-cluster"):  # one test module's jobs at a time: it starts and stops it, as it plans
+        yield from _cluster_env()
+
+
+def _cluster_env() -> Iterator[dict[str, str]]:
     plan, reason = cluster_plan(os.environ, cluster_script("status").returncode == 0, why_slurm_cannot_start())
     if plan is ClusterPlan.UNAVAILABLE:
         slurm_unavailable(reason)
