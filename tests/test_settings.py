@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import epoch_record
 
-from fmnist_dist.cli import build_parser, main
+from fmnist_dist.cli import build_parser, main, train_settings
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.position import BatchPlan, TrainingPosition
 from fmnist_dist.settings.declaration import setting_of
-from fmnist_dist.settings.train_config import SETTINGS, TrainConfig
+from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, RunDirectory
 from fmnist_dist.storage.training_state import Progress
 from fmnist_dist.training.resume import describe_resume, plan_start
@@ -50,10 +50,15 @@ def test_every_field_is_checked_including_the_choices_flags_never_checked_before
 
 def test_the_flags_given_are_those_in_the_one_parse() -> None:
     args = build_parser().parse_args(["train", "--lr", "0.1", "--no-progress", "--resume", "--tags", "a", "b"])
-    given = {name: value for name, value in vars(args).items() if name in SETTINGS}
-    assert given == {"lr": 0.1, "progress": False, "resume": "latest", "tags": ["a", "b"]}
-    cfg = TrainConfig.from_plain(given)
-    assert (cfg.lr, cfg.progress, cfg.tags, cfg.epochs) == (0.1, False, ("a", "b"), 5)  # the rest: defaults
+    cfg, given = train_settings(args)
+    assert given == {"lr", "progress", "resume", "tags"}
+    assert (cfg.resume, cfg.lr, cfg.progress, cfg.tags, cfg.epochs) == (
+        "latest",
+        0.1,
+        False,
+        ("a", "b"),
+        5,
+    )  # the rest: defaults
 
 
 def one_error_line(capsys: pytest.CaptureFixture, argv: list[str], *named: str) -> str:
@@ -175,9 +180,10 @@ def test_limits_of_this_machine_do_not_refuse_what_another_machine_saved(tmp_pat
 
 def resume_line(tmp_path: Path, saved: dict, *flags: str) -> str:
     saved_state(tmp_path / "out", MID_EPOCH_2, **saved)
-    args = build_parser().parse_args(["train", "--output-dir", str(tmp_path / "out"), "--resume", *flags])
-    given = {name: value for name, value in vars(args).items() if name in SETTINGS}
-    start = plan_start(TrainConfig.from_plain(given), frozenset(given))
+    cfg, given = train_settings(
+        build_parser().parse_args(["train", "--output-dir", str(tmp_path / "out"), "--resume", *flags])
+    )
+    start = plan_start(cfg, given)
     return describe_resume(start, BatchPlan(per_process=64, processes=1, accumulation=1))
 
 
@@ -191,7 +197,7 @@ def test_the_same_settings_say_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     [
         ({"mixed_precision": "no"}, ["--mixed-precision", "bf16"], "mixed_precision no -> bf16"),
         ({"mixed_precision": "bf16"}, [], "mixed_precision bf16 -> no"),
-        ({}, ["--cpu", "--threads", "3"], "threads None -> 3, cpu False -> True"),
+        ({}, ["--cpu", "--threads", "3"], "threads default -> 3, cpu False -> True"),
         ({}, ["--data-on-device", "off", "--num-workers", "1"], "num_workers 0 -> 1, data_on_device auto -> off"),
         ({}, ["--lr", "0.5"], "lr 0.12 -> 0.5"),
     ],

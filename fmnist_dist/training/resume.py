@@ -173,7 +173,7 @@ def record_setup(progress: Progress, plan: BatchPlan, dataset_size: int) -> None
 def describe_resume(start: Start, plan: BatchPlan) -> str:
     """One line: the state, where it stands, and every setting that differs from the run that saved it."""
     saved, position = start.progress, start.progress.position
-    changes = [f"{name} {old} -> {new}" for name, (old, new) in (start.changed or {}).items()]
+    changes = [f"{name} {_shown(old)} -> {_shown(new)}" for name, (old, new) in (start.changed or {}).items()]
     for name, old, new in (
         ("world size", saved.world_size, plan.processes),
         ("per-process batch", saved.per_process_batch, plan.per_process),
@@ -197,3 +197,9 @@ def describe_resume(start: Start, plan: BatchPlan) -> str:
         f"{position.samples_done}/{saved.dataset_size}, optimizer step {position.global_step}; "
         + (f"changed: {', '.join(changes)}" if changes else "same settings")
     )
+
+
+def _shown(value: object) -> str:
+    """A setting's value in the resume line: "default" for one left unset (None), so that the line never says
+    `threads None -> 3`."""
+    return "default" if value is None else str(value)
