@@ -130,6 +130,32 @@ def test_on_the_cpu_there_is_no_peak_and_no_mfu() -> None:
     assert spec.describe().endswith("no MFU: the peak fp32 FLOP/s of cpu is not known")
 
 
+class ValueReadingNetwork(NeuralNetwork):
+    """A model of one's own whose forward pass reads a tensor's value, as a fork's might: meta tensors have none."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum().item() < 0:
+            raise AssertionError("images are never negative")
+        return super().forward(x)
+
+
+def test_a_model_that_cannot_be_counted_trains_without_flops_and_says_so() -> None:
+    spec = ComputeSpec.of(Accelerator(cpu=True), ValueReadingNetwork())
+    clock = FakeClock()
+    meter = ThroughputMeter(spec, torch.device("cpu"), clock=clock)
+    meter.start_epoch()
+    clock.now += 1.0
+    meter.count_step(64)
+
+    window = meter.window()
+
+    assert spec.flops_per_image is None and spec.uncounted
+    assert spec.describe().startswith("fmnist-dist: model FLOPs per training image not counted (")
+    assert "\n" not in spec.describe() and spec.describe().endswith("no TFLOP/s or MFU")
+    assert (window.samples_per_second, window.tflops_per_second, window.mfu) == (64.0, None, None)
+    assert "perf/tflops_per_second" not in window.tracker_values()
+
+
 class FakeClock:
     """A clock that moves only when told to."""
 

@@ -50,6 +50,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fmnist_dist.errors import first_line
 from fmnist_dist.recipe.model import IMAGE_SIZE
 from fmnist_dist.recipe.train_step import step_loss
 from fmnist_dist.runtime.devices import precision_in_effect
@@ -183,18 +184,20 @@ class ComputeSpec:
     """What one image costs and what the job's devices can do, fixed at start-up.
 
     Attributes:
-        flops_per_image: model FLOPs of training one image (`flops_per_image`).
+        flops_per_image: model FLOPs of training one image (`flops_per_image`); None where the model could not be
+            counted (then `uncounted` says why, and there is no TFLOP/s or MFU).
         processes: the world size.
         device: the device's name ("cpu", or the accelerator's own, "NVIDIA H100 80GB HBM3").
         precision: the precision the matrix products run in ("fp32", "tf32", "bf16", "fp16", "fp8").
         peak: the device's entry of `PEAK_FLOPS`; None where it is not known.
     """
 
-    flops_per_image: int
+    flops_per_image: int | None
     processes: int
     device: str
     precision: str
     peak: DevicePeak | None
+    uncounted: str | None = None
 
     @classmethod
     def of(cls, accelerator: Accelerator, model: nn.Module) -> ComputeSpec:
@@ -204,20 +207,31 @@ class ComputeSpec:
         precision = matmul_precision(precision_in_effect(accelerator))
         peak = device_peak(name) if device.type == "cuda" else None
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        return cls(flops_per_image(unwrapped), accelerator.num_processes, name, precision, peak)
+        try:
+            flops, uncounted = flops_per_image(unwrapped), None
+        # A model of one's own whose forward pass reads its tensors' values (`.item()`, NumPy) or copies them off
+        # the device cannot run on meta tensors: its run trains all the same, without FLOPs.
+        except Exception as error:
+            flops, uncounted = None, first_line(error)
+        return cls(flops, accelerator.num_processes, name, precision, peak, uncounted)
 
     @property
     def peak_flops_per_process(self) -> float | None:
         """The dense peak FLOP/s of one process's device at `precision`; None where unknown."""
         return None if self.peak is None else self.peak.flops.get(self.precision)
 
-    def mfu(self, flops_per_second: float) -> float | None:
+    def mfu(self, flops_per_second: float | None) -> float | None:
         """The job's achieved FLOP/s as a fraction of its devices' peak; None where the peak is unknown."""
         peak = self.peak_flops_per_process
-        return None if peak is None else flops_per_second / (peak * self.processes)
+        return None if peak is None or flops_per_second is None else flops_per_second / (peak * self.processes)
 
     def describe(self) -> str:
         """The start-up line: FLOPs per image, and the peak MFU is measured against (or why there is no MFU)."""
+        if self.flops_per_image is None:
+            return (
+                "fmnist-dist: model FLOPs per training image not counted (its forward and backward pass did not run "
+                f"on meta tensors: {self.uncounted}); no TFLOP/s or MFU"
+            )
         counted = (
             f"fmnist-dist: {self.flops_per_image:,} model FLOPs per training image (forward and backward, "
             "torch.utils.flop_counter)"
@@ -237,7 +251,8 @@ class Throughput:
         samples_per_second: images trained per second by the whole job.
         seconds_per_step: wall seconds per optimizer step; None for a span without a step.
         data_wait_fraction: the part of `seconds` spent in the training loader's `next()`, 0 to 1.
-        tflops_per_second: the whole job's achieved model TFLOP/s (1e12 FLOP/s).
+        tflops_per_second: the whole job's achieved model TFLOP/s (1e12 FLOP/s); None where the model's FLOPs were
+            not counted.
         mfu: model FLOPs utilisation, 0 to 1; None where the device's peak is not known.
         peak_memory_mib: peak memory in MiB (2**20 bytes) since the process started; None where not kept.
     """
@@ -246,7 +261,7 @@ class Throughput:
     samples_per_second: float
     seconds_per_step: float | None
     data_wait_fraction: float
-    tflops_per_second: float
+    tflops_per_second: float | None
     mfu: float | None
     peak_memory_mib: float | None
 
@@ -335,13 +350,14 @@ class ThroughputMeter:
     def _throughput(self, start: _Count, end: _Count, data_wait_fraction: float, memory: float | None) -> Throughput:
         seconds, steps = end.time - start.time, end.steps - start.steps
         samples_per_second = (end.images - start.images) / seconds
-        flops_per_second = samples_per_second * self.compute.flops_per_image
+        flops = self.compute.flops_per_image
+        flops_per_second = None if flops is None else samples_per_second * flops
         return Throughput(
             seconds=seconds,
             samples_per_second=samples_per_second,
             seconds_per_step=seconds / steps if steps else None,
             data_wait_fraction=data_wait_fraction,
-            tflops_per_second=flops_per_second / 1e12,
+            tflops_per_second=None if flops_per_second is None else flops_per_second / 1e12,
             mfu=self.compute.mfu(flops_per_second),
             peak_memory_mib=memory,
         )

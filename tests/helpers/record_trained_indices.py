@@ -33,7 +33,7 @@ def recording_epoch(self: Trainer):
 
 class RecordingNetwork(NeuralNetwork):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training and x.device.type != "meta":  # not the start-up's count of FLOPs (no images there)
             pixels = (x * 255).round().to(torch.uint8).cpu()
             trained[-1].extend(image.numpy().tobytes() for image in pixels)
         return super().forward(x)
