@@ -338,6 +338,29 @@ def test_a_resume_of_an_early_stopped_run_has_nothing_to_train_unless_patience_g
     assert "resuming from" in describe_resume(longer, plan)
 
 
+def test_a_resume_mid_epoch_with_a_patience_already_spent_is_refused(
+    plateau: tuple[FitResult, Progress, Path], data_dir: Path, tmp_path: Path
+) -> None:
+    """Stopping there would write model.pth from a part-trained epoch; it is refused as an --epochs that ends
+    before the epoch under way is."""
+    _, _, source = plateau
+    mid_epoch_3 = RunDirectory(source).state(MID_EPOCH_3)  # 1 epoch without improvement, epoch 3 under way
+    shutil.copytree(mid_epoch_3, RunDirectory(tmp_path).state(MID_EPOCH_3))
+    cfg = TrainConfig(data_dir=data_dir, download=False, output_dir=tmp_path, cpu=True, resume="auto")
+
+    with pytest.raises(
+        UsageError,
+        match=re.escape(
+            f"--resume: the state {RunDirectory(tmp_path).state(MID_EPOCH_3)} was saved in the middle of epoch 3"
+        ),
+    ) as refused:
+        plan_start(replace(cfg, early_stopping_patience=1), frozenset({"resume", "early_stopping_patience"}))
+
+    assert "pass --early-stopping-patience 2 or more to finish that epoch" in str(refused.value)
+    assert not RunDirectory(tmp_path).model.exists()
+    assert plan_start(replace(cfg, early_stopping_patience=2), frozenset({"resume", "early_stopping_patience"}))
+
+
 # ------------------------------------------------------------------------------------------- real processes
 
 
