@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import TRAIN_SIZE, launch_cli, train_args
 from test_tracking import TrackedJob
 
@@ -19,8 +20,9 @@ from fmnist_dist.recipe.model import plain_state_dict
 from fmnist_dist.recipe.position import TrainingPosition
 from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.run_dir import RunDirectory
+from fmnist_dist.tracking.null_tracker import NullTracker
 from fmnist_dist.training.build import build_run
-from fmnist_dist.training.profiling import profiled_steps, steps_left
+from fmnist_dist.training.profiling import StepProfiler, profiled_steps, steps_left
 from fmnist_dist.training.resume import plan_start
 
 BATCH = 32
@@ -109,3 +111,38 @@ def test_two_processes_each_write_a_trace_and_the_run_stores_them_on_wandb(data_
     assert "profiled optimizer steps 4-5 on every process" in result.stdout
     (artifact,) = [a for a in TrackedJob(result, tmp_path, output_dir).artifacts() if a.type == "profile"]
     assert sorted(entry.path for entry in artifact.manifest.contents) == ["rank0.pt.trace.json", "rank1.pt.trace.json"]
+
+
+def earlier_profile(output_dir: Path, first_step: int) -> list[Path]:
+    """Traces an earlier 2-process profile from `first_step` left in `output_dir`."""
+    traces = [RunDirectory(output_dir).profile_trace(first_step, rank) for rank in (0, 1)]
+    for trace in traces:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text('{"traceEvents": []}')
+    return traces
+
+
+def test_a_profile_that_is_never_written_leaves_the_earlier_one_from_its_step(tmp_path: Path) -> None:
+    accelerator = Accelerator(cpu=True)
+    profiler = StepProfiler(accelerator, NullTracker(accelerator), tmp_path, global_step=0, steps=5)
+    traces = earlier_profile(tmp_path, profiler.first_step)
+
+    with pytest.raises(RuntimeError, match="the run fails"), profiler:
+        profiler.step()
+        raise RuntimeError("the run fails before the profiled steps")
+
+    assert [trace.read_text() for trace in traces] == ['{"traceEvents": []}'] * 2
+
+
+def test_a_new_profile_replaces_every_trace_of_the_earlier_one_from_its_step(tmp_path: Path) -> None:
+    accelerator = Accelerator(cpu=True)
+    profiler = StepProfiler(accelerator, NullTracker(accelerator), tmp_path, global_step=0, steps=1)
+    this_process, other_process = earlier_profile(tmp_path, profiler.first_step)
+
+    with contextlib.redirect_stdout(io.StringIO()), profiler:
+        for _ in range(WARM_UP + 1):
+            torch.ones(2).sum()
+            profiler.step()
+
+    assert profiler_steps(this_process) == [f"ProfilerStep#{WARM_UP}"]
+    assert not other_process.exists()  # one process now: no other's trace passes for this profile's

@@ -338,6 +338,43 @@ def test_a_resume_of_an_early_stopped_run_has_nothing_to_train_unless_patience_g
     assert "resuming from" in describe_resume(longer, plan)
 
 
+def test_a_resume_from_an_older_state_takes_back_that_states_best_model(data_dir: Path, tmp_path: Path) -> None:
+    """The abandoned epochs wrote a better model-best.pth; the run resumed before them never beats its own best,
+    and its model-best.pth must be its best epoch's, not theirs."""
+    fit(config(data_dir, tmp_path, epochs=2, monitor="val_loss"))
+    end_of_epoch_1 = RunDirectory(tmp_path).state(math.ceil(TRAINED / BATCH))
+    cfg = TrainConfig(data_dir=data_dir, download=False, output_dir=tmp_path, cpu=True, progress=False)
+
+    result, progress = fit(replace(cfg, resume=str(end_of_epoch_1), weight_decay=1.0), "resume", "weight_decay")
+
+    assert (progress.best_epoch, progress.epochs_without_improvement) == (1, 1)  # the set-up: epoch 2 is worse
+    best = weights_of(RunDirectory(tmp_path).best_model)
+    assert equal(best, state_weights(tmp_path, result.metrics[0].global_step))
+
+
+def test_a_resume_mid_epoch_with_a_patience_already_spent_is_refused(
+    plateau: tuple[FitResult, Progress, Path], data_dir: Path, tmp_path: Path
+) -> None:
+    """Stopping there would write model.pth from a part-trained epoch; it is refused as an --epochs that ends
+    before the epoch under way is."""
+    _, _, source = plateau
+    mid_epoch_3 = RunDirectory(source).state(MID_EPOCH_3)  # 1 epoch without improvement, epoch 3 under way
+    shutil.copytree(mid_epoch_3, RunDirectory(tmp_path).state(MID_EPOCH_3))
+    cfg = TrainConfig(data_dir=data_dir, download=False, output_dir=tmp_path, cpu=True, resume="auto")
+
+    with pytest.raises(
+        UsageError,
+        match=re.escape(
+            f"--resume: the state {RunDirectory(tmp_path).state(MID_EPOCH_3)} was saved in the middle of epoch 3"
+        ),
+    ) as refused:
+        plan_start(replace(cfg, early_stopping_patience=1), frozenset({"resume", "early_stopping_patience"}))
+
+    assert "pass --early-stopping-patience 2 or more to finish that epoch" in str(refused.value)
+    assert not RunDirectory(tmp_path).model.exists()
+    assert plan_start(replace(cfg, early_stopping_patience=2), frozenset({"resume", "early_stopping_patience"}))
+
+
 # ------------------------------------------------------------------------------------------- real processes
 
 

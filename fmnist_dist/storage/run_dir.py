@@ -8,7 +8,8 @@
     .fmnist-dist.lock           flock-ed by the job that owns the directory, which it names while it holds it
     .fmnist-dist.lock-gate      flock-ed briefly while a job takes the lock or reads who holds it
     state/
-        step-000000120/         a complete resumable state (Accelerate's files + progress.json)
+        step-000000120/         a complete resumable state (Accelerate's files + progress.json; with --val-size,
+                                model-best.pth as it stood: a hard link, or a copy where links are not possible)
         .tmp-step-000000140/    a state being written (renamed to .complete-step-... once complete)
         .complete-step-000000140/  a complete state about to take its step-... name (replacing an older state of
                                 the same step): resumable, and newer than that older state

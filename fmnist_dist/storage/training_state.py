@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import stat
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from fmnist_dist.storage import strict_json
 from fmnist_dist.storage.atomic_files import atomic_write, reporting_write_errors, umask_file_mode
 from fmnist_dist.storage.metrics_log import EpochRecord, is_number, metrics_record_problem
 from fmnist_dist.storage.run_dir import (
+    BEST_MODEL_FILE,
     COMPLETE_PREFIX,
     PROGRESS_FILE,
     STATE_WEIGHTS_FILE,
@@ -148,6 +150,7 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
         with fail_together(accelerator), reporting_write_errors(final, kept, then):
             if accelerator.is_main_process:
                 give_umask_modes(tmp)
+                keep_best_model(run_dir.best_model, tmp, progress)
                 text = strict_json.dumps(asdict(progress), indent=1)
                 atomic_write(tmp / PROGRESS_FILE, lambda f: f.write(text.encode()))
                 tmp.rename(complete_state(final))  # every process's part and progress.json are written: complete
@@ -158,6 +161,44 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, progress: Pr
             shutil.rmtree(tmp, ignore_errors=True)  # never raises over the error that ended the save
         raise
     return final
+
+
+def keep_best_model(best_model: Path, state: Path, progress: Progress) -> None:
+    """Put the run's model-best.pth, which holds `progress.best_epoch`'s weights, in the state being saved: a hard
+    link (model-best.pth is replaced by a rename, so the link keeps these bytes) or, where the file system has
+    none, a copy. A run resumed from the state takes it back (`restore_best_model`).
+
+    Raises:
+        OSError: it could be neither linked nor copied.
+    """
+    if progress.best_epoch is None or not best_model.is_file():
+        return
+    kept = state / BEST_MODEL_FILE
+    try:
+        os.link(best_model, kept)
+    except OSError:
+        shutil.copyfile(best_model, kept)
+
+
+def restore_best_model(accelerator: Accelerator, state_dir: Path, progress: Progress, best_model: Path) -> None:
+    """Make `best_model` (model-best.pth) the one `state_dir` was saved with (all processes call this; the main
+    process writes, atomically): the epochs a run resumed from an older state abandons may have replaced it with
+    weights that are not this run's. A state saved before any best epoch takes away the abandoned run's; a state
+    of an older version, which kept none, leaves the file as it is.
+
+    Raises:
+        UsageError: on every process, when the file could not be replaced.
+    """
+    kept = state_dir / BEST_MODEL_FILE
+    with fail_together(accelerator), reporting_write_errors(best_model, "the state is intact", "resume again"):
+        if not accelerator.is_main_process:
+            return
+        if kept.is_file():
+            if not (best_model.exists() and best_model.samefile(kept)):
+                with kept.open("rb") as source:
+                    atomic_write(best_model, lambda target: shutil.copyfileobj(source, target))
+        elif progress.best_epoch is None:
+            best_model.unlink(missing_ok=True)
 
 
 def _what_a_failed_save_keeps(root: Path) -> tuple[str, str]:

@@ -39,7 +39,7 @@ from fmnist_dist.runtime.stop_signals import StopRequest
 from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.storage.run_dir import RunDirectory
-from fmnist_dist.storage.training_state import restore_state
+from fmnist_dist.storage.training_state import restore_best_model, restore_state
 from fmnist_dist.tracking.registry import make_tracker, tracker_type
 from fmnist_dist.training.recipe_settings import batch_plan, build_schedule
 from fmnist_dist.training.resume import Start, check_resumable, describe_resume, record_setup
@@ -90,6 +90,7 @@ def build_run(start: Start, stop: StopRequest | None = None) -> Run:
     )
     if start.state_dir is not None:
         restore_state(accelerator, start.state_dir, model, optimizer)
+        restore_best_model(accelerator, start.state_dir, progress, RunDirectory(cfg.output_dir).best_model)
         set_hyperparameters(optimizer, cfg)  # flags given now override the restored optimizer's
     scheduler = accelerator.prepare(
         build_schedule(optimizer.optimizer, cfg, plan.global_batch, len(train_set), progress.position)

@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from fmnist_dist.recipe.position import TrainingPosition, steps_per_epoch
 from fmnist_dist.runtime.collective_errors import fail_together
 from fmnist_dist.storage.atomic_files import atomic_write
-from fmnist_dist.storage.run_dir import RunDirectory
+from fmnist_dist.storage.run_dir import PROFILE_TRACE, RunDirectory
 from fmnist_dist.tracking.base import Tracker
 
 PROFILE_WAIT_STEPS = 1  # an invocation's first step: lazy initialisation and first allocations, not typical
@@ -85,10 +85,7 @@ class StepProfiler:
         return self.run_dir.profile(self.first_step)
 
     def __enter__(self) -> StepProfiler:
-        """Clear what an earlier profile from the same step left (before any process can write there), start."""
-        with fail_together(self.accelerator):
-            if self.accelerator.is_main_process and self.directory.exists():
-                shutil.rmtree(self.directory)
+        """Start profiling (an earlier profile from the same step stays until this one is written)."""
         self._profile.start()
         return self
 
@@ -121,8 +118,19 @@ class StepProfiler:
         trace = self.run_dir.profile_trace(self.first_step, self.accelerator.process_index)
         with fail_together(self.accelerator):  # every process has written its trace after this
             _export_trace(self._profile, trace)
+        with fail_together(self.accelerator):
+            if self.accelerator.is_main_process:
+                self._remove_earlier_traces()
         self.accelerator.print(self._report())
         self.tracker.log_artifact(self.directory, "profile")
+
+    def _remove_earlier_traces(self) -> None:
+        """Delete the traces an earlier profile from the same step left for processes this job does not have
+        (each process's own trace has replaced its earlier one, atomically), so that every trace in the
+        directory is this profile's; nothing is deleted before the new traces are written."""
+        ours = {self.run_dir.profile_trace(self.first_step, rank) for rank in range(self.accelerator.num_processes)}
+        for earlier in set(self.directory.glob(PROFILE_TRACE.format(rank="*"))) - ours:
+            earlier.unlink()
 
     def _report(self) -> str:
         device = self.accelerator.device.type

@@ -38,7 +38,8 @@ def plan_start(cfg: TrainConfig, given: frozenset[str]) -> Start:
     Raises:
         UsageError: `--resume` names no readable state; its saved settings are not ones the flags would take; a
             new --seed for a state saved mid-epoch; a new validation split or --monitor; --monitor or
-            --early-stopping-patience without a validation split; or --epochs ends before the epoch the state is in.
+            --early-stopping-patience without a validation split; or --epochs or --early-stopping-patience ends
+            the run before the epoch the state is in.
     """
     state_dir = find_state(cfg.output_dir, cfg.resume) if cfg.resume else None
     if state_dir is None:
@@ -52,6 +53,7 @@ def plan_start(cfg: TrainConfig, given: frozenset[str]) -> Start:
     changed = changed_settings(progress.config, record)
     check_same_epoch_order(state_dir, progress, changed)
     check_epochs_reach_the_state(state_dir, progress, resumed_cfg.epochs)
+    check_patience_reaches_the_state(state_dir, progress, resumed_cfg.early_stopping_patience)
     progress.config = record
     return Start(resumed_cfg, progress, state_dir, changed)
 
@@ -133,6 +135,21 @@ def check_epochs_reach_the_state(state_dir: Path, progress: Progress, epochs: in
             f"{position.samples_done}/{progress.dataset_size}), after the end of --epochs {epochs}; pass --epochs "
             f"{position.epoch + 1} or more to finish that epoch, or resume a state saved at or before the end of "
             f"epoch {epochs}"
+        )
+
+
+def check_patience_reaches_the_state(state_dir: Path, progress: Progress, patience: int | None) -> None:
+    """Refuse an --early-stopping-patience that the epochs without improvement before a state saved mid-epoch have
+    already used up: as with a short --epochs, the run would train nothing and save a model of a part-trained epoch
+    as the final one (a run never saves such a state itself: it stops at the end of the epoch that uses it up)."""
+    position = progress.position
+    if position.samples_done > 0 and stopped_early(progress, patience):
+        raise UsageError(
+            f"--resume: the state {state_dir} was saved in the middle of epoch {position.epoch + 1} (image "
+            f"{position.samples_done}/{progress.dataset_size}) after {progress.epochs_without_improvement} epoch(s) "
+            f"without improvement, which --early-stopping-patience {patience} would stop before; pass "
+            f"--early-stopping-patience {progress.epochs_without_improvement + 1} or more to finish that epoch, or "
+            "resume a state saved at an epoch end"
         )
 
 
