@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from conftest import TRAIN_SIZE, launch_cli, train_args
 from test_tracking import TrackedJob
 
 from fmnist_dist.recipe.model import plain_state_dict
 from fmnist_dist.recipe.position import TrainingPosition
 from fmnist_dist.settings.train_config import TrainConfig
+from fmnist_dist.storage.output_dir import remove_earlier_run
 from fmnist_dist.storage.run_dir import RunDirectory
 from fmnist_dist.tracking.null_tracker import NullTracker
 from fmnist_dist.training.build import build_run
@@ -146,3 +147,18 @@ def test_a_new_profile_replaces_every_trace_of_the_earlier_one_from_its_step(tmp
 
     assert profiler_steps(this_process) == [f"ProfilerStep#{WARM_UP}"]
     assert not other_process.exists()  # one process now: no other's trace passes for this profile's
+
+
+def test_overwrite_removes_the_earlier_runs_traces_and_keeps_a_users_file(tmp_path: Path) -> None:
+    run_dir = RunDirectory(tmp_path)
+    traces = [run_dir.profile_trace(step, rank) for step in (4, 40) for rank in (0, 1)]
+    for trace in traces:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text("{}")
+    notes = run_dir.profile(40) / "my-notes.txt"
+    notes.write_text("mine")
+
+    remove_earlier_run(PartialState(cpu=True), tmp_path)
+
+    assert run_dir.profile_traces() == [] and not run_dir.profile(4).exists()
+    assert notes.read_text() == "mine"

@@ -103,7 +103,7 @@ def test_a_split_that_leaves_nothing_to_train_on_is_refused() -> None:
     [({"monitor": "val_loss"}, "--monitor"), ({"early_stopping_patience": 2}, "--early-stopping-patience")],
 )
 def test_choosing_by_a_split_that_is_not_there_is_refused(flags: dict, flag: str, tmp_path: Path) -> None:
-    refusal = f"^{flag} chooses by the validation split, and there is none; pass --val-size N as well"
+    refusal = f"^{flag} needs a validation split to judge epochs by, and there is none; pass --val-size N as well"
     with pytest.raises(UsageError, match=refusal):
         TrainConfig(**flags)  # a new run: as its flags are read
     with pytest.raises(UsageError, match=refusal):  # --resume auto where there is no state: once that is known

@@ -133,7 +133,8 @@ class TrainConfig:
     )
     early_stopping_patience: int | None = setting(
         None,
-        "with --val-size: end the run after this many epochs in a row without a better --monitor (default: never)",
+        "with --val-size: end the run after this many epochs in a row without a better value of --monitor (default: "
+        "never)",
         kind=WHOLE,
         bounds=COUNT,
         optional=True,
@@ -274,7 +275,8 @@ class TrainConfig:
     profile_steps: int = setting(
         0,
         "profile N optimizer steps with torch.profiler, after a warm-up of 3: one trace per process under "
-        "--output-dir/profile/, a table of the top operations, a W&B artifact (0: off; asked again on a resume)",
+        "--output-dir/profile/, a table of the top operations, a W&B artifact (0: off; not carried over by "
+        "--resume: give it again to profile a resumed run)",
         kind=WHOLE,
         bounds=COUNT_OR_ZERO,
         scope=Scope.INVOCATION,
@@ -324,8 +326,8 @@ class TrainConfig:
         for name in SELECTING:
             if getattr(self, name) is not None and not self.val_size:
                 raise UsageError(
-                    f"{flag_of(name)} chooses by the validation split, and there is none; pass --val-size N as well "
-                    "(N training images held out: the test set never chooses an epoch)"
+                    f"{flag_of(name)} needs a validation split to judge epochs by, and there is none; pass --val-size "
+                    "N as well (N training images held out: the test set never chooses an epoch)"
                 )
 
     @property

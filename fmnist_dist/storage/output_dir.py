@@ -239,12 +239,13 @@ def check_shared(lock: OutputDirLock, token: str | None, process_index: int) -> 
 
 
 def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
-    """`--overwrite`: delete the earlier run's states in `output_dir` (so nothing resumes them) and its best model,
-    and nothing else.
+    """`--overwrite`: delete the earlier run's states in `output_dir` (so nothing resumes them), its best model and
+    its profiles' traces, and nothing else.
 
-    That is its complete states, and the unfinished `.tmp-step-*` and `.trash-step-*` ones, under `state/`, and its
-    model-best.pth, which a new run replaces only once it has one (with `--val-size`, after its first epoch):
-    until then it would pass for the new run's. Its metrics.jsonl, model.pth and plots stay until the new run
+    That is its complete states, and the unfinished `.tmp-step-*` and `.trash-step-*` ones, under `state/`, its
+    model-best.pth, which a new run replaces only once it has one (with `--val-size`, after its first epoch),
+    and the `rank*.pt.trace.json` files under `profile/` (the new run may profile other steps, or none): until
+    then they would pass for the new run's. Its metrics.jsonl, model.pth and plots stay until the new run
     replaces them (atomically), so a new run that fails, or diverges, leaves the earlier results as they were.
     Every process calls this; the main process deletes.
 
@@ -261,6 +262,16 @@ def remove_earlier_run(processes: PartialState, output_dir: Path) -> None:
             for unfinished in unfinished_states(root):
                 shutil.rmtree(unfinished)
             run_dir.best_model.unlink(missing_ok=True)
+            _remove_profiles(run_dir)
+
+
+def _remove_profiles(run_dir: RunDirectory) -> None:
+    """Delete every profile's traces, then the folders they leave empty (a file of the user's keeps its own)."""
+    for trace in run_dir.profile_traces():
+        trace.unlink()
+    for folder in [*sorted(run_dir.profiles.glob("*/")), run_dir.profiles]:
+        with contextlib.suppress(OSError):  # not empty, or not there
+            folder.rmdir()
 
 
 def _describe(holder: dict[str, Any] | None) -> str:

@@ -92,9 +92,17 @@ class RunDirectory:
         """The complete state saved at optimizer step `global_step`."""
         return self.states / f"{STATE_PREFIX}{global_step:09d}"
 
+    @property
+    def profiles(self) -> Path:
+        return self.root / PROFILES_DIR
+
     def profile(self, first_step: int) -> Path:
         """The traces of a profile whose first profiled optimizer step is `first_step`."""
-        return self.root / PROFILES_DIR / f"{STATE_PREFIX}{first_step:09d}"
+        return self.profiles / f"{STATE_PREFIX}{first_step:09d}"
+
+    def profile_traces(self) -> list[Path]:
+        """Every process's trace of every profile (`--profile-steps`) in the directory, in step order."""
+        return sorted(self.profiles.glob(f"{STATE_PREFIX}*/{PROFILE_TRACE.format(rank='*')}"))
 
     def profile_trace(self, first_step: int, process_index: int) -> Path:
         """Process `process_index`'s trace of the profile from optimizer step `first_step`."""

@@ -137,8 +137,10 @@ class StepProfiler:
         recorded = min(self.steps, self._steps_done - PROFILE_WAIT_STEPS - PROFILE_WARMUP_STEPS)
         sort_by = f"self_{device}_time_total" if device in DEVICE_ACTIVITIES else "self_cpu_time_total"
         table = self._profile.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=40)
+        last = self.first_step + recorded - 1
+        steps = f"step {last}" if recorded == 1 else f"steps {self.first_step}-{last}"
         return (
-            f"fmnist-dist: profiled optimizer steps {self.first_step}-{self.first_step + recorded - 1} on every "
+            f"fmnist-dist: profiled optimizer {steps} on every "
             f"process; one trace per process in {self.directory} (open it in https://ui.perfetto.dev); the main "
             f"process's top {TABLE_ROWS} operations by {sort_by}:\n{table}"
         )
