@@ -40,13 +40,14 @@ from fmnist_dist.cli import build_parser, train_settings
 from fmnist_dist.errors import UsageError
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE
 from fmnist_dist.settings.declaration import NUMBER, PATH, SWITCH, TEXT, WHOLE, WORDS
-from fmnist_dist.settings.train_config import DEFAULTS, SETTINGS, TrainConfig, flag_of
+from fmnist_dist.settings.train_config import DEFAULTS, MONITORS, SETTINGS, TrainConfig, flag_of
 from fmnist_dist.storage.metrics_log import TRACKER_KEY, EpochRecord, MetricsLog
 from fmnist_dist.storage.run_dir import RunDirectory
 from fmnist_dist.storage.training_state import complete_states, read_progress
 from fmnist_dist.tracking.base import RunSpec
 from fmnist_dist.tracking.sweep import RUN_ID_VARIABLE, SWEEP_ID_VARIABLE, SweepTrial, as_sweep_trial, sweep_trial
 from fmnist_dist.tracking.wandb_tracker import init_kwargs
+from fmnist_dist.training.model_selection import best_key
 
 SWEEP_YAML = REPO / "launch" / "sweep.yaml"
 SWEEP_SBATCH = REPO / "launch" / "sweep.sbatch"
@@ -197,6 +198,7 @@ def test_the_sweep_searches_the_settings_that_matter_within_their_bounds() -> No
 def test_the_sweep_optimizes_a_metric_the_tracker_logs() -> None:
     metric = sweep_config()["metric"]
     tracked = {field.metadata[TRACKER_KEY] for field in fields(EpochRecord) if TRACKER_KEY in field.metadata}
+    tracked |= {best_key(monitor) for monitor in MONITORS}
 
     assert metric["name"] in tracked
     assert metric["goal"] == ("maximize" if metric["name"].endswith("accuracy") else "minimize")

@@ -21,6 +21,7 @@ import safetensors.torch
 import torch
 from accelerate import PartialState
 from conftest import TEST_SIZE, TRAIN_SIZE, epoch_record, launch_cli, run_cli, train, train_args, trained_indices
+from test_throughput import RecordingTracker
 
 from fmnist_dist.cli import main
 from fmnist_dist.errors import UsageError
@@ -37,7 +38,7 @@ from fmnist_dist.storage.run_dir import STATE_WEIGHTS_FILE, STATES_DIR, RunDirec
 from fmnist_dist.storage.training_state import Progress, complete_states, read_progress
 from fmnist_dist.storage.weights import save_state_dict
 from fmnist_dist.training.build import build_run
-from fmnist_dist.training.model_selection import judge_epoch, stopped_early
+from fmnist_dist.training.model_selection import best_key, judge_epoch, stopped_early
 from fmnist_dist.training.resume import describe_resume, plan_start
 from fmnist_dist.training.trainer import FitResult
 
@@ -220,6 +221,21 @@ def fit(cfg: TrainConfig, *given: str) -> tuple[FitResult, Progress]:
     """Build the run `cfg` says, with the flags `given` (for a resume), fit it here; its result and progress."""
     trainer = build_run(plan_start(cfg, given=frozenset(given))).trainer
     return trainer.fit(), trainer.progress
+
+
+def test_the_tracker_gets_the_best_value_so_far_after_every_epoch(data_dir: Path, tmp_path: Path) -> None:
+    """Its last value is the run's best: what a W&B sweep scores a trial by (launch/sweep.yaml's metric)."""
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    run = build_run(plan_start(config(data_dir, output_dir, epochs=3, monitor="val_loss"), given=frozenset()))
+    tracker = run.trainer.tracker = RecordingTracker(run.accelerator)
+    run.trainer.fit()
+
+    epochs = [values for _, values in sorted(tracker.values.items()) if "val/loss" in values]
+    losses = [values["val/loss"] for values in epochs]
+    assert len(epochs) == 3
+    assert [values[best_key("val_loss")] for values in epochs] == [min(losses[: n + 1]) for n in range(3)]
+    assert best_key("val_accuracy") == "val/best_accuracy" and "val/best_accuracy" not in epochs[0]
 
 
 def resume(data_dir: Path, output_dir: Path, **flags: object) -> tuple[FitResult, Progress]:

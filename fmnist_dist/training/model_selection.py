@@ -70,6 +70,21 @@ def early_stop_reason(progress: Progress, monitor: str) -> str:
     )
 
 
+def best_key(monitor: str) -> str:
+    """The tracker's name for the best value so far of `monitor`: "val/best_accuracy", "val/best_loss".
+
+    Logged after every epoch, its last value is the run's best, and a W&B sweep scores a trial by the last value
+    of its metric (the run summary's): with this as the sweep's metric, a trial is scored by its best epoch, the
+    one model-best.pth holds, as Lightning's `ModelCheckpoint.best_model_score` reports it.
+    """
+    return "val/best_" + monitor.removeprefix("val_")
+
+
+def best_values(progress: Progress, monitor: str) -> dict[str, float]:
+    """`{best_key(monitor): the best value so far}` for the tracker; empty before any epoch was judged."""
+    return {} if progress.best_value is None else {best_key(monitor): progress.best_value}
+
+
 def monitored(monitor: str, validation: EvalResult) -> float:
     """The value of `monitor` ("val_accuracy", "val_loss") in the validation split's evaluation."""
     return validation.accuracy if monitor == "val_accuracy" else validation.loss
@@ -195,6 +210,10 @@ class EpochEvaluation:
         with fail_together(self.accelerator):
             if self.accelerator.is_main_process:
                 save_state_dict(plain_state_dict(self.accelerator, model), self.best_model)
+
+    def best_values(self) -> dict[str, float]:
+        """The best value so far of `--monitor`, for the tracker (`best_values`); empty without a split."""
+        return best_values(self.progress, self.monitor)
 
     def early_stop_line(self) -> str:
         """The line that says the run stops early: after which epoch, the metric, its best value and epoch."""

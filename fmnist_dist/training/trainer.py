@@ -357,7 +357,7 @@ class Trainer:
             f"epoch {record.epoch}/{self.cfg.epochs}: train loss {stats.loss:.4f}, {scores.summary()}, "
             f"{record.train_samples_per_second:.0f} train images/s"
         )
-        self.tracker.log_values(record.tracker_values(), position.global_step)
+        self.tracker.log_values({**record.tracker_values(), **self.evaluation.best_values()}, position.global_step)
         if self.cfg.log_samples_every_epoch and scores.test is not None:
             self.log_predictions(scores.test)
         self._save_state()
