@@ -493,6 +493,20 @@ def slurm_env() -> Iterator[dict[str, str]]:
         yield env
 
 
+def sweep_sbatch(name: str, log_dir: Path, *options: str) -> list[str]:
+    """`sbatch OPTIONS launch/sweep.sbatch SWEEP` on CPU-only nodes, one CPU a task, logs in `log_dir`."""
+    return [
+        "sbatch",
+        *options,
+        f"--job-name={name}",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        f"--output={log_dir}/slurm-%A_%a.out",
+        str(SWEEP_SBATCH),
+        SWEEP_PATH,
+    ]
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.cluster
@@ -509,17 +523,7 @@ def test_a_slurm_job_array_runs_one_trial_per_task_each_in_its_own_directory(
     name = job_name("sweep")
     try:
         result = subprocess.run(
-            [
-                "sbatch",
-                "--wait",
-                "--array=0-1",
-                f"--job-name={name}",
-                "--gpus-per-node=0",
-                "--cpus-per-task=1",
-                f"--output={tmp_path}/slurm-%A_%a.out",
-                str(SWEEP_SBATCH),
-                SWEEP_PATH,
-            ],
+            sweep_sbatch(name, tmp_path, "--wait", "--array=0-1"),
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -555,17 +559,7 @@ def test_a_preempted_array_task_requeues_itself_and_its_trial_continues_from_its
     name = job_name("sweep-preempt")
     # Not `sbatch --wait`: it returns as soon as the job is requeued (SLURM reports it as ended for a moment).
     submitted = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--array=0",
-            f"--job-name={name}",
-            "--gpus-per-node=0",
-            "--cpus-per-task=1",
-            f"--output={tmp_path}/slurm-%A_%a.out",
-            str(SWEEP_SBATCH),
-            SWEEP_PATH,
-        ],
+        sweep_sbatch(name, tmp_path, "--parsable", "--array=0"),
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -27,7 +27,7 @@ from fmnist_dist.runtime.throughput import (
 )
 from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import EpochRecord, MetricsLog
-from fmnist_dist.tracking.base import RunSpec, Tracker
+from fmnist_dist.tracking.null_tracker import NullTracker
 from fmnist_dist.training.build import build_run
 from fmnist_dist.training.resume import plan_start
 
@@ -224,30 +224,15 @@ class TrackedRun:
     stdout: str
 
 
-class RecordingTracker(Tracker):
+class RecordingTracker(NullTracker):
     """Keeps every logged value: {step: {key: value}}."""
 
     def __init__(self, accelerator: Accelerator) -> None:
         super().__init__(accelerator)
         self.values: dict[int, dict[str, float]] = {}
 
-    def start(self, run: RunSpec) -> str | None:
-        return None
-
     def log_values(self, values: Mapping[str, float], step: int) -> None:
         self.values.setdefault(step, {}).update(values)
-
-    def log_predictions(self, *args: object) -> None:
-        pass
-
-    def log_artifact(self, path: Path, kind: str) -> None:
-        pass
-
-    def mark_preempted(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
