@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from filelock import FileLock
 
 from fmnist_dist.inputs.synthetic import write_synthetic_dataset
@@ -428,8 +429,21 @@ def in_process_tests_start_no_program(request: pytest.FixtureRequest, monkeypatc
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under xdist (`--dist loadgroup`, pyproject's addopts) a file's tests run on one worker, so that its module
+    fixtures (reference runs, mostly) are built once; a test may name a group of its own (`xdist_group`)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cluster: runs a real SLURM cluster or a real two-node launch")
+    # One torch thread in this process too, as in every process the tests start (`cli_env`): the suite runs on
+    # every core at once (xdist), and threads that spin-wait for cores held by other workers slow a step tenfold.
+    # The runs made here (`train_in_process`) default to it as well, through OMP_NUM_THREADS.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

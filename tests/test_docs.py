@@ -95,7 +95,13 @@ def test_not_run_markers_precede_runnable_blocks() -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("page", PAGES_TO_RUN, ids=[str(p.relative_to(REPO)) for p in PAGES_TO_RUN])
+# Each page in its own xdist group (the others of a file share one: tests/conftest.py): the pages share nothing,
+# and together they are the suite's longest file, which one worker alone would finish minutes after the rest.
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(page, marks=pytest.mark.xdist_group(f"docs-{page.name}")) for page in PAGES_TO_RUN],
+    ids=[str(p.relative_to(REPO)) for p in PAGES_TO_RUN],
+)
 def test_command_blocks_run(page: Path, tmp_path: Path) -> None:
     """Every bash and python block of the page, in order, in a working directory like a user's clone."""
     sandbox = _sandbox(tmp_path)
