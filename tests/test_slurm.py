@@ -27,7 +27,9 @@ import pytest
 import torch
 from conftest import REPO, cli_env, launch_cli, one_at_a_time, synthetic_data, train_args
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
+# One xdist worker runs every test of the cluster (SLURM_TESTS: this module's and the sweep's), one after another.
+SLURM_TESTS = pytest.mark.xdist_group("slurm-cluster")
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster, SLURM_TESTS]
 
 CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
 SBATCH_SCRIPT = REPO / "launch" / "slurm.sbatch"
@@ -107,11 +109,6 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
 
     A cluster is started (and stopped afterwards) only as `cluster_plan` says; else the tests skip or fail.
     """
-    with one_at_a_time("slurm-cluster"):  # one test module's jobs at a time: it starts and stops it, as it plans
-        yield from _cluster_env()
-
-
-def _cluster_env() -> Iterator[dict[str, str]]:
     plan, reason = cluster_plan(os.environ, cluster_script("status").returncode == 0, why_slurm_cannot_start())
     if plan is ClusterPlan.UNAVAILABLE:
         slurm_unavailable(reason)
@@ -129,9 +126,17 @@ def _cluster_env() -> Iterator[dict[str, str]]:
             cluster_script("down", timeout=120)
 
 
+@contextmanager
+def the_test_cluster() -> Iterator[dict[str, str]]:
+    """`slurm_cluster()`, used by this test module alone until it is done: it may start and stop the cluster, and
+    its jobs need the cluster's nodes."""
+    with one_at_a_time("slurm-cluster"), slurm_cluster() as env:
+        yield env
+
+
 @pytest.fixture(scope="module")
 def slurm_env() -> Iterator[dict[str, str]]:
-    with slurm_cluster() as env:
+    with the_test_cluster() as env:
         yield env
 
 

@@ -30,7 +30,7 @@ import wandb
 import yaml
 from conftest import CPU_LAUNCH_CONFIG, REPO, cli_env
 from helpers.sweep_agent import start_trial
-from test_slurm import ENDED, cancel, job_fields, job_name, slurm_cluster, wait_until
+from test_slurm import ENDED, SLURM_TESTS, cancel, job_fields, job_name, the_test_cluster, wait_until
 from test_tracking import read_wandb_log
 from wandb import wandb_agent
 from wandb.proto import wandb_internal_pb2
@@ -489,7 +489,7 @@ def stop_after_first_epoch(agent: subprocess.Popen) -> str:
 
 @pytest.fixture(scope="module")
 def slurm_env() -> Iterator[dict[str, str]]:
-    with slurm_cluster() as env:
+    with the_test_cluster() as env:
         yield env
 
 
@@ -510,6 +510,7 @@ def sweep_sbatch(name: str, log_dir: Path, *options: str) -> list[str]:
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.cluster
+@SLURM_TESTS
 def test_a_slurm_job_array_runs_one_trial_per_task_each_in_its_own_directory(
     slurm_env: dict[str, str], data_dir: Path, tmp_path: Path
 ) -> None:
@@ -549,6 +550,7 @@ def test_a_slurm_job_array_runs_one_trial_per_task_each_in_its_own_directory(
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.cluster
+@SLURM_TESTS
 def test_a_preempted_array_task_requeues_itself_and_its_trial_continues_from_its_state(
     slurm_env: dict[str, str], long_run_data_dir: Path, uninterrupted_long_runs: dict[int, Path], tmp_path: Path
 ) -> None:
