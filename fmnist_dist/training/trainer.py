@@ -46,9 +46,13 @@ class EpochStats:
 
     loss: float
     samples: int
-    seconds: float
-    trained_now: int  # images this process group trained in `seconds` (fewer than `samples` in a resumed epoch)
-    perf: Throughput  # the epoch's throughput, data wait, FLOPs and memory
+    # The part trained in this invocation (all of it, but in a resumed epoch): its wall time, images per second,
+    # data wait, FLOPs and memory.
+    perf: Throughput
+
+    @property
+    def seconds(self) -> float:
+        return self.perf.seconds
 
 
 class EpochTotals:
@@ -222,7 +226,7 @@ class Trainer:
                 self._after_step(bar, step_loss, step_samples, totals)
         total_loss, total_samples = totals.fold(self.accelerator)
         perf = self.meter.epoch(self.accelerator)
-        return EpochStats(total_loss / total_samples, total_samples, perf.seconds, size - first_sample, perf)
+        return EpochStats(total_loss / total_samples, total_samples, perf)
 
     def _progress_bar(self, images: int) -> tqdm:
         """A bar counting the epoch's trained images (and images/s), shown only by the main process.
@@ -338,7 +342,7 @@ class Trainer:
             train_samples=stats.samples,
             train_seconds=stats.seconds,
             eval_seconds=eval_seconds,
-            train_samples_per_second=stats.trained_now / stats.seconds,
+            train_samples_per_second=stats.perf.samples_per_second,
             seconds_per_step=stats.perf.seconds_per_step,
             data_wait_fraction=stats.perf.data_wait_fraction,
             flops_per_image=self.meter.compute.flops_per_image,
