@@ -5,6 +5,7 @@ that `build_run` builds returns what it produced, and its states count images in
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from torchvision import datasets
 from torchvision.transforms import ToTensor
 
 from fmnist_dist.recipe.model import NeuralNetwork
+from fmnist_dist.runtime.stop_signals import TrainingStopped
 from fmnist_dist.settings.train_config import TrainConfig
 from fmnist_dist.storage.metrics_log import MetricsLog
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, RunDirectory
@@ -206,3 +208,23 @@ def test_a_mid_epoch_state_counts_the_epochs_images_as_a_whole_number(fitted: tu
     assert saved["epoch_samples"] == IN_PROCESS_STATE_STEP * IN_PROCESS_BATCH < TRAIN_SIZE
     assert type(saved["epoch_samples"]) is int  # not 320.0
     assert all(type(r.train_samples) is int for r in result.metrics)
+
+
+def test_a_run_stopped_after_overwrite_says_to_resume_without_it(data_dir: Path, tmp_path: Path) -> None:
+    """The same command again, --overwrite included, would remove the state the stop just saved."""
+    cfg = TrainConfig(
+        data_dir=data_dir,
+        download=False,
+        output_dir=tmp_path / "out",
+        overwrite=True,
+        cpu=True,
+        tracker="none",
+        progress=False,
+    )
+    trainer = build_run(plan_start(cfg, given=frozenset())).trainer
+    trainer.stop.signal_number = signal.SIGTERM  # as the stop signals' handler records one
+
+    with pytest.raises(TrainingStopped) as stopped:
+        trainer.fit()
+
+    assert str(stopped.value).endswith("run the same command without --overwrite, with --resume auto, to continue")

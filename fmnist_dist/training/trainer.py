@@ -316,7 +316,7 @@ class Trainer:
         return UsageError(
             f"training diverged: the loss became non-finite (NaN or infinite) at or before optimizer step "
             f"{self.position.global_step} (it was finite at step {self._last_agreed_step}); no state or model with "
-            f"non-finite values was saved (model.pth and the states in {self.cfg.output_dir} are from before); "
+            f"non-finite values was saved ({self._what_is_from_before()}); "
             f"lower --lr (now {self.cfg.lr:g}) or lengthen the warm-up (--warmup-epochs)"
         )
 
@@ -325,8 +325,18 @@ class Trainer:
         return TrainingStopped(
             f"stopped by {self._stop_signal} at optimizer step {position.global_step} (epoch "
             f"{position.epoch + 1}, {position.samples_done}/{self.train.size} images); its state is saved in "
-            f"{self.cfg.output_dir}; run the same command with --resume auto to continue"
+            f"{self.cfg.output_dir}; run the same command {self._resume_advice()} to continue"
         )
+
+    def _what_is_from_before(self) -> str:
+        output_dir = self.cfg.output_dir
+        if self.cfg.overwrite:  # the earlier run's states were removed before this one started
+            return f"model.pth in {output_dir} is the earlier run's, and its states, if any, this run's from before"
+        return f"model.pth and the states in {output_dir} are from before"
+
+    def _resume_advice(self) -> str:
+        # The same command with --overwrite again would remove the state just saved (and --resume excludes it).
+        return "without --overwrite, with --resume auto," if self.cfg.overwrite else "with --resume auto"
 
     def _save_state(self) -> Path:
         return save_training_state(self.accelerator, self.cfg.output_dir, self.progress, self.cfg.keep_states)
