@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import preloaded
 import pytest
 import torch
 from filelock import FileLock
@@ -122,7 +123,7 @@ def epoch_record(**changes: Any) -> EpochRecord:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for CLI subprocesses: W&B offline, no GPU, quiet Accelerate."""
+    """The environment for CLI subprocesses: W&B offline, no GPU, quiet Accelerate, unbuffered output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_", "RANK", "LOCAL_RANK"))}
     # One thread per process: two processes on two cores would otherwise fight over them.
     env.update(
@@ -131,21 +132,16 @@ def cli_env(**extra: str) -> dict[str, str]:
         CUDA_VISIBLE_DEVICES="",
         ACCELERATE_DISABLE_RICH="1",
         OMP_NUM_THREADS="1",
+        # Output as it is printed, for the tests that act on a line while the job runs.
+        PYTHONUNBUFFERED="1",
     )
     env.update(extra)
     return env
 
 
-def run_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """`python -m fmnist_dist ARGS` in `cwd`, as one process."""
-    return subprocess.run(
-        [sys.executable, "-m", "fmnist_dist", *map(str, args)],
-        cwd=cwd,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_cli(args: Sequence[object], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`fmnist-dist ARGS` in `cwd`, as one process with its imports preloaded (tests/preloaded.py)."""
+    return preloaded.run(args, cwd, cli_env(**env), timeout)
 
 
 def launch_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
@@ -158,6 +154,15 @@ def launch_cli(args: Sequence[str], cwd: Path, timeout: float = 300, **env: str)
         text=True,
         timeout=timeout,
     )
+
+
+def launch_preloaded(
+    args: Sequence[object], cwd: Path, processes: int = 2, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """`fmnist-dist ARGS` on `processes` gloo processes forked by Accelerate's launcher from an interpreter with
+    the imports preloaded (tests/preloaded.py): for tests of what a multi-process run computes, where
+    `launch_cli` (the real `accelerate launch`) would spend most of its time importing."""
+    return preloaded.run(args, cwd, cli_env(**env), timeout, processes=processes)
 
 
 def launch_command(args: Sequence) -> list[str]:
@@ -233,24 +238,17 @@ def cli_command(processes: int) -> list[str]:
     return [*accelerate_launch(processes), "-m", "fmnist_dist"]
 
 
-# Runs `fmnist-dist` with a model that records the training images each process trains on (by index).
-RECORDER = Path(__file__).parent / "helpers" / "record_trained_indices.py"
-
-
 def train(
     data_dir: Path, output_dir: Path, processes: int, *extra: str, record: bool = False
 ) -> subprocess.CompletedProcess:
     """`train` on `processes` gloo processes (or one plain process); with `record`, through the index recorder."""
     args = quiet_train_args(data_dir, output_dir, *extra, *(["--cpu"] if processes > 1 else []))
-    command = [sys.executable, "-m", "fmnist_dist"]
+    records = output_dir.parent / f"{output_dir.name}-records"
     if record:
-        (output_dir.parent / f"{output_dir.name}-records").mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, str(RECORDER), str(output_dir.parent / f"{output_dir.name}-records")]
-    if processes > 1:
-        command = [*accelerate_launch(processes), *(command[1:] if record else ["-m", "fmnist_dist"])]
-    result = subprocess.run(
-        [*command, *args], cwd=output_dir.parent, env=cli_env(), capture_output=True, text=True, timeout=300
-    )
+        records.mkdir(parents=True, exist_ok=True)
+        args = [str(records), *args]
+    entry = "helpers.record_trained_indices:run_recording" if record else "fmnist_dist.cli:main"
+    result = preloaded.run(args, output_dir.parent, cli_env(), 300, entry, processes)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -314,14 +312,8 @@ def long_run_args(data_dir: Path, output_dir: Path, processes: int, *extra: str)
 
 def run_long_to_end(data_dir: Path, output_dir: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     """The long run (started, or continued from its newest state) on `processes` processes, to its end."""
-    result = subprocess.run(
-        [*cli_command(processes), *long_run_args(data_dir, output_dir, processes, *extra)],
-        cwd=output_dir.parent,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = long_run_args(data_dir, output_dir, processes, *extra)
+    result = preloaded.run(args, output_dir.parent, cli_env(), 300, processes=processes)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -427,6 +419,7 @@ def in_process_tests_start_no_program(request: pytest.FixtureRequest, monkeypatc
         raise AssertionError(f"{request.node.nodeid} starts a program: mark it @pytest.mark.integration")
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(preloaded.CliProcess, "__init__", refuse)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -7,15 +7,15 @@ import json
 import subprocess
 from pathlib import Path
 
+import preloaded
 import pytest
 import torch
 from conftest import (
-    RECORDER,
     TEST_SIZE,
     TRAIN_SIZE,
-    accelerate_launch,
     cli_env,
     launch_cli,
+    launch_preloaded,
     run_cli,
     train_args,
 )
@@ -112,7 +112,7 @@ def test_device_line_is_printed_once_by_the_main_process(two_process_run) -> Non
 def test_scale_lr_scales_the_learning_rate_with_the_global_batch(data_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     # 2 processes x 64 images: a global batch of 128, twice the reference batch of 64.
-    result = launch_cli(
+    result = launch_preloaded(
         train_args(
             data_dir,
             output_dir,
@@ -143,28 +143,20 @@ def launch_recorder(data_dir: Path, work: Path, seed: int) -> list[list[list[int
     """Train on 2 gloo processes, recording what each rank trained on; per epoch, one list per rank."""
     records = work / "records"
     records.mkdir(parents=True)
-    result = subprocess.run(
-        [
-            *accelerate_launch(2),
-            str(RECORDER),
-            str(records),
-            *train_args(
-                data_dir,
-                work / "out",
-                "--batch-size",
-                str(SHARD_BATCH),
-                "--epochs",
-                str(SHARD_EPOCHS),
-                "--seed",
-                str(seed),
-                "--cpu",
-                "--no-progress",
-            ),
-        ],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    args = train_args(
+        data_dir,
+        work / "out",
+        "--batch-size",
+        str(SHARD_BATCH),
+        "--epochs",
+        str(SHARD_EPOCHS),
+        "--seed",
+        str(seed),
+        "--cpu",
+        "--no-progress",
+    )
+    result = preloaded.run(
+        [records, *args], work, cli_env(), 300, "helpers.record_trained_indices:run_recording", processes=2
     )
     assert result.returncode == 0, result.stderr
     ranks = [json.loads((records / f"rank-{rank}.json").read_text()) for rank in range(2)]

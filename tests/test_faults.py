@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import preloaded
 import pytest
 import torch
 from conftest import (
@@ -59,8 +60,10 @@ def run_quietly(command: list[str], args: list, cwd: Path) -> subprocess.Complet
     )
 
 
-def start_in_own_session(processes: int, args: list, cwd: Path) -> subprocess.Popen:
+def start_in_own_session(processes: int, args: list, cwd: Path) -> subprocess.Popen | preloaded.CliProcess:
     """The CLI in a process group of its own, so that one killpg reaches the launcher and every rank."""
+    if processes == 1:
+        return preloaded.CliProcess(args, cwd, cli_env(**QUIET), new_session=True)
     with (cwd / "killed.log").open("wb") as log:
         return subprocess.Popen(
             [*cli_command(processes), *map(str, args)],
@@ -72,7 +75,9 @@ def start_in_own_session(processes: int, args: list, cwd: Path) -> subprocess.Po
         )
 
 
-def wait_for_saved_state(process: subprocess.Popen, output_dir: Path, timeout: float = 120) -> None:
+def wait_for_saved_state(
+    process: subprocess.Popen | preloaded.CliProcess, output_dir: Path, timeout: float = 120
+) -> None:
     deadline = time.monotonic() + timeout
     while not list((output_dir / STATES_DIR).glob(f"step-*/{PROGRESS_FILE}")):
         assert process.poll() is None, "training ended before saving a state"

@@ -12,6 +12,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import preloaded
 import pytest
 import torch
 from conftest import (
@@ -53,8 +54,17 @@ def run_and_signal(
     after: str = FIRST_EPOCH_LINE,
     extra: tuple[str, ...] = (),
 ) -> tuple[int, str]:
-    """Start the run; once a line starts with `after`, send `signum` to `target` ("run", "rank" 1 or "launcher")."""
+    """Start the run; once a line starts with `after`, send `signum` to `target` ("run", "rank" 1 or "launcher").
+    The exit code, then stdout and stderr together."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if processes == 1:
+        run = preloaded.CliProcess(long_run_args(data_dir, output_dir, 1, *extra), output_dir.parent, cli_env())
+        try:
+            run.wait_for_line(after, timeout=120)
+            run.send_signal(signum)
+            return run.wait(timeout=120), "".join(run.communicate())
+        finally:
+            run.kill()
     process = subprocess.Popen(
         [*cli_command(processes), *long_run_args(data_dir, output_dir, processes, *extra)],
         cwd=output_dir.parent,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_SIZE, TRAIN_SIZE, launch_cli, printed_by_training, run_cli, train_args, train_in_process
+from conftest import TEST_SIZE, TRAIN_SIZE, launch_preloaded, printed_by_training, run_cli, train_args, train_in_process
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.storage.metrics_log import MetricsLog
@@ -219,9 +219,11 @@ def two_process_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """Two gloo processes: 4 straight epochs, and 2 epochs then `--epochs 4 --resume`."""
     work = tmp_path_factory.mktemp("two-process")
     args = ["--cpu", "--batch-size", BATCH, *CONSTANT, "--no-progress"]
-    check(launch_cli(train_args(data_dir, work / "straight", *args, "--epochs", EPOCHS), work, **QUIET))
-    check(launch_cli(train_args(data_dir, work / "resumed", *args, "--epochs", STOP_AFTER), work, **QUIET))
-    resumed = launch_cli(train_args(data_dir, work / "resumed", *args, "--epochs", EPOCHS, "--resume"), work, **QUIET)
+    check(launch_preloaded(train_args(data_dir, work / "straight", *args, "--epochs", EPOCHS), work, **QUIET))
+    check(launch_preloaded(train_args(data_dir, work / "resumed", *args, "--epochs", STOP_AFTER), work, **QUIET))
+    resumed = launch_preloaded(
+        train_args(data_dir, work / "resumed", *args, "--epochs", EPOCHS, "--resume"), work, **QUIET
+    )
     check(resumed)
     assert "resuming from" in resumed.stdout
     return {"straight": work / "straight", "resumed": work / "resumed"}

@@ -2,6 +2,8 @@
 
     accelerate launch --config_file launch/cpu.yaml tests/helpers/record_trained_indices.py RECORD_DIR train ...
 
+or, in a process of tests/preloaded.py, the entry "helpers.record_trained_indices:run_recording".
+
 The model is the job's NeuralNetwork with a forward pass that, in training mode, notes the images it is given
 (after the Trainer has dropped Accelerate's padding) and finds their indices in the training set by content.
 Training itself is unchanged. Each process writes RECORD_DIR/rank-<R>.json: for each epoch it trained (or
@@ -48,12 +50,17 @@ def indices_by_content(data_dir: Path) -> dict[bytes, int]:
     return index
 
 
-if __name__ == "__main__":
-    record_dir, argv = Path(sys.argv[1]), sys.argv[2:]
+def run_recording(args: list[str]) -> int:
+    """`fmnist-dist ARGS[1:]`, recording into the directory ARGS[0]; the CLI's exit code."""
+    record_dir, argv = Path(args[0]), args[1:]
     fmnist_dist.training.build.NeuralNetwork = RecordingNetwork
     Trainer.train_epoch = recording_epoch
     code = main(argv)
     index = indices_by_content(Path(argv[argv.index("--data-dir") + 1]))
     rank = os.environ.get("RANK", "0")
     (record_dir / f"rank-{rank}.json").write_text(json.dumps([[index[image] for image in epoch] for epoch in trained]))
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run_recording(sys.argv[1:]))
