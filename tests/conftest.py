@@ -18,6 +18,7 @@ import preloaded
 import pytest
 import torch
 from filelock import FileLock
+from processes import free_port
 
 from fmnist_dist.inputs.synthetic import write_synthetic_dataset
 from fmnist_dist.storage.metrics_log import EpochRecord
@@ -170,15 +171,6 @@ def launch_command(args: Sequence) -> list[str]:
     return [*cli_command(2), *map(str, args)]
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now, so that concurrent launches do not collide."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     """`train` on the synthetic data, quick and offline (override any flag by repeating it in `extra`)."""
     return [
@@ -238,6 +230,10 @@ def cli_command(processes: int) -> list[str]:
     return [*accelerate_launch(processes), "-m", "fmnist_dist"]
 
 
+# `fmnist-dist` with a model that records the training images each process trains on (by index).
+RECORDER = "helpers.record_trained_indices:run_recording"
+
+
 def train(
     data_dir: Path, output_dir: Path, processes: int, *extra: str, record: bool = False
 ) -> subprocess.CompletedProcess:
@@ -247,7 +243,7 @@ def train(
     if record:
         records.mkdir(parents=True, exist_ok=True)
         args = [str(records), *args]
-    entry = "helpers.record_trained_indices:run_recording" if record else "fmnist_dist.cli:main"
+    entry = RECORDER if record else preloaded.CLI
     result = preloaded.run(args, output_dir.parent, cli_env(), 300, entry, processes)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -284,11 +280,15 @@ def printed_by_training(args: Sequence[object], capsys: pytest.CaptureFixture[st
     return capsys.readouterr().out
 
 
+def recorded_ranks(output_dir: Path) -> list[list[list[int]]]:
+    """Per process (by rank), per recorded epoch, the indices it trained (`train(..., record=True)`)."""
+    records = output_dir.parent / f"{output_dir.name}-records"
+    return [json.loads(path.read_text()) for path in sorted(records.glob("rank-*.json"))]
+
+
 def trained_indices(output_dir: Path) -> list[list[int]]:
     """Per recorded epoch, the indices every process trained (concatenated over processes)."""
-    records = output_dir.parent / f"{output_dir.name}-records"
-    per_rank = [json.loads(path.read_text()) for path in sorted(records.glob("rank-*.json"))]
-    return [[index for rank in epoch for index in rank] for epoch in zip(*per_rank, strict=True)]
+    return [[index for rank in epoch for index in rank] for epoch in zip(*recorded_ranks(output_dir), strict=True)]
 
 
 # The long run: 375 optimizer steps of 32 images per epoch, so a signal or a kill lands mid-epoch.

@@ -23,7 +23,6 @@ import io
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,8 +31,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from processes import free_port
+
 # What `fmnist-dist train` imports before its first step; wandb is left out (it reads WANDB_* at import).
 PRELOADED = ["fmnist_dist.cli", "fmnist_dist.training.job", "fmnist_dist.storage.plots", "fmnist_dist.inference"]
+
+# The entry of `python -m fmnist_dist`.
+CLI = "fmnist_dist.cli:main"
 
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(PRELOADED)
@@ -65,7 +69,7 @@ class CliProcess:
         cwd: Path,
         env: Mapping[str, str],
         *,
-        entry: str = "fmnist_dist.cli:main",
+        entry: str = CLI,
         processes: int = 1,
         new_session: bool = False,
     ) -> None:
@@ -113,20 +117,22 @@ class CliProcess:
         """Wait until a line of its stdout or stderr starts with `start` (it may still be running); AssertionError
         if it ends first or `timeout` seconds pass."""
         deadline = time.monotonic() + timeout
-        while not any(line.startswith(start) for line in self._written().splitlines()):
+        while not any(line.startswith(start) for line in "".join(self._texts()).splitlines()):
             assert self.poll() is None, f"it ended (exit code {self.poll()}) before printing {start!r}"
             assert time.monotonic() < deadline, f"{start!r} not printed within {timeout} s"
             time.sleep(0.02)
 
-    def _written(self) -> str:
-        return "".join(path.read_text(errors="replace") for path in self._streams if path.exists())
+    def _texts(self) -> tuple[str, str]:
+        """Its stdout and stderr so far (empty before it has opened them)."""
+        stdout, stderr = (path.read_text(errors="replace") if path.exists() else "" for path in self._streams)
+        return stdout, stderr
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Wait for the process to end, then its stdout and stderr (as text)."""
         self.wait(timeout)
-        stdout, stderr = (path.read_text(errors="replace") if path.exists() else "" for path in self._streams)
+        texts = self._texts()
         self._output.cleanup()
-        return stdout, stderr
+        return texts
 
 
 def run(
@@ -134,7 +140,7 @@ def run(
     cwd: Path,
     env: Mapping[str, str],
     timeout: float,
-    entry: str = "fmnist_dist.cli:main",
+    entry: str = CLI,
     processes: int = 1,
 ) -> subprocess.CompletedProcess:
     """`fmnist-dist ARGS` in `cwd` with exactly `env` (on `processes` processes, see CliProcess), to its end,
@@ -183,7 +189,7 @@ def _run(start: _Start) -> None:
         raise SystemExit(_call(start.entry, start.argv))
     from accelerate import notebook_launcher
 
-    notebook_launcher(_rank, args=(start.entry, start.argv), num_processes=start.processes, use_port=_free_port())
+    notebook_launcher(_rank, args=(start.entry, start.argv), num_processes=start.processes, use_port=str(free_port()))
 
 
 def _call(entry: str, argv: list[str]) -> int:
@@ -196,9 +202,3 @@ def _rank(entry: str, argv: list[str]) -> None:
     code = _call(entry, argv)
     if code:
         raise SystemExit(code)
-
-
-def _free_port() -> str:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        return str(listener.getsockname()[1])

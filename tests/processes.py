@@ -1,7 +1,8 @@
-"""Finding and watching a test's processes through /proc (Linux), by pid."""
+"""Finding and watching a test's processes through /proc (Linux), by pid; a free port for the ones it starts."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 
@@ -19,3 +20,10 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, so that concurrent launches do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,16 +7,16 @@ import json
 import subprocess
 from pathlib import Path
 
-import preloaded
 import pytest
 import torch
 from conftest import (
     TEST_SIZE,
     TRAIN_SIZE,
-    cli_env,
     launch_cli,
     launch_preloaded,
+    recorded_ranks,
     run_cli,
+    train,
     train_args,
 )
 
@@ -141,25 +141,20 @@ def test_scale_lr_scales_the_learning_rate_with_the_global_batch(data_dir: Path,
 
 def launch_recorder(data_dir: Path, work: Path, seed: int) -> list[list[list[int]]]:
     """Train on 2 gloo processes, recording what each rank trained on; per epoch, one list per rank."""
-    records = work / "records"
-    records.mkdir(parents=True)
-    args = train_args(
+    out = work / "out"
+    train(
         data_dir,
-        work / "out",
+        out,
+        2,
         "--batch-size",
         str(SHARD_BATCH),
         "--epochs",
         str(SHARD_EPOCHS),
         "--seed",
         str(seed),
-        "--cpu",
-        "--no-progress",
+        record=True,
     )
-    result = preloaded.run(
-        [records, *args], work, cli_env(), 300, "helpers.record_trained_indices:run_recording", processes=2
-    )
-    assert result.returncode == 0, result.stderr
-    ranks = [json.loads((records / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    ranks = recorded_ranks(out)
     return [list(epoch) for epoch in zip(*ranks, strict=False)]
 
 
