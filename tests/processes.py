@@ -1,8 +1,11 @@
-"""Finding and watching a test's processes through /proc (Linux), by pid; a free port for the ones it starts."""
+"""Finding and watching a test's processes through /proc (Linux), by pid; waiting for a condition; a free port for
+the ones it starts."""
 
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -20,6 +23,14 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `condition` until it holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
 
 
 def free_port() -> int:

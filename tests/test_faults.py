@@ -28,6 +28,7 @@ from conftest import (
     run_long_to_end,
     train_args,
 )
+from processes import alive, children, wait_until
 
 from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import NeuralNetwork
@@ -100,9 +101,13 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(
     process = start_in_own_session(processes, args, tmp_path)
     try:
         wait_for_saved_state(process, out)
+        ranks = children(process.pid)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
+    # The launcher can be reaped before its ranks have ended; until they have, rank 0 holds the output directory's
+    # lock and the resume below would be refused as a second job.
+    wait_until(lambda: not any(map(alive, ranks)), 30, "the ranks outlived their SIGKILL")
     assert not (out / "model.pth").exists()
     progress = json.loads((find_state(out, "latest") / PROGRESS_FILE).read_text())
     position = progress["position"]

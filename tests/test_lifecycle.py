@@ -9,12 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import cli_env, launch_command, synthetic_data, train_args, training_until_killed
-from processes import alive, children
+from processes import alive, children, wait_until
 
 from fmnist_dist.runtime.launcher_death import LAUNCHER_MARK, stop_with_launcher
 from fmnist_dist.storage.run_dir import PROGRESS_FILE, STATE_PREFIX, STATES_DIR
@@ -22,13 +21,6 @@ from fmnist_dist.storage.training_state import complete_states
 
 QUIET = {"OMP_NUM_THREADS": "1"}
 GONE_WITHIN_S = 15
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

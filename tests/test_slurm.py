@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, cli_env, launch_cli, one_at_a_time, synthetic_data, train_args
+from processes import wait_until
 
 # One xdist worker runs every test of the cluster (SLURM_TESTS: this module's and the sweep's), one after another.
 SLURM_TESTS = pytest.mark.xdist_group("slurm-cluster")
@@ -190,13 +191,6 @@ def job_name(test: str) -> str:
 
 def cancel(name: str, env: dict[str, str]) -> None:
     subprocess.run(["scancel", f"--name={name}"], env=env, capture_output=True)
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

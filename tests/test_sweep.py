@@ -30,7 +30,8 @@ import wandb
 import yaml
 from conftest import CPU_LAUNCH_CONFIG, REPO, cli_env
 from helpers.sweep_agent import start_trial
-from test_slurm import ENDED, SLURM_TESTS, cancel, job_fields, job_name, the_test_cluster, wait_until
+from processes import wait_until
+from test_slurm import ENDED, SLURM_TESTS, cancel, job_fields, job_name, the_test_cluster
 from test_tracking import read_wandb_log
 from wandb import wandb_agent
 from wandb.proto import wandb_internal_pb2
