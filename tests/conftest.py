@@ -422,12 +422,29 @@ def in_process_tests_start_no_program(request: pytest.FixtureRequest, monkeypatc
     monkeypatch.setattr(preloaded.CliProcess, "__init__", refuse)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which writes each test's group into its node id
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under xdist (`--dist loadgroup`, pyproject's addopts) a file's tests run on one worker, so that its module
     fixtures (reference runs, mostly) are built once; a test may name a group of its own (`xdist_group`)."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook, called in the controller with what a worker collected
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """Stop before any test runs where the groups did not reach the scheduler: a pytest where xdist's write into
+    the node id has no effect (9.2, pytest-dev/pytest-xdist#1386) spreads the tests of a file, and those of the
+    SLURM cluster, over the workers without a word (every module fixture built once per worker, the cluster's
+    tests waiting for each other's turns)."""
+    ungrouped = [nodeid for nodeid in ids if "@" not in nodeid]
+    if node.config.getvalue("dist") == "loadgroup" and ungrouped:
+        pytest.exit(
+            f"pytest {pytest.__version__} with pytest-xdist does not group the tests ({ungrouped[0]} has no group; "
+            "pytest-dev/pytest-xdist#1386): install the pytest that pyproject.toml's dev extra names, or run with "
+            "-n 0",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 def pytest_configure(config: pytest.Config) -> None:
