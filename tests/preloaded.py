@@ -153,6 +153,10 @@ def run(
         process.kill()
         stdout, stderr = process.communicate()
         raise subprocess.TimeoutExpired(process.args, timeout, stdout, stderr) from None
+    except BaseException:  # an interrupted test (Ctrl-C, a timeout plugin): the server's child must not outlive it
+        process.kill()
+        process.communicate()
+        raise
     stdout, stderr = process.communicate()
     return subprocess.CompletedProcess(process.args, process.wait(), stdout, stderr)
 

@@ -54,10 +54,11 @@ def run_and_signal(
     after: str = FIRST_EPOCH_LINE,
     extra: tuple[str, ...] = (),
 ) -> tuple[int, str]:
-    """Start the run; once a line starts with `after`, send `signum` to `target` ("run", "rank" 1 or "launcher").
-    The exit code, then stdout and stderr together."""
+    """Start the run; once a line starts with `after`, send `signum` to `target`: "run" (one preloaded process),
+    "python" (one real `python -m fmnist_dist`, whose exit goes through the interpreter's own finalisation),
+    "rank" 1 or "launcher" (`accelerate launch`). The exit code, then stdout and stderr together."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    if processes == 1:
+    if target == "run":
         run = preloaded.CliProcess(long_run_args(data_dir, output_dir, 1, *extra), output_dir.parent, cli_env())
         try:
             run.wait_for_line(after, timeout=120)
@@ -94,6 +95,7 @@ def run_and_signal(
         (1, signal.SIGTERM, "run"),
         (1, signal.SIGUSR1, "run"),
         (1, signal.SIGINT, "run"),
+        (1, signal.SIGTERM, "python"),
         (2, signal.SIGTERM, "rank"),
         (2, signal.SIGUSR1, "rank"),
         (2, signal.SIGTERM, "launcher"),
@@ -103,6 +105,7 @@ def run_and_signal(
         "SIGTERM",
         "SIGUSR1",
         "SIGINT",
+        "SIGTERM-real-interpreter",
         "SIGTERM-one-rank",
         "SIGUSR1-one-rank",
         "SIGTERM-launcher",
