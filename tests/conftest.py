@@ -124,8 +124,13 @@ def epoch_record(**changes: Any) -> EpochRecord:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for CLI subprocesses: W&B offline, no GPU, quiet Accelerate, unbuffered output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_", "RANK", "LOCAL_RANK"))}
+    """The environment for CLI subprocesses: W&B offline, no GPU, quiet Accelerate. Without PYTHONUNBUFFERED,
+    as a user's job runs: the tests that act on a line while the job runs rely on the CLI's own line buffering."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WANDB_", "ACCELERATE_", "RANK", "LOCAL_RANK")) and k != "PYTHONUNBUFFERED"
+    }
     # One thread per process: two processes on two cores would otherwise fight over them.
     env.update(
         WANDB_MODE="offline",
@@ -133,8 +138,6 @@ def cli_env(**extra: str) -> dict[str, str]:
         CUDA_VISIBLE_DEVICES="",
         ACCELERATE_DISABLE_RICH="1",
         OMP_NUM_THREADS="1",
-        # Output as it is printed, for the tests that act on a line while the job runs.
-        PYTHONUNBUFFERED="1",
     )
     env.update(extra)
     return env

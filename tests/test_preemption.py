@@ -149,6 +149,29 @@ def test_a_signal_stops_every_process_at_one_step_with_a_state_and_resume_is_bit
 
 
 @pytest.mark.slow
+def test_a_runs_lines_reach_a_file_or_pipe_as_they_are_printed(long_run_data_dir: Path, tmp_path: Path) -> None:
+    """Without PYTHONUNBUFFERED, as in a SLURM job's output file or behind `| tee`, the first epoch's line is read
+    while the run still trains: Python's block buffer would hold it until the run ends, after model.pth."""
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [*cli_command(1), *long_run_args(long_run_data_dir, out, 1)],
+        cwd=tmp_path,
+        env=cli_env(),  # without PYTHONUNBUFFERED
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first_epoch = next((line for line in process.stdout if line.startswith(FIRST_EPOCH_LINE)), None)
+        assert first_epoch is not None, "no first epoch line"
+        assert not (out / "model.pth").exists(), "the first epoch's line came only once the run had ended"
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.slow
 def test_the_same_command_after_two_preemptions_ends_with_the_uninterrupted_model(
     long_run_data_dir: Path, uninterrupted_long_runs: dict[int, Path], tmp_path: Path
 ) -> None:

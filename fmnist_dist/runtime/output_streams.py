@@ -1,4 +1,5 @@
-"""Output streams that never stop a run: a closed or broken stdout or stderr loses only the text written to it.
+"""Output streams that never stop a run (a closed or broken stdout or stderr loses only the text written to it),
+and whose lines can be followed while the run goes on.
 
 Python ignores SIGPIPE, so a print to a pipe whose reader has left (`fmnist-dist train ... | head -2`) raises
 BrokenPipeError, and a run started with stdout closed (`>&-`) has `sys.stdout = None`. Either would end a
@@ -9,6 +10,7 @@ documentation advises for SIGPIPE), and the Python streams drop what they cannot
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from typing import Any, TextIO
@@ -31,6 +33,18 @@ def keep_output_from_failing() -> None:
         sys.stdout = NeverFailingStream(sys.stdout, "stdout")
     if not isinstance(sys.stderr, NeverFailingStream):
         sys.stderr = NeverFailingStream(sys.stderr, "stderr")
+
+
+def print_lines_as_they_come() -> None:
+    """Line-buffer stdout also where it is a file or a pipe, as it already is on a terminal.
+
+    Python block-buffers stdout that is not a terminal: in a SLURM job's output file, behind `| tee` or in
+    `> train.log`, the start-up and epoch lines would come in blocks of several KiB or at exit, so a running job
+    could not be followed, unless the user knew to set PYTHONUNBUFFERED. A run prints a few lines per epoch, so
+    flushing each costs nothing.
+    """
+    if isinstance(sys.stdout, io.TextIOWrapper):  # not a stream a caller put there (None when closed at start)
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 class NeverFailingStream:
