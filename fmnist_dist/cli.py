@@ -23,7 +23,7 @@ from fmnist_dist.inputs.backgrounds import BACKGROUNDS
 from fmnist_dist.recipe.model import CLASSES
 from fmnist_dist.runtime.job_exit import ThisProcessStopped, clean_up_warnings, leave_job, record_for_launcher
 from fmnist_dist.runtime.launcher_death import stop_with_launcher
-from fmnist_dist.runtime.output_streams import keep_output_from_failing, print_lines_as_they_come
+from fmnist_dist.runtime.output_streams import keep_output_from_failing
 from fmnist_dist.runtime.stop_signals import PREEMPTED_EXIT_CODE, StopRequest, TrainingStopped
 from fmnist_dist.settings import commands
 from fmnist_dist.settings.declaration import SWITCH, Setting, nonempty_path
@@ -71,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Each process leaves its process group before it exits, and gives its line to torch's launcher for its report.
     """
-    print_lines_as_they_come()  # before the stream is wrapped: a job's log shows each line as it is printed
-    keep_output_from_failing()  # first thing after: a closed or broken stdout or stderr never ends a run
+    keep_output_from_failing()  # first: a closed or broken stdout or stderr never ends a run; a log shows each line
     stop_with_launcher()  # a launcher killed from now on takes this process with it
     argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = build_parser().parse_known_args(argv)

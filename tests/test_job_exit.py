@@ -19,7 +19,7 @@ from fmnist_dist.errors import UsageError
 from fmnist_dist.recipe.model import NeuralNetwork
 from fmnist_dist.runtime import stop_signals
 from fmnist_dist.runtime.job_exit import ERROR_FILE_VARIABLE, record_for_launcher, released_after
-from fmnist_dist.runtime.output_streams import NeverFailingStream
+from fmnist_dist.runtime.output_streams import NeverFailingStream, keep_output_from_failing
 from fmnist_dist.storage.output_dir import OutputDirLock
 
 ERROR = "fmnist-dist: error: "
@@ -44,6 +44,32 @@ def test_a_closed_stream_drops_its_output_instead_of_raising() -> None:
     stream = NeverFailingStream(None, "stdout")  # what Python gives for a descriptor closed at start
     assert stream.write("lost\n") == len("lost\n")
     stream.flush()
+
+
+def test_stdout_to_a_file_shows_each_line_as_it_is_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SLURM job's output file or `| tee`: Python block-buffers such a stdout, and a job's lines came at exit."""
+    log = tmp_path / "job.log"
+    monkeypatch.setattr(sys, "stdout", open(log, "w"))  # noqa: SIM115 (the stream owns it)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # restored afterwards: keep_output_from_failing wraps it
+    keep_output_from_failing()
+
+    print("epoch 1/5: ...")
+    assert log.read_text() == "epoch 1/5: ...\n"
+
+
+def test_a_stdout_that_fails_as_it_is_made_line_buffered_is_still_kept_from_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making it line-buffered flushes it first: a closed stream, or text waiting for a reader that left, raises
+    there, before the never-failing wrapper is in place."""
+    closed = open(tmp_path / "job.log", "w")  # noqa: SIM115 (closed below)
+    closed.close()
+    monkeypatch.setattr(sys, "stdout", closed)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    keep_output_from_failing()
+
+    print("epoch 1/5: ...")
+    assert sys.stdout.lost
 
 
 @pytest.mark.parametrize("closed_at_start", [False, True], ids=["full-disk", "closed"])

@@ -10,6 +10,7 @@ documentation advises for SIGPIPE), and the Python streams drop what they cannot
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -19,7 +20,8 @@ STANDARD_DESCRIPTORS = (0, 1, 2)
 
 
 def keep_output_from_failing() -> None:
-    """From now on no write to stdout or stderr raises; call it first thing, before anything keeps a stream.
+    """From now on no write to stdout or stderr raises, and stdout shows each line as it is printed; call it
+    first thing, before anything keeps a stream.
 
     A descriptor that is closed at start is opened on /dev/null first: else the next file this process opens
     (a state, the lock) would get its number, and text meant for the terminal would be written into it.
@@ -30,21 +32,24 @@ def keep_output_from_failing() -> None:
         except OSError:
             _point_to_devnull(descriptor)
     if not isinstance(sys.stdout, NeverFailingStream):  # main() may run more than once in a process (tests)
-        sys.stdout = NeverFailingStream(sys.stdout, "stdout")
+        sys.stdout = NeverFailingStream(_line_buffered(sys.stdout), "stdout")
     if not isinstance(sys.stderr, NeverFailingStream):
         sys.stderr = NeverFailingStream(sys.stderr, "stderr")
 
 
-def print_lines_as_they_come() -> None:
-    """Line-buffer stdout also where it is a file or a pipe, as it already is on a terminal.
+def _line_buffered(stream: TextIO | None) -> TextIO | None:
+    """The stream, line-buffered also where it is a file or a pipe, as it already is on a terminal.
 
     Python block-buffers stdout that is not a terminal: in a SLURM job's output file, behind `| tee` or in
     `> train.log`, the start-up and epoch lines would come in blocks of several KiB or at exit, so a running job
     could not be followed, unless the user knew to set PYTHONUNBUFFERED. A run prints a few lines per epoch, so
     flushing each costs nothing.
     """
-    if isinstance(sys.stdout, io.TextIOWrapper):  # not a stream a caller put there (None when closed at start)
-        sys.stdout.reconfigure(line_buffering=True)
+    if isinstance(stream, io.TextIOWrapper):
+        # reconfigure flushes first; a stream that fails here is found broken at its first write, and diverted
+        with contextlib.suppress(OSError, ValueError):
+            stream.reconfigure(line_buffering=True)
+    return stream
 
 
 class NeverFailingStream:
