@@ -49,12 +49,13 @@ def test_a_closed_stream_drops_its_output_instead_of_raising() -> None:
 def test_stdout_to_a_file_shows_each_line_as_it_is_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A SLURM job's output file or `| tee`: Python block-buffers such a stdout, and a job's lines came at exit."""
     log = tmp_path / "job.log"
-    monkeypatch.setattr(sys, "stdout", open(log, "w"))  # noqa: SIM115 (the stream owns it)
-    monkeypatch.setattr(sys, "stderr", sys.stderr)  # restored afterwards: keep_output_from_failing wraps it
-    keep_output_from_failing()
+    with open(log, "w") as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        monkeypatch.setattr(sys, "stderr", sys.stderr)  # restored afterwards: keep_output_from_failing wraps it
+        keep_output_from_failing()
 
-    print("epoch 1/5: ...")
-    assert log.read_text() == "epoch 1/5: ...\n"
+        print("epoch 1/5: ...")
+        assert log.read_text() == "epoch 1/5: ...\n"
 
 
 def test_a_stdout_that_fails_as_it_is_made_line_buffered_is_still_kept_from_failing(
