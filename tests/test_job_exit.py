@@ -186,6 +186,35 @@ def test_a_stuck_process_names_the_collective_it_waits_in() -> None:
     ), line
 
 
+def stuck_in_backward(signum: signal.Signals) -> str:
+    """The line of a process stuck inside a backward pass (a stand-in of torch's autograd module on the stack)."""
+    autograd: dict = {"__name__": "torch.autograd.graph"}
+    exec("def _engine_run_backward(wait):\n    return wait()\n", autograd)
+    return autograd["_engine_run_backward"](lambda: stop_signals.stuck_message(signum, sys._getframe()))
+
+
+def test_a_process_stuck_in_backward_of_a_job_of_several_waits_for_the_gradients_all_reduce(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DDP's all-reduce runs from C++ hooks in backward, with no torch.distributed frame on the stack."""
+    monkeypatch.setattr(stop_signals.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(stop_signals.dist, "get_world_size", lambda group=None: 2)
+
+    line = stuck_in_backward(signal.SIGTERM)
+
+    assert line.startswith(
+        "stopped by SIGTERM after waiting 15 s for the job's other processes in the gradients' all-reduce in "
+        "backward (DistributedDataParallel): another process of this job failed or is still busy"
+    ), line
+
+
+def test_a_single_process_stuck_in_backward_says_where() -> None:
+    line = stuck_in_backward(signal.SIGTERM)
+
+    assert line.startswith("stopped by SIGTERM without saving (SIGTERM arrived while it waited 15 s in "), line
+    assert "another process" not in line, line
+
+
 def test_a_process_stuck_elsewhere_says_where() -> None:
     line = stop_signals.stuck_message(signal.SIGUSR1, sys._getframe())
 

@@ -21,6 +21,8 @@ import threading
 import time
 from types import FrameType
 
+import torch.distributed as dist
+
 from fmnist_dist.runtime.job_exit import record_for_launcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -114,13 +116,13 @@ def _give_up(signum: signal.Signals, frame: FrameType) -> None:
 def stuck_message(signum: signal.Signals, frame: FrameType) -> str:
     """The line for a process that stopped waiting: where it waited, and what that means."""
     waited = f"{signum.name} arrived while it waited {STUCK_AFTER_S:.0f} s"
-    collective = _distributed_call(frame)
+    collective = _collective_waited_in(frame)
     if collective:
         # The wait alone cannot tell a lost peer from a busy one (a slow download or W&B start on the main
         # process): the line says both, and the other processes' output tells which.
         return (
             f"stopped by {signum.name} after waiting {STUCK_AFTER_S:.0f} s for the job's other processes in "
-            f"torch.distributed's {collective}: another process of this job failed or is still busy (the first "
+            f"{collective}: another process of this job failed or is still busy (the first "
             "error in the job's output, on the node where it happened, says which, if any); nothing since the "
             "newest saved state is kept"
         )
@@ -131,13 +133,42 @@ def stuck_message(signum: signal.Signals, frame: FrameType) -> str:
     )
 
 
+def _collective_waited_in(frame: FrameType) -> str | None:
+    """The collective the process waits in, named for the user, or None when it waits for something else."""
+    called = _distributed_call(frame)
+    if called:
+        return f"torch.distributed's {called}"
+    if _in_backward(frame) and _job_processes() > 1:
+        # DDP all-reduces the gradients from C++ hooks inside backward: no torch.distributed frame is on the
+        # stack, and a peer that is gone (its connection not yet seen closed) or busy leaves backward waiting.
+        return "the gradients' all-reduce in backward (DistributedDataParallel)"
+    return None
+
+
 def _distributed_call(frame: FrameType | None) -> str | None:
-    """The outermost torch.distributed function on the stack: the collective the process waits in (not the
-    logging decorators' `wrapper` around it)."""
+    """The outermost torch.distributed function on the stack (not the logging decorators' `wrapper` around it)."""
     found = None
     while frame is not None:
         name = frame.f_code.co_name
-        if frame.f_globals.get("__name__", "").startswith("torch.distributed") and name != "wrapper":
+        if _module_of(frame).startswith("torch.distributed") and name != "wrapper":
             found = name
         frame = frame.f_back
     return found
+
+
+def _in_backward(frame: FrameType | None) -> bool:
+    """Whether torch's autograd engine runs a backward pass below this frame."""
+    while frame is not None:
+        if _module_of(frame).startswith("torch.autograd") and "backward" in frame.f_code.co_name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _module_of(frame: FrameType) -> str:
+    return str(frame.f_globals.get("__name__", ""))
+
+
+def _job_processes() -> int:
+    """The world size of the job's process group; 1 before it forms or without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
