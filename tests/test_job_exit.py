@@ -174,11 +174,20 @@ def test_a_failing_lock_release_leaves_the_real_error_and_one_warning_after_it(
     assert lines[1].startswith(f"{WARNING}releasing the lock of --output-dir") and "PermissionError" in lines[1]
 
 
-def test_a_stuck_process_names_the_collective_it_waits_in() -> None:
-    collective: dict = {"__name__": "torch.distributed.distributed_c10d"}  # a stand-in of torch's module
-    exec("def barrier(wait):\n    return wait()\n", collective)
+def stuck_in(module: str, function: str, signum: signal.Signals = signal.SIGTERM) -> str:
+    """The line of a process stuck in `function` of `module` (a stand-in of torch's module on the stack)."""
+    namespace: dict = {"__name__": module}
+    exec(f"def {function}(wait):\n    return wait()\n", namespace)
+    return namespace[function](lambda: stop_signals.stuck_message(signum, sys._getframe(1)))
 
-    line = collective["barrier"](lambda: stop_signals.stuck_message(signal.SIGTERM, sys._getframe()))
+
+def in_a_job_of(monkeypatch: pytest.MonkeyPatch, world_size: int) -> None:
+    monkeypatch.setattr(stop_signals.dist, "is_initialized", lambda: world_size > 1)
+    monkeypatch.setattr(stop_signals.dist, "get_world_size", lambda group=None: world_size)
+
+
+def test_a_stuck_process_names_the_collective_it_waits_in() -> None:
+    line = stuck_in("torch.distributed.distributed_c10d", "barrier")
 
     assert line.startswith(
         "stopped by SIGTERM after waiting 15 s for the job's other processes in torch.distributed's barrier: "
@@ -186,33 +195,67 @@ def test_a_stuck_process_names_the_collective_it_waits_in() -> None:
     ), line
 
 
-def stuck_in_backward(signum: signal.Signals) -> str:
-    """The line of a process stuck inside a backward pass (a stand-in of torch's autograd module on the stack)."""
-    autograd: dict = {"__name__": "torch.autograd.graph"}
-    exec("def _engine_run_backward(wait):\n    return wait()\n", autograd)
-    return autograd["_engine_run_backward"](lambda: stop_signals.stuck_message(signum, sys._getframe()))
-
-
-def test_a_process_stuck_in_backward_of_a_job_of_several_waits_for_the_gradients_all_reduce(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("module", "function", "step"),
+    [
+        ("torch.autograd.graph", "_engine_run_backward", "backward"),
+        ("torch.nn.parallel.distributed", "_pre_forward", "forward"),
+    ],
+)
+def test_a_process_stuck_in_ddp_of_a_job_of_several_may_wait_for_the_others(
+    monkeypatch: pytest.MonkeyPatch, module: str, function: str, step: str
 ) -> None:
-    """DDP's all-reduce runs from C++ hooks in backward, with no torch.distributed frame on the stack."""
-    monkeypatch.setattr(stop_signals.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(stop_signals.dist, "get_world_size", lambda group=None: 2)
+    """DDP talks to the other processes from C++ (backward's all-reduce hooks), with no torch.distributed frame
+    on the stack; there the step's own computation may be what is slow."""
+    in_a_job_of(monkeypatch, 2)
 
-    line = stuck_in_backward(signal.SIGTERM)
+    line = stuck_in(module, function)
 
     assert line.startswith(
-        "stopped by SIGTERM after waiting 15 s for the job's other processes in the gradients' all-reduce in "
-        "backward (DistributedDataParallel): another process of this job failed or is still busy"
+        f"stopped by SIGTERM after 15 s in DistributedDataParallel's {step}, which waits for the job's other "
+        f"processes: another process of this job failed or is still busy, or this process's own {step} is that "
+        "slow (the first error"
     ), line
 
 
-def test_a_single_process_stuck_in_backward_says_where() -> None:
-    line = stuck_in_backward(signal.SIGTERM)
+def test_a_single_process_stuck_in_backward_says_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    in_a_job_of(monkeypatch, 1)
+
+    line = stuck_in("torch.autograd.graph", "_engine_run_backward")
+
+    assert line.startswith(
+        "stopped by SIGTERM without saving (SIGTERM arrived while it waited 15 s in _engine_run_backward, "
+    ), line
+
+
+@pytest.mark.parametrize(
+    ("module", "function"),
+    [("torch.autograd.graph", "_engine_run_forward"), ("torch.nn.modules.linear", "backward"), ("tests", "wait")],
+)
+def test_a_process_of_a_job_of_several_stuck_outside_ddp_and_collectives_says_where(
+    monkeypatch: pytest.MonkeyPatch, module: str, function: str
+) -> None:
+    in_a_job_of(monkeypatch, 2)
+
+    line = stuck_in(module, function)
+
+    assert line.startswith(
+        f"stopped by SIGTERM without saving (SIGTERM arrived while it waited 15 s in {function}, "
+    ), line
+
+
+def test_a_process_group_destroyed_while_the_watch_looks_leaves_it_a_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """destroy_process_group between is_initialized and get_world_size: the watch thread must not die of it."""
+    monkeypatch.setattr(stop_signals.dist, "is_initialized", lambda: True)
+
+    def destroyed(group: object = None) -> int:
+        raise ValueError("Default process group has not been initialized, please make sure to call init_process_group.")
+
+    monkeypatch.setattr(stop_signals.dist, "get_world_size", destroyed)
+
+    line = stuck_in("torch.autograd.graph", "_engine_run_backward")
 
     assert line.startswith("stopped by SIGTERM without saving (SIGTERM arrived while it waited 15 s in "), line
-    assert "another process" not in line, line
 
 
 def test_a_process_stuck_elsewhere_says_where() -> None:

@@ -33,6 +33,7 @@ PREEMPTED_EXIT_CODE = 75
 # 30 s after which torch's launcher and SLURM (KillWait) kill a process that ignored their SIGTERM.
 STUCK_AFTER_S = 15.0
 _LOOK_EVERY_S = 0.5
+_PEER_FAILED_OR_BUSY = "another process of this job failed or is still busy"
 
 
 class StopRequest:
@@ -115,34 +116,45 @@ def _give_up(signum: signal.Signals, frame: FrameType) -> None:
 
 def stuck_message(signum: signal.Signals, frame: FrameType) -> str:
     """The line for a process that stopped waiting: where it waited, and what that means."""
-    waited = f"{signum.name} arrived while it waited {STUCK_AFTER_S:.0f} s"
-    collective = _collective_waited_in(frame)
-    if collective:
+    peer_wait = _peer_wait(frame)
+    if peer_wait:
+        where, causes = peer_wait
         # The wait alone cannot tell a lost peer from a busy one (a slow download or W&B start on the main
         # process): the line says both, and the other processes' output tells which.
         return (
-            f"stopped by {signum.name} after waiting {STUCK_AFTER_S:.0f} s for the job's other processes in "
-            f"{collective}: another process of this job failed or is still busy (the first "
-            "error in the job's output, on the node where it happened, says which, if any); nothing since the "
-            "newest saved state is kept"
+            f"stopped by {signum.name} after {where}: {causes} (the first error in the "
+            "job's output, on the node where it happened, says which, if any); nothing since the newest saved "
+            "state is kept"
         )
     code = frame.f_code
     return (
-        f"stopped by {signum.name} without saving ({waited} in {code.co_name}, {code.co_filename}:{frame.f_lineno}"
-        "); nothing since the newest saved state is kept"
+        f"stopped by {signum.name} without saving ({signum.name} arrived while it waited {STUCK_AFTER_S:.0f} s "
+        f"in {code.co_name}, {code.co_filename}:{frame.f_lineno}); nothing since the newest saved state is kept"
     )
 
 
-def _collective_waited_in(frame: FrameType) -> str | None:
-    """The collective the process waits in, named for the user, or None when it waits for something else."""
+def _peer_wait(frame: FrameType) -> tuple[str, str] | None:
+    """Where the process waits, or may wait, for the job's other processes, and what can keep it there; None
+    when it is elsewhere."""
     called = _distributed_call(frame)
     if called:
-        return f"torch.distributed's {called}"
-    if _in_backward(frame) and _job_processes() > 1:
-        # DDP all-reduces the gradients from C++ hooks inside backward: no torch.distributed frame is on the
-        # stack, and a peer that is gone (its connection not yet seen closed) or busy leaves backward waiting.
-        return "the gradients' all-reduce in backward (DistributedDataParallel)"
-    return None
+        waited = f"waiting {STUCK_AFTER_S:.0f} s for the job's other processes in torch.distributed's {called}"
+        return waited, _PEER_FAILED_OR_BUSY
+    if _job_processes() == 1:
+        return None
+    # DistributedDataParallel talks to the other processes from C++, with no torch.distributed frame on the
+    # stack: in backward (the gradients' all-reduce hooks) and in forward (rebuilding its buckets, syncing
+    # buffers). There the step's own computation may be what takes so long.
+    if _on_stack(frame, "torch.autograd", "backward"):
+        step = "backward"
+    elif _on_stack(frame, "torch.nn.parallel.distributed"):
+        step = "forward"
+    else:
+        return None
+    return (
+        f"{STUCK_AFTER_S:.0f} s in DistributedDataParallel's {step}, which waits for the job's other processes",
+        f"{_PEER_FAILED_OR_BUSY}, or this process's own {step} is that slow",
+    )
 
 
 def _distributed_call(frame: FrameType | None) -> str | None:
@@ -156,10 +168,10 @@ def _distributed_call(frame: FrameType | None) -> str | None:
     return found
 
 
-def _in_backward(frame: FrameType | None) -> bool:
-    """Whether torch's autograd engine runs a backward pass below this frame."""
+def _on_stack(frame: FrameType | None, module: str, name_part: str = "") -> bool:
+    """Whether a function of this module (or its submodules) with name_part in its name is on the stack."""
     while frame is not None:
-        if _module_of(frame).startswith("torch.autograd") and "backward" in frame.f_code.co_name:
+        if _module_of(frame).startswith(module) and name_part in frame.f_code.co_name:
             return True
         frame = frame.f_back
     return False
@@ -170,5 +182,9 @@ def _module_of(frame: FrameType) -> str:
 
 
 def _job_processes() -> int:
-    """The world size of the job's process group; 1 before it forms or without one."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """The world size of the job's process group; 1 before it forms, without one, or after it is destroyed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    with contextlib.suppress(ValueError, RuntimeError):  # destroyed since: the watch thread must not die of it
+        return dist.get_world_size()
+    return 1
