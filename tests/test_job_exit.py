@@ -174,88 +174,139 @@ def test_a_failing_lock_release_leaves_the_real_error_and_one_warning_after_it(
     assert lines[1].startswith(f"{WARNING}releasing the lock of --output-dir") and "PermissionError" in lines[1]
 
 
-def stuck_in(module: str, function: str, signum: signal.Signals = signal.SIGTERM) -> str:
-    """The line of a process stuck in `function` of `module` (a stand-in of torch's module on the stack)."""
-    namespace: dict = {"__name__": module}
-    exec(f"def {function}(wait):\n    return wait()\n", namespace)
-    return namespace[function](lambda: stop_signals.stuck_message(signum, sys._getframe(1)))
+def stuck_in(*stack: tuple[str, str], signum: signal.Signals = signal.SIGTERM) -> str:
+    """The line of a process stuck in the innermost of `stack`'s (module, function) pairs, outermost first:
+    stand-ins of torch's modules, each calling the next."""
+
+    def wait() -> str:
+        return stop_signals.stuck_message(signum, sys._getframe(1))
+
+    for module, function in reversed(stack):
+        namespace: dict = {"__name__": module, "inner": wait}
+        exec(f"def {function}():\n    return inner()\n", namespace)
+        wait = namespace[function]
+    return wait()
 
 
 def in_a_job_of(monkeypatch: pytest.MonkeyPatch, world_size: int) -> None:
-    monkeypatch.setattr(stop_signals.dist, "is_initialized", lambda: world_size > 1)
+    monkeypatch.setattr(stop_signals.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(stop_signals.dist, "get_world_size", lambda group=None: world_size)
 
 
+BACKWARD = [
+    ("torch._tensor", "backward"),
+    ("torch.autograd", "backward"),
+    ("torch.autograd.graph", "_engine_run_backward"),
+]
+DDP_FORWARD = [("torch.nn.parallel.distributed", "forward"), ("torch.nn.parallel.distributed", "_pre_forward")]
+
+
 def test_a_stuck_process_names_the_collective_it_waits_in() -> None:
-    line = stuck_in("torch.distributed.distributed_c10d", "barrier")
+    line = stuck_in(("torch.distributed.distributed_c10d", "barrier"))
 
     assert line.startswith(
         "stopped by SIGTERM after waiting 15 s for the job's other processes in torch.distributed's barrier: "
-        "another process of this job failed or is still busy"
+        "another process of this job failed or is still busy (the first error"
+    ), line
+
+
+@pytest.mark.parametrize(("stack", "step"), [(BACKWARD, "backward"), (DDP_FORWARD, "forward")])
+def test_a_process_stuck_in_ddp_of_a_job_of_several_may_wait_for_the_others(
+    monkeypatch: pytest.MonkeyPatch, stack: list[tuple[str, str]], step: str
+) -> None:
+    """DDP talks to the other processes from C++ (backward's all-reduce hooks, forward's bucket rebuild), with no
+    torch.distributed frame on the stack; there the step's own computation may be what is slow."""
+    in_a_job_of(monkeypatch, 2)
+
+    line = stuck_in(*stack)
+
+    innermost = stack[-1][1]
+    assert line.startswith(
+        f"stopped by SIGTERM after 15 s in DistributedDataParallel's {step} ({innermost}, <string>:2), where it "
+        "may wait for the job's other processes: another process of this job failed or is still busy (the first "
+        f"error in the job's output, on the node where it happened, says which, if any), or this process's {step} "
+        "itself takes this long; nothing since"
     ), line
 
 
 @pytest.mark.parametrize(
-    ("module", "function", "step"),
+    "stack",
     [
-        ("torch.autograd.graph", "_engine_run_backward", "backward"),
-        ("torch.nn.parallel.distributed", "_pre_forward", "forward"),
+        pytest.param([("torch.autograd.graph", "_engine_run_forward")], id="autograd-not-backward"),
+        pytest.param([("torch.nn.modules.linear", "backward")], id="backward-not-autograd"),
+        pytest.param([*BACKWARD, ("tests.custom_function", "backward")], id="a-python-backward-under-the-engine"),
+        pytest.param([*DDP_FORWARD[:1], ("torch.nn.modules.linear", "forward")], id="the-model-under-ddp-forward"),
     ],
 )
-def test_a_process_stuck_in_ddp_of_a_job_of_several_may_wait_for_the_others(
-    monkeypatch: pytest.MonkeyPatch, module: str, function: str, step: str
+def test_a_process_of_a_job_of_several_stuck_outside_ddp_and_collectives_says_where(
+    monkeypatch: pytest.MonkeyPatch, stack: list[tuple[str, str]]
 ) -> None:
-    """DDP talks to the other processes from C++ (backward's all-reduce hooks), with no torch.distributed frame
-    on the stack; there the step's own computation may be what is slow."""
     in_a_job_of(monkeypatch, 2)
 
-    line = stuck_in(module, function)
+    line = stuck_in(*stack)
 
+    innermost = stack[-1][1]
     assert line.startswith(
-        f"stopped by SIGTERM after 15 s in DistributedDataParallel's {step}, which waits for the job's other "
-        f"processes: another process of this job failed or is still busy, or this process's own {step} is that "
-        "slow (the first error"
+        f"stopped by SIGTERM without saving (SIGTERM arrived while it waited 15 s in {innermost}, "
     ), line
 
 
-def test_a_single_process_stuck_in_backward_says_where(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stack", [BACKWARD, DDP_FORWARD])
+def test_a_process_alone_stuck_in_backward_or_forward_says_where(
+    monkeypatch: pytest.MonkeyPatch, stack: list[tuple[str, str]]
+) -> None:
     in_a_job_of(monkeypatch, 1)
 
-    line = stuck_in("torch.autograd.graph", "_engine_run_backward")
+    line = stuck_in(*stack)
 
     assert line.startswith(
-        "stopped by SIGTERM without saving (SIGTERM arrived while it waited 15 s in _engine_run_backward, "
+        f"stopped by SIGTERM without saving (SIGTERM arrived while it waited 15 s in {stack[-1][1]}, "
     ), line
 
 
-@pytest.mark.parametrize(
-    ("module", "function"),
-    [("torch.autograd.graph", "_engine_run_forward"), ("torch.nn.modules.linear", "backward"), ("tests", "wait")],
-)
-def test_a_process_of_a_job_of_several_stuck_outside_ddp_and_collectives_says_where(
-    monkeypatch: pytest.MonkeyPatch, module: str, function: str
+@pytest.mark.parametrize("error", [ValueError, AttributeError])
+def test_a_process_group_destroyed_while_the_watch_looks_leaves_it_a_line(
+    monkeypatch: pytest.MonkeyPatch, error: type[Exception]
 ) -> None:
-    in_a_job_of(monkeypatch, 2)
-
-    line = stuck_in(module, function)
-
-    assert line.startswith(
-        f"stopped by SIGTERM without saving (SIGTERM arrived while it waited 15 s in {function}, "
-    ), line
-
-
-def test_a_process_group_destroyed_while_the_watch_looks_leaves_it_a_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """destroy_process_group between is_initialized and get_world_size: the watch thread must not die of it."""
+    """destroy_process_group between is_initialized and get_world_size raises inside torch."""
     monkeypatch.setattr(stop_signals.dist, "is_initialized", lambda: True)
 
     def destroyed(group: object = None) -> int:
-        raise ValueError("Default process group has not been initialized, please make sure to call init_process_group.")
+        raise error("the default process group is gone")
 
     monkeypatch.setattr(stop_signals.dist, "get_world_size", destroyed)
 
-    line = stuck_in("torch.autograd.graph", "_engine_run_backward")
+    line = stuck_in(*BACKWARD)
 
     assert line.startswith("stopped by SIGTERM without saving (SIGTERM arrived while it waited 15 s in "), line
+
+
+class Exited(Exception):
+    pass
+
+
+def test_a_process_whose_line_cannot_be_made_still_ends_with_one(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The watch thread must end a stuck process whatever goes wrong in naming where it waited."""
+
+    def broken(signum: signal.Signals, frame: object) -> str:
+        raise AttributeError("'NoneType' object has no attribute 'size'")
+
+    def exit_code(code: int) -> None:
+        raise Exited(code)
+
+    monkeypatch.setattr(stop_signals, "stuck_message", broken)
+    monkeypatch.setattr(stop_signals.os, "_exit", exit_code)
+
+    with pytest.raises(Exited) as exited:
+        stop_signals._give_up(signal.SIGTERM, sys._getframe())
+
+    assert exited.value.args == (128 + signal.SIGTERM,)
+    assert capfd.readouterr().err == (
+        "fmnist-dist: error: stopped by SIGTERM without saving, after waiting 15 s; nothing since the newest saved "
+        "state is kept\n"
+    )
 
 
 def test_a_process_stuck_elsewhere_says_where() -> None:

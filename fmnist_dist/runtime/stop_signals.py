@@ -33,7 +33,13 @@ PREEMPTED_EXIT_CODE = 75
 # 30 s after which torch's launcher and SLURM (KillWait) kill a process that ignored their SIGTERM.
 STUCK_AFTER_S = 15.0
 _LOOK_EVERY_S = 0.5
-_PEER_FAILED_OR_BUSY = "another process of this job failed or is still busy"
+# The wait alone cannot tell a lost peer from a busy one (a slow download or W&B start on the main process):
+# the line says both, and the other processes' output tells which.
+_PEER_FAILED_OR_BUSY = (
+    "another process of this job failed or is still busy (the first error in the job's output, on the node where "
+    "it happened, says which, if any)"
+)
+_NOTHING_KEPT = "nothing since the newest saved state is kept"
 
 
 class StopRequest:
@@ -107,7 +113,10 @@ def _end_if_stuck(signum: signal.Signals) -> None:
 
 
 def _give_up(signum: signal.Signals, frame: FrameType) -> None:
-    line = stuck_message(signum, frame)
+    try:
+        line = stuck_message(signum, frame)
+    except Exception:  # naming the place is a courtesy: the process must end, with a line, whatever happens there
+        line = f"stopped by {signum.name} without saving, after waiting {STUCK_AFTER_S:.0f} s; {_NOTHING_KEPT}"
     record_for_launcher(line)
     with contextlib.suppress(OSError):  # stderr is gone too: the launcher's report still has the line
         os.write(2, f"fmnist-dist: error: {line}\n".encode())
@@ -116,45 +125,42 @@ def _give_up(signum: signal.Signals, frame: FrameType) -> None:
 
 def stuck_message(signum: signal.Signals, frame: FrameType) -> str:
     """The line for a process that stopped waiting: where it waited, and what that means."""
-    peer_wait = _peer_wait(frame)
-    if peer_wait:
-        where, causes = peer_wait
-        # The wait alone cannot tell a lost peer from a busy one (a slow download or W&B start on the main
-        # process): the line says both, and the other processes' output tells which.
+    where = f"{frame.f_code.co_name}, {frame.f_code.co_filename}:{frame.f_lineno}"
+    collective = _distributed_call(frame)
+    if collective:
         return (
-            f"stopped by {signum.name} after {where}: {causes} (the first error in the "
-            "job's output, on the node where it happened, says which, if any); nothing since the newest saved "
-            "state is kept"
+            f"stopped by {signum.name} after waiting {STUCK_AFTER_S:.0f} s for the job's other processes in "
+            f"torch.distributed's {collective}: {_PEER_FAILED_OR_BUSY}; {_NOTHING_KEPT}"
         )
-    code = frame.f_code
+    step = _ddp_step_talking_to_peers(frame)
+    if step:
+        return (
+            f"stopped by {signum.name} after {STUCK_AFTER_S:.0f} s in DistributedDataParallel's {step} ({where}), "
+            f"where it may wait for the job's other processes: {_PEER_FAILED_OR_BUSY}, or this process's {step} "
+            f"itself takes this long; {_NOTHING_KEPT}"
+        )
     return (
-        f"stopped by {signum.name} without saving ({signum.name} arrived while it waited {STUCK_AFTER_S:.0f} s "
-        f"in {code.co_name}, {code.co_filename}:{frame.f_lineno}); nothing since the newest saved state is kept"
+        f"stopped by {signum.name} without saving ({signum.name} arrived while it waited {STUCK_AFTER_S:.0f} s in "
+        f"{where}); {_NOTHING_KEPT}"
     )
 
 
-def _peer_wait(frame: FrameType) -> tuple[str, str] | None:
-    """Where the process waits, or may wait, for the job's other processes, and what can keep it there; None
-    when it is elsewhere."""
-    called = _distributed_call(frame)
-    if called:
-        waited = f"waiting {STUCK_AFTER_S:.0f} s for the job's other processes in torch.distributed's {called}"
-        return waited, _PEER_FAILED_OR_BUSY
+def _ddp_step_talking_to_peers(frame: FrameType) -> str | None:
+    """The step of DistributedDataParallel ("backward" or "forward") that may wait for the other processes in C++
+    called from this, the innermost, frame; None elsewhere, and in a process that is alone.
+
+    There is no torch.distributed frame on the stack there: backward's gradient all-reduce runs from the
+    autograd engine's hooks, and forward's bucket rebuild and buffer broadcast from DDP's `_pre_forward`. The
+    innermost frame, not the whole stack, tells these from the model's own code running under DDP.
+    """
     if _job_processes() == 1:
         return None
-    # DistributedDataParallel talks to the other processes from C++, with no torch.distributed frame on the
-    # stack: in backward (the gradients' all-reduce hooks) and in forward (rebuilding its buckets, syncing
-    # buffers). There the step's own computation may be what takes so long.
-    if _on_stack(frame, "torch.autograd", "backward"):
-        step = "backward"
-    elif _on_stack(frame, "torch.nn.parallel.distributed"):
-        step = "forward"
-    else:
-        return None
-    return (
-        f"{STUCK_AFTER_S:.0f} s in DistributedDataParallel's {step}, which waits for the job's other processes",
-        f"{_PEER_FAILED_OR_BUSY}, or this process's own {step} is that slow",
-    )
+    module, name = _module_of(frame), frame.f_code.co_name
+    if module.startswith("torch.autograd") and "backward" in name:
+        return "backward"
+    if module.startswith("torch.nn.parallel.distributed"):
+        return "forward"
+    return None
 
 
 def _distributed_call(frame: FrameType | None) -> str | None:
@@ -168,15 +174,6 @@ def _distributed_call(frame: FrameType | None) -> str | None:
     return found
 
 
-def _on_stack(frame: FrameType | None, module: str, name_part: str = "") -> bool:
-    """Whether a function of this module (or its submodules) with name_part in its name is on the stack."""
-    while frame is not None:
-        if _module_of(frame).startswith(module) and name_part in frame.f_code.co_name:
-            return True
-        frame = frame.f_back
-    return False
-
-
 def _module_of(frame: FrameType) -> str:
     return str(frame.f_globals.get("__name__", ""))
 
@@ -185,6 +182,7 @@ def _job_processes() -> int:
     """The world size of the job's process group; 1 before it forms, without one, or after it is destroyed."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
-    with contextlib.suppress(ValueError, RuntimeError):  # destroyed since: the watch thread must not die of it
+    # A group destroyed since raises here (ValueError, or AttributeError inside torch 2.14's _get_default_group).
+    with contextlib.suppress(Exception):
         return dist.get_world_size()
     return 1
