@@ -189,8 +189,8 @@ def stuck_in(*stack: tuple[str, str], signum: signal.Signals = signal.SIGTERM) -
 
 
 def in_a_job_of(monkeypatch: pytest.MonkeyPatch, world_size: int) -> None:
-    monkeypatch.setattr(stop_signals.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(stop_signals.dist, "get_world_size", lambda group=None: world_size)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: world_size)
 
 
 BACKWARD = [
@@ -252,10 +252,14 @@ def test_a_process_of_a_job_of_several_stuck_outside_ddp_and_collectives_says_wh
 
 
 @pytest.mark.parametrize("stack", [BACKWARD, DDP_FORWARD])
+@pytest.mark.parametrize("process_group", ["of-one-process", "not-formed"])
 def test_a_process_alone_stuck_in_backward_or_forward_says_where(
-    monkeypatch: pytest.MonkeyPatch, stack: list[tuple[str, str]]
+    monkeypatch: pytest.MonkeyPatch, stack: list[tuple[str, str]], process_group: str
 ) -> None:
-    in_a_job_of(monkeypatch, 1)
+    if process_group == "of-one-process":
+        in_a_job_of(monkeypatch, 1)
+    else:
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
 
     line = stuck_in(*stack)
 
@@ -269,12 +273,12 @@ def test_a_process_group_destroyed_while_the_watch_looks_leaves_it_a_line(
     monkeypatch: pytest.MonkeyPatch, error: type[Exception]
 ) -> None:
     """destroy_process_group between is_initialized and get_world_size raises inside torch."""
-    monkeypatch.setattr(stop_signals.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
 
     def destroyed(group: object = None) -> int:
         raise error("the default process group is gone")
 
-    monkeypatch.setattr(stop_signals.dist, "get_world_size", destroyed)
+    monkeypatch.setattr(torch.distributed, "get_world_size", destroyed)
 
     line = stuck_in(*BACKWARD)
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
+from types import ModuleType
 from typing import TypeVar
 
 from fmnist_dist.errors import UsageError, first_line
@@ -70,9 +71,18 @@ def leave_job() -> None:
     """
     if LAUNCHER_MARK in os.environ:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    distributed = formed_process_group()
+    if distributed is not None:
+        clean_up("closing the process group", distributed.destroy_process_group)
+
+
+def formed_process_group() -> ModuleType | None:
+    """torch.distributed once this process has formed its process group, else None; a process that never
+    imported torch.distributed has none, and this does not import it."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        clean_up("closing the process group", distributed.destroy_process_group)
+        return distributed
+    return None
 
 
 def clean_up(step: str, action: Callable[[], object], during: BaseException | None = None) -> None:

@@ -21,9 +21,7 @@ import threading
 import time
 from types import FrameType
 
-import torch.distributed as dist
-
-from fmnist_dist.runtime.job_exit import record_for_launcher
+from fmnist_dist.runtime.job_exit import formed_process_group, record_for_launcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry". A requeued or restarted job
@@ -180,9 +178,10 @@ def _module_of(frame: FrameType) -> str:
 
 def _job_processes() -> int:
     """The world size of the job's process group; 1 before it forms, without one, or after it is destroyed."""
-    if not (dist.is_available() and dist.is_initialized()):
+    distributed = formed_process_group()
+    if distributed is None:
         return 1
     # A group destroyed since raises here (ValueError, or AttributeError inside torch 2.14's _get_default_group).
     with contextlib.suppress(Exception):
-        return dist.get_world_size()
+        return int(distributed.get_world_size())
     return 1
