@@ -3,18 +3,11 @@ never hide the error that ended the job, and the line of a process that a stop s
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import TypeVar
 
 import pytest
 import torch
@@ -28,8 +21,6 @@ from fmnist_dist.runtime import stop_signals
 from fmnist_dist.runtime.job_exit import ERROR_FILE_VARIABLE, record_for_launcher, released_after
 from fmnist_dist.runtime.output_streams import NeverFailingStream, keep_output_from_failing
 from fmnist_dist.storage.output_dir import OutputDirLock
-
-T = TypeVar("T")
 
 ERROR = "fmnist-dist: error: "
 WARNING = "fmnist-dist: warning: "
@@ -183,20 +174,18 @@ def test_a_failing_lock_release_leaves_the_real_error_and_one_warning_after_it(
     assert lines[1].startswith(f"{WARNING}releasing the lock of --output-dir") and "PermissionError" in lines[1]
 
 
-def run_in(stack: Sequence[tuple[str, str]], work: Callable[[], T]) -> T:
-    """`work()`, called from the innermost of `stack`'s (module, function) pairs, outermost first: stand-ins of
-    torch's modules, each calling the next."""
-    call = work
-    for module, function in reversed(stack):
-        namespace: dict = {"__name__": module, "inner": call}
-        exec(f"def {function}():\n    return inner()\n", namespace)
-        call = namespace[function]
-    return call()
-
-
 def stuck_in(*stack: tuple[str, str], signum: signal.Signals = signal.SIGTERM) -> str:
-    """The line of a process stuck in the innermost of `stack`'s stand-ins."""
-    return run_in(stack, lambda: stop_signals.stuck_message(signum, sys._getframe(1)))
+    """The line of a process stuck in the innermost of `stack`'s (module, function) pairs, outermost first:
+    stand-ins of torch's modules, each calling the next."""
+
+    def wait() -> str:
+        return stop_signals.stuck_message(signum, sys._getframe(1))
+
+    for module, function in reversed(stack):
+        namespace: dict = {"__name__": module, "inner": wait}
+        exec(f"def {function}():\n    return inner()\n", namespace)
+        wait = namespace[function]
+    return wait()
 
 
 def in_a_job_of(monkeypatch: pytest.MonkeyPatch, world_size: int) -> None:
@@ -322,99 +311,6 @@ def test_a_process_whose_line_cannot_be_made_still_ends_with_one(
         "fmnist-dist: error: stopped by SIGTERM without saving, after waiting 15 s; nothing since the newest saved "
         "state is kept\n"
     )
-
-
-class GaveUp(Exception):
-    pass
-
-
-@dataclass
-class Watch:
-    """The stop watch on a pipe of its own, in a thread, looking at this (the main) thread; `lines` are the lines
-    it ended the process with (its end replaced by ending the thread), with when."""
-
-    pipe: int
-    lines: list[tuple[str, float]] = field(default_factory=list)
-    ended: threading.Event = field(default_factory=threading.Event)
-
-    def signal(self, signum: signal.Signals) -> float:
-        os.write(self.pipe, bytes([signum]))
-        return time.monotonic()
-
-
-@pytest.fixture
-def watch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Watch]:
-    monkeypatch.setattr(stop_signals, "STUCK_AFTER_S", 0.5)
-    monkeypatch.setattr(stop_signals, "_LOOK_EVERY_S", 0.02)
-    readable, writable = os.pipe()
-    watch = Watch(writable)
-
-    def give_up(signum: signal.Signals, frame: FrameType) -> None:
-        watch.lines.append((stop_signals.stuck_message(signum, frame), time.monotonic()))
-        watch.ended.set()
-        raise GaveUp
-
-    monkeypatch.setattr(stop_signals, "_give_up", give_up)
-
-    def run() -> None:
-        with contextlib.suppress(GaveUp):
-            stop_signals._watch(readable)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield watch
-    if not watch.ended.is_set():  # end the thread: a signal this thread does not move after
-        watch.signal(signal.SIGTERM)
-        watch.ended.wait(5)
-    thread.join(5)
-    assert not thread.is_alive(), "the watch did not end the process after a signal it stayed still for"
-    os.close(readable)
-    os.close(writable)
-
-
-def keep_moving(seconds: float) -> None:
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        pass
-
-
-def test_a_process_that_moved_after_its_stop_signal_and_then_waits_for_a_peer_is_ended(watch: Watch) -> None:
-    """The stop itself goes on to wait for the other processes (the next step, the check-in, the state save):
-    one that stopped moving there must not hold this process until the launcher's kill."""
-    watch.signal(signal.SIGTERM)
-    keep_moving(0.3)  # the handler ran, training went on
-
-    run_in([("torch.distributed.distributed_c10d", "all_gather")], lambda: watch.ended.wait(5))
-
-    ((line, _),) = watch.lines
-    assert line.startswith(
-        "stopped by SIGTERM after waiting 0 s for the job's other processes in torch.distributed's all_gather"
-    ), line
-
-
-def test_a_process_busy_with_its_own_work_after_its_stop_signal_is_left_alone_until_a_newer_one(
-    watch: Watch,
-) -> None:
-    """A long wait of its own after the stop (W&B's upload, slow storage) is not a hang; a newer signal that
-    its handler cannot run for is watched as the first was."""
-    watch.signal(signal.SIGTERM)
-    keep_moving(0.3)
-    newer: list[float] = []
-    threading.Timer(1.5, lambda: newer.append(watch.signal(signal.SIGINT))).start()
-
-    watch.ended.wait(5)  # its own wait, in no torch.distributed or DDP frame
-
-    ((line, when),) = watch.lines
-    assert line.startswith("stopped by SIGINT without saving (SIGINT arrived while it waited 0 s in wait, "), line
-    assert when - newer[0] >= 0.5, (when, newer)
-
-
-def test_other_signals_start_no_watch(watch: Watch) -> None:
-    watch.signal(signal.SIGCHLD)
-
-    watch.ended.wait(1.5)
-
-    assert watch.lines == []
 
 
 def test_a_process_stuck_elsewhere_says_where() -> None:

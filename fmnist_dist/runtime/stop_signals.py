@@ -5,11 +5,9 @@ every other process on the step to stop at, saves a complete state there and exi
 
 A Python signal handler runs only between two Python instructions of the main thread, so a process blocked in a
 collective or in forming the process group (C++ that waits for a process that is gone) would never notice the
-signal: torch's launcher sends SIGTERM and kills it 30 s later, silently. Nor would a process that saw the
-signal and then waits for a peer that has stopped. A watch thread, woken by the first stop signal through
-Python's wakeup descriptor, ends such a process: when the main thread has stayed at one instruction for
-STUCK_AFTER_S seconds, anywhere before it moved since the signal and in a wait for the other processes after,
-it prints one line naming where it waited and exits 128 + signal.
+signal: torch's launcher sends SIGTERM and kills it 30 s later, silently. A watch thread, woken by every stop
+signal through Python's wakeup descriptor, ends such a process: when the main thread has not moved for
+STUCK_AFTER_S seconds after a stop signal, it prints one line naming where it waited and exits 128 + signal.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import select
 import signal
 import sys
 import threading
@@ -89,40 +86,28 @@ def _forget_wakeup_descriptor() -> None:
 
 
 def _watch(readable: int) -> None:
-    """From the first stop signal until the process ends, look at the main thread every _LOOK_EVERY_S, and end the
-    process when it stays at one instruction for STUCK_AFTER_S where it cannot stop:
-    - anywhere, while it has not moved since the newest stop signal (its handler has not run);
-    - once it has moved, only where it waits for the job's other processes. The stop waits for them itself, at a
-      step and for the state save (a second or two); a longer wait is for a peer that is gone or stuck, which
-      would hold this process until the launcher's kill, silently. Its own long work after a signal (a file
-      written to slow storage, W&B's upload at the end of a run) is left alone.
-    """
-    signum = None
-    while signum is None:  # until the first stop signal (other signals' numbers come through the pipe too)
-        signum = _next_stop_signal(readable, timeout_s=None)
+    while True:
+        for signum in os.read(readable, 64):
+            if signum in STOP_SIGNALS:
+                _end_if_stuck(signal.Signals(signum))
+
+
+def _end_if_stuck(signum: signal.Signals) -> None:
+    """Return once the main thread moves; if it stays at one instruction for STUCK_AFTER_S, end the process."""
     main = threading.main_thread().ident or 0  # set: the main thread has started
-    still_since, last, moved = time.monotonic(), None, False
+    still_since, last = time.monotonic(), None
     while True:
         frame = sys._current_frames().get(main)
         if frame is None:  # the interpreter is shutting down
             return
         here = (frame, frame.f_lasti)
         if here != last:
-            still_since, last, moved = time.monotonic(), here, moved or last is not None
-        elif time.monotonic() - still_since >= STUCK_AFTER_S and (not moved or _peer_wait_message(signum, frame)):
+            if last is not None:
+                return
+            still_since, last = time.monotonic(), here
+        elif time.monotonic() - still_since >= STUCK_AFTER_S:
             _give_up(signum, frame)
-        newer = _next_stop_signal(readable, timeout_s=_LOOK_EVERY_S)
-        if newer is not None:  # its handler has not run yet either: watched as the first one was
-            signum, last, moved = newer, None, False
-
-
-def _next_stop_signal(readable: int, timeout_s: float | None) -> signal.Signals | None:
-    """The newest stop signal among the signal numbers that reach the wakeup pipe within timeout_s (None: however
-    long the first takes), else None."""
-    if not select.select([readable], [], [], timeout_s)[0]:
-        return None
-    stops = [signum for signum in os.read(readable, 64) if signum in STOP_SIGNALS]
-    return signal.Signals(stops[-1]) if stops else None
+        time.sleep(_LOOK_EVERY_S)
 
 
 def _give_up(signum: signal.Signals, frame: FrameType) -> None:
@@ -138,14 +123,7 @@ def _give_up(signum: signal.Signals, frame: FrameType) -> None:
 
 def stuck_message(signum: signal.Signals, frame: FrameType) -> str:
     """The line for a process that stopped waiting: where it waited, and what that means."""
-    return _peer_wait_message(signum, frame) or (
-        f"stopped by {signum.name} without saving ({signum.name} arrived while it waited {STUCK_AFTER_S:.0f} s in "
-        f"{_place(frame)}); {_NOTHING_KEPT}"
-    )
-
-
-def _peer_wait_message(signum: signal.Signals, frame: FrameType) -> str | None:
-    """The line for a process that waits, or may wait, for the job's other processes; None where it does not."""
+    where = f"{frame.f_code.co_name}, {frame.f_code.co_filename}:{frame.f_lineno}"
     collective = _distributed_call(frame)
     if collective:
         return (
@@ -155,15 +133,14 @@ def _peer_wait_message(signum: signal.Signals, frame: FrameType) -> str | None:
     step = _ddp_step_talking_to_peers(frame)
     if step:
         return (
-            f"stopped by {signum.name} after {STUCK_AFTER_S:.0f} s in DistributedDataParallel's {step} "
-            f"({_place(frame)}), where it may wait for the job's other processes: {_PEER_FAILED_OR_BUSY}, or this "
-            f"process's {step} itself takes this long; {_NOTHING_KEPT}"
+            f"stopped by {signum.name} after {STUCK_AFTER_S:.0f} s in DistributedDataParallel's {step} ({where}), "
+            f"where it may wait for the job's other processes: {_PEER_FAILED_OR_BUSY}, or this process's {step} "
+            f"itself takes this long; {_NOTHING_KEPT}"
         )
-    return None
-
-
-def _place(frame: FrameType) -> str:
-    return f"{frame.f_code.co_name}, {frame.f_code.co_filename}:{frame.f_lineno}"
+    return (
+        f"stopped by {signum.name} without saving ({signum.name} arrived while it waited {STUCK_AFTER_S:.0f} s in "
+        f"{where}); {_NOTHING_KEPT}"
+    )
 
 
 def _ddp_step_talking_to_peers(frame: FrameType) -> str | None:
