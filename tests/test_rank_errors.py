@@ -4,6 +4,7 @@ processes (`launch/cpu.yaml`) whose start is refused or whose peer is lost."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -180,16 +181,20 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+# CPU ticks (1/100 s) a waiting process may use in 3 s: gloo's rendezvous wakes about once a second to poll,
+# a tick each time; a process that starts Python or trains uses a hundred times more.
+IDLE_TICKS = 5
+
+
 def wait_until_blocked(pid: int, still_s: float = 3.0, timeout: float = 240) -> None:
-    """Until the process has used no CPU for `still_s` seconds (it waits for something)."""
+    """Until the process has used at most IDLE_TICKS of CPU in `still_s` seconds (it waits for something)."""
     deadline = time.monotonic() + timeout
-    last, since = cpu_ticks(pid), time.monotonic()
-    while time.monotonic() - since < still_s:
+    while True:
+        before = cpu_ticks(pid)
+        time.sleep(still_s)
+        if cpu_ticks(pid) - before <= IDLE_TICKS:
+            return
         assert time.monotonic() < deadline, "the process never blocked"
-        time.sleep(0.5)
-        ticks = cpu_ticks(pid)
-        if ticks != last:
-            last, since = ticks, time.monotonic()
 
 
 LAUNCHER_KILLS_AFTER_S = 30  # torch's launcher: SIGKILL this long after its SIGTERM to a process that ignored it
@@ -198,12 +203,14 @@ LAUNCHER_KILLS_AFTER_S = 30  # torch's launcher: SIGKILL this long after its SIG
 def test_a_peer_lost_while_the_process_group_forms_ends_the_other_with_one_line(data_dir: Path, tmp_path: Path) -> None:
     """Rank 1 is held before it joins, so rank 0 waits in gloo's rendezvous; then rank 1 is killed."""
     node = start_one_node(train_args(data_dir, tmp_path / "out", "--cpu", "--no-progress"), tmp_path)
+    stopped: list[int] = []
     try:
         deadline = time.monotonic() + 60
         while len(children(node.pid)) < 2:
             assert time.monotonic() < deadline, "the launcher started no processes"
             time.sleep(0.02)
         rank0, rank1 = sorted(children(node.pid))
+        stopped.append(rank1)
         os.kill(rank1, signal.SIGSTOP)
         wait_until_blocked(rank0)
         os.kill(rank1, signal.SIGKILL)
@@ -211,6 +218,9 @@ def test_a_peer_lost_while_the_process_group_forms_ends_the_other_with_one_line(
         output, _ = node.communicate(timeout=PROMPT_S)
         took = time.monotonic() - killed
     finally:
+        for pid in stopped:  # a stopped rank outlives a launcher that has ended, and holds its output pipe
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if node.poll() is None:
             os.killpg(node.pid, signal.SIGKILL)
             node.communicate()
